@@ -1,0 +1,438 @@
+//! Reading `proxy.toml`: parse, apply `PGCACHE_<SECTION>_<KEY>` environment overrides, validate.
+//! Every problem names its key and, when the key is in the file, its line, so `pgcache check`
+//! can print them all at once.
+
+use super::{AuthMethod, ClientTlsMode, Config, UpstreamTlsMode};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// One thing wrong with a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key, e.g. `pool.max_size`.
+    pub key: String,
+    /// 1-based line in the file, when the key appears there.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "line {l}: {}: {}", self.key, self.message),
+            None => write!(f, "{}: {}", self.key, self.message),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub origin: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{}: {} problem(s)", self.origin, self.problems.len())?;
+        for p in &self.problems {
+            writeln!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Read and validate a file.
+pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+    let origin = path.display().to_string();
+    let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        origin: origin.clone(),
+        problems: vec![Problem {
+            key: "(file)".into(),
+            line: None,
+            message: format!("cannot read: {e}"),
+        }],
+    })?;
+    load_str(&src, &origin, std::env::vars())
+}
+
+/// Parse, override from `env` and validate `src`.
+pub fn load_str(
+    src: &str,
+    origin: &str,
+    env: impl Iterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let fail = |problems| ConfigError {
+        origin: origin.to_string(),
+        problems,
+    };
+    let mut config: Config = toml::from_str(src).map_err(|e| {
+        fail(vec![Problem {
+            key: key_from_message(e.message()),
+            line: e.span().map(|s| line_at(src, s.start)),
+            message: e.message().trim().to_string(),
+        }])
+    })?;
+    let overrides: Vec<(String, String)> = env.filter(|(k, _)| k.starts_with("PGCACHE_")).collect();
+    if !overrides.is_empty() {
+        config = apply_env(src, overrides).map_err(fail)?;
+    }
+    let mut problems = validate(&config);
+    for p in &mut problems {
+        p.line = line_of(src, &p.key);
+    }
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(fail(problems))
+    }
+}
+
+const SECTIONS: [&str; 6] = ["proxy", "upstream", "pool", "auth", "tls", "metrics"];
+
+/// `PGCACHE_UPSTREAM_PASSWORD=x` sets `upstream.password`; `PGCACHE_UPSTREAM_TLS_MODE` sets
+/// `upstream.tls.mode`. A value is tried as a string first, then as a TOML literal (`20`, `true`,
+/// `["a", "b"]`), so whichever the key's type accepts wins.
+fn apply_env(src: &str, overrides: Vec<(String, String)>) -> Result<Config, Vec<Problem>> {
+    let mut root: toml::Table = toml::from_str(src).map_err(|e| {
+        vec![Problem {
+            key: "(file)".into(),
+            line: None,
+            message: e.to_string(),
+        }]
+    })?;
+    let mut problems = Vec::new();
+    for (var, raw) in overrides {
+        let rest = var["PGCACHE_".len()..].to_ascii_lowercase();
+        let Some(section) = SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_"))) else {
+            continue; // not a config variable (e.g. PGCACHE_LOG)
+        };
+        let key = &rest[section.len() + 1..];
+        let mut path = vec![section.to_string()];
+        match key.split_once('_') {
+            Some((sub, k)) if *section == "upstream" && sub == "tls" => {
+                path.push(sub.into());
+                path.push(k.into());
+            }
+            _ => path.push(key.into()),
+        }
+        let as_string = toml::Value::String(raw.clone());
+        let as_literal = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"));
+        let mut accepted = false;
+        for candidate in std::iter::once(as_string).chain(as_literal) {
+            let mut trial = root.clone();
+            set_path(&mut trial, &path, candidate);
+            if toml::Value::Table(trial.clone())
+                .try_into::<Config>()
+                .is_ok()
+            {
+                root = trial;
+                accepted = true;
+                break;
+            }
+        }
+        if !accepted {
+            let mut trial = root.clone();
+            set_path(&mut trial, &path, toml::Value::String(raw));
+            let err = toml::Value::Table(trial)
+                .try_into::<Config>()
+                .err()
+                .map(|e| e.message().trim().to_string())
+                .unwrap_or_default();
+            problems.push(Problem {
+                key: path.join("."),
+                line: None,
+                message: format!("from environment variable {var}: {err}"),
+            });
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    toml::Value::Table(root).try_into::<Config>().map_err(|e| {
+        vec![Problem {
+            key: "(environment)".into(),
+            line: None,
+            message: e.message().to_string(),
+        }]
+    })
+}
+
+fn set_path(root: &mut toml::Table, path: &[String], value: toml::Value) {
+    let mut table = root;
+    for part in &path[..path.len() - 1] {
+        let entry = table
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(Default::default());
+        }
+        table = entry.as_table_mut().expect("made a table above");
+    }
+    table.insert(path[path.len() - 1].clone(), value);
+}
+
+/// Semantic checks that types alone cannot express.
+pub fn validate(c: &Config) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let mut bad = |key: &str, message: String| {
+        out.push(Problem {
+            key: key.into(),
+            line: None,
+            message,
+        })
+    };
+    if c.proxy.listen.is_empty() {
+        bad("proxy.listen", "at least one address is needed".into());
+    }
+    let mut all_loopback = true;
+    for addr in &c.proxy.listen {
+        match addr.parse::<SocketAddr>() {
+            Ok(a) => all_loopback &= a.ip().is_loopback(),
+            Err(_) => bad(
+                "proxy.listen",
+                format!("{addr:?} is not an address like \"127.0.0.1:6432\""),
+            ),
+        }
+    }
+    if c.proxy.max_message_bytes < 1024 || c.proxy.max_message_bytes > 0x3fff_ffff {
+        bad(
+            "proxy.max_message_bytes",
+            "must be between 1024 and 1073741823".into(),
+        );
+    }
+    if c.proxy.max_clients == 0 {
+        bad("proxy.max_clients", "must be at least 1".into());
+    }
+    if c.upstream.host.is_empty() {
+        bad("upstream.host", "must not be empty".into());
+    }
+    if c.upstream.tls.mode == UpstreamTlsMode::VerifyFull && c.upstream.tls.ca_file.is_none() {
+        bad(
+            "upstream.tls.ca_file",
+            "verify-full needs a CA file to verify the server certificate against".into(),
+        );
+    }
+    if let Some(f) = &c.upstream.tls.ca_file {
+        check_readable(&mut bad, "upstream.tls.ca_file", f);
+    }
+    if c.pool.max_size == 0 {
+        bad("pool.max_size", "must be at least 1".into());
+    }
+    if c.pool.min_idle > c.pool.max_size {
+        bad(
+            "pool.min_idle",
+            format!(
+                "{} is more than pool.max_size ({})",
+                c.pool.min_idle, c.pool.max_size
+            ),
+        );
+    }
+    if c.pool.acquire_timeout.is_zero() {
+        bad("pool.acquire_timeout", "must be more than 0".into());
+    }
+    if c.upstream.connect_timeout.is_zero() {
+        bad("upstream.connect_timeout", "must be more than 0".into());
+    }
+    if !all_loopback {
+        let trust_user = c
+            .users
+            .iter()
+            .find(|(_, u)| u.method == Some(AuthMethod::Trust));
+        if c.auth.method == AuthMethod::Trust {
+            bad(
+                "auth.method",
+                "trust authentication is allowed only when every proxy.listen address is \
+                 loopback; set auth.method = \"scram-sha-256\" and give users passwords"
+                    .into(),
+            );
+        } else if let Some((name, _)) = trust_user {
+            bad(
+                &format!("users.{name}.method"),
+                "trust authentication is allowed only when every proxy.listen address is loopback"
+                    .into(),
+            );
+        }
+    }
+    for (name, u) in &c.users {
+        let method = u.method.unwrap_or(c.auth.method);
+        let key = format!("users.{name}.password");
+        match (method, u.password.as_deref()) {
+            (AuthMethod::Md5 | AuthMethod::ScramSha256, None) => {
+                bad(&key, format!("{method:?} authentication needs a password"))
+            }
+            (AuthMethod::ScramSha256, Some(p)) if crate::auth::is_md5_secret(p) => bad(
+                &key,
+                "an md5 secret cannot be used for scram-sha-256; give the cleartext password or a \
+                 SCRAM-SHA-256$ secret"
+                    .into(),
+            ),
+            (_, Some(p)) if p.starts_with("SCRAM-SHA-256$") => {
+                if let Err(e) = crate::auth::ScramSecret::parse(p) {
+                    bad(&key, e.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    match c.tls.mode {
+        ClientTlsMode::Disable => {}
+        ClientTlsMode::Allow | ClientTlsMode::Require => {
+            for (key, file) in [
+                ("tls.cert_file", &c.tls.cert_file),
+                ("tls.key_file", &c.tls.key_file),
+            ] {
+                match file {
+                    None => bad(key, "needed when tls.mode is allow or require".into()),
+                    Some(f) => check_readable(&mut bad, key, f),
+                }
+            }
+        }
+    }
+    if let Some(a) = &c.metrics.listen {
+        if a.parse::<SocketAddr>().is_err() {
+            bad(
+                "metrics.listen",
+                format!("{a:?} is not an address like \"127.0.0.1:9930\""),
+            );
+        }
+    }
+    out
+}
+
+fn check_readable(bad: &mut impl FnMut(&str, String), key: &str, file: &str) {
+    if let Err(e) = std::fs::metadata(file) {
+        bad(key, format!("cannot read {file:?}: {e}"));
+    }
+}
+
+/// 1-based line of byte offset `at`.
+fn line_at(src: &str, at: usize) -> usize {
+    src[..at.min(src.len())].matches('\n').count() + 1
+}
+
+/// Line of a dotted key in the file (the deepest part of the path that is present).
+pub fn line_of(src: &str, key: &str) -> Option<usize> {
+    let doc = toml_edit::Document::parse(src).ok()?;
+    let mut table: &dyn toml_edit::TableLike = doc.as_table();
+    let mut found = None;
+    for part in key.split('.') {
+        let Some((k, item)) = table.get_key_value(part) else {
+            break;
+        };
+        if let Some(span) = k.span().or_else(|| item.span()) {
+            found = Some(line_at(src, span.start));
+        }
+        match item.as_table_like() {
+            Some(t) => table = t,
+            None => break,
+        }
+    }
+    found
+}
+
+/// toml's messages name the offending key in backquotes; keep it as the problem's key.
+fn key_from_message(msg: &str) -> String {
+    msg.split('`')
+        .nth(1)
+        .map(str::to_string)
+        .unwrap_or_else(|| "(syntax)".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(src: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        load_str(src, "test.toml", env.into_iter())
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.pool.max_size, 20);
+        assert_eq!(c.proxy.listen, vec!["127.0.0.1:6432".to_string()]);
+    }
+
+    #[test]
+    fn type_error_names_line() {
+        let e = load("[pool]\n\nmax_size = \"many\"\n", &[]).unwrap_err();
+        assert_eq!(e.problems.len(), 1);
+        assert_eq!(e.problems[0].line, Some(3));
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let e = load("[pool]\nmax_sise = 3\n", &[]).unwrap_err();
+        assert_eq!(e.problems[0].line, Some(2));
+        assert!(e.problems[0].message.contains("max_sise"), "{e}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_with_its_line() {
+        let src = "[proxy]\nlisten = [\"0.0.0.0:6432\"]\n\n[pool]\nmax_size = 0\nmin_idle = 4\n";
+        let e = load(src, &[]).unwrap_err();
+        let keys: Vec<_> = e
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.line))
+            .collect();
+        assert!(keys.contains(&("pool.max_size", Some(5))), "{e}");
+        assert!(keys.contains(&("pool.min_idle", Some(6))), "{e}");
+        // trust on a non-loopback address is refused; the key is not in the file.
+        assert!(keys.contains(&("auth.method", None)), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_keys() {
+        let c = load(
+            "[upstream]\npassword = \"file\"\n",
+            &[
+                ("PGCACHE_UPSTREAM_PASSWORD", "123"),
+                ("PGCACHE_POOL_MAX_SIZE", "7"),
+                ("PGCACHE_UPSTREAM_TLS_MODE", "require"),
+                ("PGCACHE_LOG", "whatever"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.upstream.password.as_deref(), Some("123"));
+        assert_eq!(c.pool.max_size, 7);
+        assert_eq!(c.upstream.tls.mode, UpstreamTlsMode::Require);
+    }
+
+    #[test]
+    fn bad_env_override_names_variable() {
+        let e = load("", &[("PGCACHE_POOL_MAX_SIZE", "lots")]).unwrap_err();
+        assert!(
+            e.problems[0].message.contains("PGCACHE_POOL_MAX_SIZE"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn durations_parse() {
+        let c = load(
+            "[pool]\nacquire_timeout = \"250ms\"\nidle_timeout = \"0\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.pool.acquire_timeout.as_millis(), 250);
+        assert!(c.pool.idle_timeout.is_zero());
+        let e = load("[pool]\nacquire_timeout = \"soon\"\n", &[]).unwrap_err();
+        assert_eq!(e.problems[0].line, Some(2));
+    }
+
+    #[test]
+    fn scram_with_md5_secret_is_refused() {
+        let src = "[users.a]\npassword = \"md5abcdefabcdefabcdefabcdefabcdefab\"\nmethod = \"scram-sha-256\"\n";
+        let e = load(src, &[]).unwrap_err();
+        assert_eq!(e.problems[0].key, "users.a.password");
+        assert_eq!(e.problems[0].line, Some(2));
+    }
+}

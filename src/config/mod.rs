@@ -1,0 +1,276 @@
+//! The `proxy.toml` schema: every key, its default and what it means. These structs are the
+//! reference for the README's configuration table; `load` parses, applies environment overrides
+//! (`PGCACHE_<SECTION>_<KEY>`) and validates, reporting problems with the key and line.
+
+mod load;
+
+pub use load::{load_file, load_str, validate, ConfigError, Problem};
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Client-facing listener.
+    pub proxy: ProxyConfig,
+    /// The PostgreSQL server behind the proxy.
+    pub upstream: UpstreamConfig,
+    /// Server connection pools, one per (database, user).
+    pub pool: PoolConfig,
+    /// Client authentication defaults.
+    pub auth: AuthConfig,
+    /// Per-user client authentication and upstream credentials.
+    pub users: BTreeMap<String, UserConfig>,
+    /// Per-database settings; databases not listed pass through under the same name.
+    pub databases: BTreeMap<String, DatabaseConfig>,
+    /// Client-facing TLS.
+    pub tls: ClientTlsConfig,
+    /// HTTP endpoint for Prometheus metrics and health.
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Addresses to accept clients on.
+    pub listen: Vec<String>,
+    /// Most client connections at once; further ones get `53300`.
+    pub max_clients: usize,
+    /// Largest message accepted from a client or the upstream, in bytes.
+    pub max_message_bytes: usize,
+    /// Time a client has to finish startup and authentication.
+    #[serde(with = "duration")]
+    pub client_login_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long sessions may run before they are closed.
+    #[serde(with = "duration")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: vec!["127.0.0.1:6432".into()],
+            max_clients: 10_000,
+            max_message_bytes: 0x3fff_ffff,
+            client_login_timeout: Duration::from_secs(15),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Host name or IP of the PostgreSQL server.
+    pub host: String,
+    pub port: u16,
+    /// The user whose `password` is given here (for users without their own `[users]` entry).
+    pub user: Option<String>,
+    /// Password of `user` (env `PGCACHE_UPSTREAM_PASSWORD`).
+    pub password: Option<String>,
+    /// Database a client gets when its startup packet names none (default: the user name).
+    pub database: Option<String>,
+    /// Time allowed for one TCP connect + TLS + authentication.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// First wait between reconnect attempts; doubles up to `retry_backoff_max`.
+    #[serde(with = "duration")]
+    pub retry_backoff: Duration,
+    #[serde(with = "duration")]
+    pub retry_backoff_max: Duration,
+    /// TLS towards the upstream.
+    pub tls: UpstreamTlsConfig,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            user: None,
+            password: None,
+            database: None,
+            connect_timeout: Duration::from_secs(5),
+            retry_backoff: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_secs(2),
+            tls: UpstreamTlsConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTlsMode {
+    /// Plain TCP.
+    #[default]
+    Disable,
+    /// TLS when the server offers it, without certificate checks.
+    Prefer,
+    /// TLS always, without certificate checks.
+    Require,
+    /// TLS always; the certificate must chain to `ca_file` and match the host name.
+    VerifyFull,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    pub mode: UpstreamTlsMode,
+    /// PEM file of CA certificates for `verify-full`.
+    pub ca_file: Option<String>,
+    /// Name to verify in the server certificate (default: `upstream.host`).
+    pub server_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolMode {
+    /// One server connection per client for the client's whole session.
+    #[default]
+    Session,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    pub mode: PoolMode,
+    /// Idle server connections kept open per pool.
+    pub min_idle: u32,
+    /// Most server connections per pool.
+    pub max_size: u32,
+    /// How long a client waits for a server connection before `53300`.
+    #[serde(with = "duration")]
+    pub acquire_timeout: Duration,
+    /// Idle server connections are closed after this long (0 = never).
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// Server connections are closed after this age (0 = never).
+    #[serde(with = "duration")]
+    pub max_lifetime: Duration,
+    /// Check a server connection with an empty query before lending it.
+    pub health_check: bool,
+    /// Run on a server connection given back before reuse; empty for none.
+    pub reset_query: String,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            mode: PoolMode::Session,
+            min_idle: 0,
+            max_size: 20,
+            acquire_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
+            health_check: true,
+            reset_query: "DISCARD ALL".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    /// No password; allowed only when every listen address is loopback.
+    Trust,
+    Md5,
+    ScramSha256,
+    /// Refuse the user.
+    Reject,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Method for users without a `[users]` entry (and the default for those with one).
+    pub method: AuthMethod,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            method: AuthMethod::Trust,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UserConfig {
+    /// Cleartext password, or a `SCRAM-SHA-256$...` / `md5...` secret as stored in `pg_authid`.
+    pub password: Option<String>,
+    /// Client authentication method (default: `auth.method`).
+    pub method: Option<AuthMethod>,
+    /// User name on the upstream (default: the same name).
+    pub server_user: Option<String>,
+    /// Upstream password (default: `password` when it is cleartext).
+    pub server_password: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Database name on the upstream (default: the same name).
+    pub dbname: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientTlsMode {
+    /// Answer `SSLRequest` with 'N'.
+    #[default]
+    Disable,
+    /// TLS for clients that ask; plain for the others.
+    Allow,
+    /// Clients must use TLS.
+    Require,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientTlsConfig {
+    pub mode: ClientTlsMode,
+    /// PEM certificate chain.
+    pub cert_file: Option<String>,
+    /// PEM private key.
+    pub key_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the HTTP endpoint (`/metrics`, `/health`); none when unset.
+    pub listen: Option<String>,
+}
+
+/// Durations are written as `"30s"`, `"250ms"`, `"5m"`, `"1h"`; `"0"` or `"0s"` means none.
+mod duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).map_err(serde::de::Error::custom)
+    }
+
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        if s.trim() == "0" {
+            return Ok(Duration::ZERO);
+        }
+        humantime::parse_duration(s.trim())
+            .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. \"30s\" or \"250ms\""))
+    }
+}
+
+impl Config {
+    /// The database name to use upstream for a client database name.
+    pub fn upstream_database<'a>(&'a self, client_db: &'a str) -> &'a str {
+        self.databases
+            .get(client_db)
+            .and_then(|d| d.dbname.as_deref())
+            .unwrap_or(client_db)
+    }
+}

@@ -1,0 +1,377 @@
+//! Accepting clients: the accept loop (bounded by `max_clients`, stopped by shutdown), TLS and
+//! GSS negotiation, the startup packet, cancel requests, authentication, and the hand-over of an
+//! authenticated client with its server connection to a `Session`.
+
+use crate::auth::{self, AuthError, Users};
+use crate::config::{ClientTlsMode, Config};
+use crate::error::{sqlstate, PgError};
+use crate::pool::{PoolKey, Pools};
+use crate::session::cancel::CancelRegistry;
+use crate::session::{startup, Session};
+use crate::shutdown::{Phase, Shutdown};
+use crate::stream::Stream;
+use crate::wire;
+use bytes::{Buf, BytesMut};
+use pgwire::messages::startup::NegotiateProtocolVersion;
+use pgwire::messages::PgWireBackendMessage;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+const SSL_REQUEST: i32 = 80877103;
+const GSSENC_REQUEST: i32 = 80877104;
+const CANCEL_REQUEST: i32 = 80877102;
+
+/// What every client task shares.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub users: Users,
+    pub pools: Pools,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub cancels: Arc<CancelRegistry>,
+    pub clients: Arc<Semaphore>,
+    pub shutdown: Shutdown,
+}
+
+/// Accept on every listener until shutdown begins.
+pub async fn serve(shared: Arc<Shared>, listeners: Vec<TcpListener>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in listeners {
+        tasks.spawn(accept_loop(shared.clone(), l));
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.reached(Phase::Drain) => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: wait a moment rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let permit = shared.clients.clone().try_acquire_owned();
+            let Ok(_permit) = permit else {
+                refuse(
+                    tcp,
+                    PgError::fatal(
+                        sqlstate::TOO_MANY_CONNECTIONS,
+                        "sorry, too many clients already",
+                    ),
+                )
+                .await;
+                return;
+            };
+            handle(shared, tcp, peer).await;
+        });
+    }
+}
+
+async fn refuse(mut tcp: TcpStream, err: PgError) {
+    let mut out = BytesMut::new();
+    err.encode(&mut out);
+    let _ = tcp.write_all(&out).await;
+}
+
+async fn send_error(stream: &mut Stream, err: &PgError) {
+    let mut out = BytesMut::new();
+    err.encode(&mut out);
+    let _ = stream.write_all(&out).await;
+    let _ = stream.flush().await;
+}
+
+/// An authenticated client, ready for a server connection.
+struct Login {
+    stream: Stream,
+    buf: BytesMut,
+    params: BTreeMap<String, String>,
+    user: String,
+    database: String,
+}
+
+async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let timeout = shared.config.proxy.client_login_timeout;
+    let login = match tokio::time::timeout(timeout, login(&shared, tcp)).await {
+        Ok(Some(l)) => l,
+        Ok(None) => return,
+        Err(_) => {
+            tracing::debug!(%peer, "client did not finish startup in time");
+            return;
+        }
+    };
+    let Login {
+        mut stream,
+        buf,
+        params,
+        user,
+        database,
+    } = login;
+    let key = PoolKey { database, user };
+    let mut server = match shared.pools.acquire(&key).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(%peer, pool = %key, error = ?e, "no server connection for client");
+            let mut out = BytesMut::new();
+            e.to_client(&mut out);
+            let _ = stream.write_all(&out).await;
+            let _ = stream.flush().await;
+            return;
+        }
+    };
+    let settings = match startup::requested_settings(&params) {
+        Ok(s) => s,
+        Err(e) => return send_error(&mut stream, &e).await,
+    };
+    if let Err(e) = startup::apply_settings(&mut server, &settings).await {
+        let mut out = BytesMut::new();
+        e.to_client(&mut out);
+        let _ = stream.write_all(&out).await;
+        if e.retryable() {
+            server.broken = true;
+        } else if let Some(reset) = Some(&shared.config.pool.reset_query).filter(|q| !q.is_empty())
+        {
+            if server.simple_query(reset).await.is_err() {
+                server.broken = true;
+            }
+        }
+        return;
+    }
+    let registration = shared.cancels.register();
+    registration.attach(Some(server.cancel_key(shared.pools.target())));
+    let mut out = BytesMut::new();
+    startup::reply(&server.params, registration.key, &mut out);
+    if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
+        return;
+    }
+    tracing::debug!(%peer, pool = %key, "client session started");
+    Session {
+        client: stream,
+        client_buf: buf,
+        server,
+        max_message: shared.config.proxy.max_message_bytes,
+        reset_query: shared.config.pool.reset_query.clone(),
+        shutdown: shared.shutdown.clone(),
+    }
+    .run()
+    .await;
+    drop(registration);
+}
+
+/// Startup: negotiate TLS/GSS, answer cancel requests, read the startup packet and authenticate.
+/// `None` when the connection ended here (the client was told why, where it could be).
+async fn login(shared: &Shared, tcp: TcpStream) -> Option<Login> {
+    let mut stream = Stream::Plain(tcp);
+    let mut buf = BytesMut::with_capacity(1024);
+    let max = shared.config.proxy.max_message_bytes;
+    let (params, minor) = loop {
+        let packet = match wire::read_startup_packet(&mut stream, &mut buf).await {
+            Ok(Some(p)) => p,
+            Ok(None) => return None,
+            Err(e) => {
+                send_error(
+                    &mut stream,
+                    &PgError::fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        format!("invalid startup packet: {e}"),
+                    ),
+                )
+                .await;
+                return None;
+            }
+        };
+        let code = i32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
+        match code {
+            SSL_REQUEST if !stream.is_tls() && buf.is_empty() => {
+                let Stream::Plain(mut tcp) = stream else {
+                    return None;
+                };
+                match &shared.tls {
+                    Some(acceptor) => {
+                        tcp.write_all(b"S").await.ok()?;
+                        match acceptor.accept(tcp).await {
+                            Ok(tls) => {
+                                stream = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls)))
+                            }
+                            Err(e) => {
+                                tracing::info!(error = %e, "client TLS handshake failed");
+                                return None;
+                            }
+                        }
+                    }
+                    None => {
+                        tcp.write_all(b"N").await.ok()?;
+                        stream = Stream::Plain(tcp);
+                    }
+                }
+            }
+            GSSENC_REQUEST if !stream.is_tls() => {
+                // No GSSAPI encryption: 'N' makes clients fall back to TLS or plain.
+                stream.write_all(b"N").await.ok()?;
+            }
+            CANCEL_REQUEST => {
+                if packet.len() >= 16 {
+                    let pid = i32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
+                    if let Some(key) = shared.cancels.lookup(pid, &packet[12..]) {
+                        tracing::debug!(pid, "forwarding cancel request");
+                        if let Err(e) = key.send().await {
+                            tracing::warn!(error = %e, "could not forward cancel request");
+                        }
+                    }
+                }
+                return None;
+            }
+            c if c >> 16 == 3 => match parse_startup(&packet[8..]) {
+                Some(params) => break (params, c & 0xffff),
+                None => {
+                    let e = PgError::fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        "invalid startup packet layout",
+                    );
+                    send_error(&mut stream, &e).await;
+                    return None;
+                }
+            },
+            c => {
+                send_error(
+                    &mut stream,
+                    &PgError::fatal(
+                        sqlstate::FEATURE_NOT_SUPPORTED,
+                        format!(
+                            "unsupported frontend protocol {}.{}: server supports 3.0",
+                            c >> 16,
+                            c & 0xffff
+                        ),
+                    ),
+                )
+                .await;
+                return None;
+            }
+        }
+    };
+    if shared.config.tls.mode == ClientTlsMode::Require && !stream.is_tls() {
+        send_error(
+            &mut stream,
+            &PgError::fatal(
+                sqlstate::INVALID_AUTHORIZATION,
+                "pgcache requires TLS connections",
+            )
+            .with_hint("connect with sslmode=require"),
+        )
+        .await;
+        return None;
+    }
+    // Protocol 3.x newer than 3.0, or `_pq_.` options: say what we speak, as PostgreSQL does.
+    let unsupported: Vec<String> = params
+        .keys()
+        .filter(|k| k.starts_with("_pq_."))
+        .cloned()
+        .collect();
+    if minor > 0 || !unsupported.is_empty() {
+        let mut out = BytesMut::new();
+        wire::encode(
+            PgWireBackendMessage::NegotiateProtocolVersion(NegotiateProtocolVersion::new(
+                0,
+                unsupported,
+            )),
+            &mut out,
+        );
+        stream.write_all(&out).await.ok()?;
+    }
+    let Some(user) = params.get("user").filter(|u| !u.is_empty()).cloned() else {
+        send_error(
+            &mut stream,
+            &PgError::fatal(
+                sqlstate::INVALID_AUTHORIZATION,
+                "no PostgreSQL user name specified in startup packet",
+            ),
+        )
+        .await;
+        return None;
+    };
+    if params
+        .get("replication")
+        .is_some_and(|r| r != "false" && r != "0" && r != "off" && r != "no")
+    {
+        send_error(
+            &mut stream,
+            &PgError::fatal(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "pgcache does not proxy replication connections",
+            ),
+        )
+        .await;
+        return None;
+    }
+    let database = params
+        .get("database")
+        .filter(|d| !d.is_empty())
+        .cloned()
+        .or_else(|| shared.config.upstream.database.clone())
+        .unwrap_or_else(|| user.clone());
+    match auth::authenticate(
+        &mut stream,
+        &mut buf,
+        &shared.users,
+        &user,
+        max.min(64 * 1024),
+    )
+    .await
+    {
+        Ok(()) => {}
+        Err(AuthError::Refused(e)) => {
+            tracing::info!(user, error = %e.message, "client authentication failed");
+            send_error(&mut stream, &e).await;
+            return None;
+        }
+        Err(AuthError::Io(_)) => return None,
+    }
+    Some(Login {
+        stream,
+        buf,
+        params,
+        user,
+        database,
+    })
+}
+
+/// Startup parameters: pairs of NUL-terminated strings ending with an empty one.
+fn parse_startup(mut body: &[u8]) -> Option<BTreeMap<String, String>> {
+    let mut params = BTreeMap::new();
+    loop {
+        let mut pos = 0;
+        let key = wire::read_cstr(body, &mut pos)?;
+        if key.is_empty() {
+            return Some(params);
+        }
+        let value = wire::read_cstr(body, &mut pos)?;
+        params.insert(key.to_string(), value.to_string());
+        body.advance(pos);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_startup_parameters() {
+        let p = parse_startup(b"user\0app\0database\0db\0\0").unwrap();
+        assert_eq!(p["user"], "app");
+        assert_eq!(p["database"], "db");
+        assert!(parse_startup(b"user\0app").is_none());
+    }
+}

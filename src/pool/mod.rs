@@ -1,0 +1,221 @@
+//! Server connection pools: one bb8 pool per (database, user) the clients ask for, created on first
+//! use. `acquire` turns bb8's outcomes into what a client should hear: a connection, the upstream's
+//! own refusal (bad password, no such database) at once, `08006` with the address after retrying an
+//! unreachable upstream with exponential backoff, or `53300` naming the pool when it stays full.
+
+pub mod upstream;
+
+use crate::config::{Config, PoolConfig};
+use crate::error::{sqlstate, PgError};
+use bb8::{ErrorSink, ManageConnection, PooledConnection, RunError};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+use upstream::{Login, ServerConn, Target, UpstreamError};
+
+/// The client-facing names a pool serves.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub database: String,
+    pub user: String,
+}
+
+impl fmt::Display for PoolKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.database, self.user)
+    }
+}
+
+pub struct Manager {
+    target: Arc<Target>,
+    login: Login,
+    health_check: bool,
+}
+
+impl ManageConnection for Manager {
+    type Connection = ServerConn;
+    type Error = Arc<UpstreamError>;
+
+    async fn connect(&self) -> Result<ServerConn, Self::Error> {
+        ServerConn::connect(&self.target, &self.login)
+            .await
+            .map_err(Arc::new)
+    }
+
+    async fn is_valid(&self, conn: &mut ServerConn) -> Result<(), Self::Error> {
+        if !self.health_check {
+            return Ok(());
+        }
+        match conn.simple_query("").await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                conn.broken = true;
+                Err(Arc::new(e))
+            }
+        }
+    }
+
+    fn has_broken(&self, conn: &mut ServerConn) -> bool {
+        conn.broken
+    }
+}
+
+/// Carries connect errors from bb8's background tasks to the clients waiting on that pool.
+#[derive(Debug, Clone)]
+struct Sink(broadcast::Sender<Arc<UpstreamError>>);
+
+impl ErrorSink<Arc<UpstreamError>> for Sink {
+    fn sink(&self, error: Arc<UpstreamError>) {
+        tracing::warn!(%error, "upstream connection failed");
+        let _ = self.0.send(error);
+    }
+    fn boxed_clone(&self) -> Box<dyn ErrorSink<Arc<UpstreamError>>> {
+        Box::new(self.clone())
+    }
+}
+
+struct Entry {
+    pool: bb8::Pool<Manager>,
+    errors: broadcast::Sender<Arc<UpstreamError>>,
+}
+
+pub type ServerGuard = PooledConnection<'static, Manager>;
+
+#[derive(Debug)]
+pub enum AcquireError {
+    Upstream(Arc<UpstreamError>),
+    Exhausted { pool: PoolKey, waited: Duration },
+}
+
+impl AcquireError {
+    /// The `ErrorResponse` bytes the client gets.
+    pub fn to_client(&self, out: &mut bytes::BytesMut) {
+        match self {
+            AcquireError::Upstream(e) => e.to_client(out),
+            AcquireError::Exhausted { pool, waited } => PgError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!("pgcache: no server connection free in pool \"{pool}\" after {waited:?}"),
+            )
+            .with_hint("raise pool.max_size or pool.acquire_timeout, or lower the client load")
+            .encode(out),
+        }
+    }
+}
+
+/// All pools, keyed by client database and user.
+pub struct Pools {
+    config: Arc<Config>,
+    target: Arc<Target>,
+    pools: Mutex<HashMap<PoolKey, Arc<Entry>>>,
+}
+
+impl Pools {
+    pub fn new(config: Arc<Config>, target: Target) -> Self {
+        Pools {
+            config,
+            target: Arc::new(target),
+            pools: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    fn login_for(&self, key: &PoolKey) -> Login {
+        let c = &self.config;
+        let user_cfg = c.users.get(&key.user);
+        let user = user_cfg
+            .and_then(|u| u.server_user.clone())
+            .unwrap_or_else(|| key.user.clone());
+        let cleartext = user_cfg
+            .and_then(|u| u.password.clone())
+            .filter(|p| !crate::auth::is_md5_secret(p) && !p.starts_with("SCRAM-SHA-256$"));
+        let password = user_cfg
+            .and_then(|u| u.server_password.clone())
+            .or(cleartext)
+            .or_else(|| match &c.upstream.user {
+                Some(u) if *u != user => None,
+                _ => c.upstream.password.clone(),
+            });
+        Login {
+            user,
+            database: c.upstream_database(&key.database).to_string(),
+            password,
+        }
+    }
+
+    fn entry(&self, key: &PoolKey) -> Arc<Entry> {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = pools.get(key) {
+            return e.clone();
+        }
+        let p: &PoolConfig = &self.config.pool;
+        let (errors, _) = broadcast::channel(16);
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        let pool = bb8::Pool::builder()
+            .max_size(p.max_size)
+            .min_idle(Some(p.min_idle).filter(|n| *n > 0))
+            .connection_timeout(p.acquire_timeout)
+            .idle_timeout(nonzero(p.idle_timeout))
+            .max_lifetime(nonzero(p.max_lifetime))
+            .test_on_check_out(p.health_check)
+            .retry_connection(false)
+            .error_sink(Box::new(Sink(errors.clone())))
+            .build_unchecked(Manager {
+                target: self.target.clone(),
+                login: self.login_for(key),
+                health_check: p.health_check,
+            });
+        let entry = Arc::new(Entry { pool, errors });
+        pools.insert(key.clone(), entry.clone());
+        entry
+    }
+
+    /// Lend a server connection for `key`, waiting up to `pool.acquire_timeout`.
+    pub async fn acquire(&self, key: &PoolKey) -> Result<ServerGuard, AcquireError> {
+        let entry = self.entry(key);
+        let started = Instant::now();
+        let deadline = started + self.config.pool.acquire_timeout;
+        let mut backoff = self.config.upstream.retry_backoff;
+        let mut errors = entry.errors.subscribe();
+        let mut last_error: Option<Arc<UpstreamError>> = None;
+        loop {
+            tokio::select! {
+                got = tokio::time::timeout_at(deadline, entry.pool.get_owned()) => {
+                    return match got {
+                        Ok(Ok(conn)) => Ok(conn),
+                        Ok(Err(RunError::User(e))) => Err(AcquireError::Upstream(e)),
+                        Ok(Err(RunError::TimedOut)) | Err(_) => Err(match last_error {
+                            Some(e) => AcquireError::Upstream(e),
+                            None => AcquireError::Exhausted { pool: key.clone(), waited: started.elapsed() },
+                        }),
+                    };
+                }
+                Ok(e) = errors.recv() => {
+                    if !e.retryable() || Instant::now() + backoff >= deadline {
+                        return Err(AcquireError::Upstream(e));
+                    }
+                    last_error = Some(e);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.config.upstream.retry_backoff_max);
+                }
+            }
+        }
+    }
+
+    /// (key, connections, idle) for every pool; for the admin console and metrics.
+    pub fn stats(&self) -> Vec<(PoolKey, u32, u32)> {
+        let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools
+            .iter()
+            .map(|(k, e)| {
+                let s = e.pool.state();
+                (k.clone(), s.connections, s.idle_connections)
+            })
+            .collect()
+    }
+}

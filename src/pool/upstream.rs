@@ -1,0 +1,398 @@
+//! One server connection: TCP (+ TLS), startup, authentication (SCRAM-SHA-256, md5, cleartext),
+//! the server's parameters and backend key, and the simple queries the proxy runs itself
+//! (health check, reset, applying a client's startup parameters).
+
+use crate::config::UpstreamTlsMode;
+use crate::error::{sqlstate, PgError};
+use crate::stream::Stream;
+use crate::wire;
+use bytes::{Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use rustls::pki_types::ServerName;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Where and how to reach the upstream.
+#[derive(Clone)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub tls_mode: UpstreamTlsMode,
+    pub tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    pub connect_timeout: Duration,
+    pub max_message: usize,
+}
+
+impl Target {
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// Who to log in as.
+#[derive(Clone, Debug)]
+pub struct Login {
+    pub user: String,
+    pub database: String,
+    pub password: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("could not connect to upstream server at {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to upstream server at {addr}")]
+    Timeout { addr: String },
+    #[error("TLS with upstream server at {addr}: {message}")]
+    Tls { addr: String, message: String },
+    /// The server refused us with an `ErrorResponse` (bad password, no such database...).
+    #[error("upstream server error {code}: {message}")]
+    Server {
+        code: String,
+        message: String,
+        /// The whole `ErrorResponse` frame, forwarded to the client unchanged.
+        frame: Bytes,
+    },
+    #[error("upstream server at {addr}: {message}")]
+    Protocol { addr: String, message: String },
+    #[error("upstream connection lost: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl UpstreamError {
+    /// Worth trying again later (the server may come back); not for refusals.
+    pub fn retryable(&self) -> bool {
+        match self {
+            UpstreamError::Connect { .. }
+            | UpstreamError::Timeout { .. }
+            | UpstreamError::Io(_) => true,
+            // "the database system is starting up / shutting down" and "too many clients".
+            UpstreamError::Server { code, .. } => code.starts_with("57P") || code == "53300",
+            _ => false,
+        }
+    }
+
+    /// What the client is told, as bytes of an `ErrorResponse`.
+    pub fn to_client(&self, out: &mut BytesMut) {
+        match self {
+            UpstreamError::Server { frame, .. } => out.extend_from_slice(frame),
+            other => PgError::fatal(sqlstate::CONNECTION_FAILURE, other.to_string()).encode(out),
+        }
+    }
+}
+
+/// An authenticated server connection.
+pub struct ServerConn {
+    pub stream: Stream,
+    /// Parameters the server reported (`ParameterStatus`), kept current by the session.
+    pub params: BTreeMap<String, String>,
+    pub pid: i32,
+    pub secret: pgwire::messages::startup::SecretKey,
+    /// Set when the connection must not be reused (mid-query, protocol out of sync).
+    pub broken: bool,
+    /// Read buffer; empty whenever the connection is idle.
+    pub buf: BytesMut,
+    max_message: usize,
+}
+
+impl ServerConn {
+    pub async fn connect(target: &Target, login: &Login) -> Result<ServerConn, UpstreamError> {
+        let addr = target.addr();
+        let fut = Self::connect_inner(target, login);
+        match tokio::time::timeout(target.connect_timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::Timeout { addr }),
+        }
+    }
+
+    async fn connect_inner(target: &Target, login: &Login) -> Result<ServerConn, UpstreamError> {
+        let addr = target.addr();
+        let tcp = TcpStream::connect((target.host.as_str(), target.port))
+            .await
+            .map_err(|source| UpstreamError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        tcp.set_nodelay(true)?;
+        let stream = negotiate_tls(tcp, target).await?;
+        let mut conn = ServerConn {
+            stream,
+            params: BTreeMap::new(),
+            pid: 0,
+            secret: Default::default(),
+            broken: false,
+            buf: BytesMut::with_capacity(8192),
+            max_message: target.max_message,
+        };
+        conn.startup(login, &addr).await?;
+        Ok(conn)
+    }
+
+    async fn send(&mut self, out: &[u8]) -> Result<(), UpstreamError> {
+        self.stream.write_all(out).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    async fn read(&mut self) -> Result<(u8, Bytes), UpstreamError> {
+        match wire::read_message(&mut self.stream, &mut self.buf, self.max_message).await? {
+            Some(m) => Ok(m),
+            None => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+        }
+    }
+
+    async fn startup(&mut self, login: &Login, addr: &str) -> Result<(), UpstreamError> {
+        let protocol = |message: String| UpstreamError::Protocol {
+            addr: addr.to_string(),
+            message,
+        };
+        let mut out = BytesMut::new();
+        let params = [
+            ("user", login.user.as_str()),
+            ("database", login.database.as_str()),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut out)?;
+        self.send(&out).await?;
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let (tag, body) = self.read().await?;
+            match tag {
+                b'R' => {
+                    let code = body
+                        .get(..4)
+                        .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                    let data = body.slice(4.min(body.len())..);
+                    let password = || {
+                        login
+                            .password
+                            .as_deref()
+                            .ok_or_else(|| UpstreamError::Server {
+                                code: sqlstate::INVALID_PASSWORD.into(),
+                                message: format!(
+                                    "no upstream password configured for user {}",
+                                    login.user
+                                ),
+                                frame: {
+                                    let mut f = BytesMut::new();
+                                    PgError::fatal(
+                                        sqlstate::INVALID_PASSWORD,
+                                        format!(
+                                            "pgcache has no password for upstream user \"{}\"",
+                                            login.user
+                                        ),
+                                    )
+                                    .with_hint(
+                                        "set users.<name>.server_password or upstream.password",
+                                    )
+                                    .encode(&mut f);
+                                    f.freeze()
+                                },
+                            })
+                    };
+                    let mut out = BytesMut::new();
+                    match code {
+                        Some(0) => continue,
+                        Some(3) => frontend::password_message(password()?.as_bytes(), &mut out)?,
+                        Some(5) => {
+                            let salt: [u8; 4] = data
+                                .get(..4)
+                                .and_then(|s| s.try_into().ok())
+                                .ok_or_else(|| protocol("short md5 salt".into()))?;
+                            let hash = postgres_protocol::authentication::md5_hash(
+                                login.user.as_bytes(),
+                                password()?.as_bytes(),
+                                salt,
+                            );
+                            frontend::password_message(hash.as_bytes(), &mut out)?;
+                        }
+                        Some(10) => {
+                            let offers_scram =
+                                data.split(|&b| b == 0).any(|m| m == b"SCRAM-SHA-256");
+                            if !offers_scram {
+                                return Err(protocol(
+                                    "server offers no SASL mechanism pgcache supports".into(),
+                                ));
+                            }
+                            let s = ScramSha256::new(
+                                password()?.as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
+                            frontend::sasl_initial_response(
+                                "SCRAM-SHA-256",
+                                s.message(),
+                                &mut out,
+                            )?;
+                            scram = Some(s);
+                        }
+                        Some(11) => {
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| protocol("SASL continue without start".into()))?;
+                            s.update(&data).map_err(|e| protocol(e.to_string()))?;
+                            frontend::sasl_response(s.message(), &mut out)?;
+                        }
+                        Some(12) => {
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| protocol("SASL final without start".into()))?;
+                            s.finish(&data)
+                                .map_err(|e| protocol(format!("server signature: {e}")))?;
+                            continue;
+                        }
+                        other => {
+                            return Err(protocol(format!(
+                                "unsupported authentication request {other:?}"
+                            )))
+                        }
+                    }
+                    self.send(&out).await?;
+                }
+                b'E' => return Err(server_error(&body)),
+                b'S' => {
+                    let mut pos = 0;
+                    if let (Some(k), Some(v)) = (
+                        wire::read_cstr(&body, &mut pos),
+                        wire::read_cstr(&body, &mut pos),
+                    ) {
+                        self.params.insert(k.to_string(), v.to_string());
+                    }
+                }
+                b'K' if body.len() >= 8 => {
+                    self.pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    self.secret = pgwire::messages::startup::SecretKey::Bytes(body.slice(4..));
+                }
+                b'Z' => return Ok(()),
+                // NoticeResponse, NegotiateProtocolVersion: nothing to act on.
+                _ => {}
+            }
+        }
+    }
+
+    /// Run `sql` (simple protocol) and read to `ReadyForQuery`. Returns the messages other than
+    /// `ReadyForQuery`, or the server's error. `ParameterStatus` updates `params`.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<(u8, Bytes)>, UpstreamError> {
+        let mut out = BytesMut::new();
+        wire::query(sql, &mut out);
+        self.send(&out).await?;
+        let mut replies = Vec::new();
+        let mut error = None;
+        loop {
+            let (tag, body) = self.read().await?;
+            match tag {
+                b'Z' => break,
+                b'E' => error = Some(server_error(&body)),
+                b'S' => {
+                    let mut pos = 0;
+                    if let (Some(k), Some(v)) = (
+                        wire::read_cstr(&body, &mut pos),
+                        wire::read_cstr(&body, &mut pos),
+                    ) {
+                        self.params.insert(k.to_string(), v.to_string());
+                    }
+                    replies.push((tag, body));
+                }
+                _ => replies.push((tag, body)),
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(replies),
+        }
+    }
+
+    /// A CancelRequest for whatever this connection runs, sent on a new plain TCP connection
+    /// (PostgreSQL reads cancel packets before TLS and authentication).
+    pub fn cancel_key(&self, target: &Target) -> CancelKey {
+        CancelKey {
+            host: target.host.clone(),
+            port: target.port,
+            pid: self.pid,
+            secret: self.secret.clone(),
+        }
+    }
+}
+
+/// Enough to cancel a query running on one server connection.
+#[derive(Clone, Debug)]
+pub struct CancelKey {
+    pub host: String,
+    pub port: u16,
+    pub pid: i32,
+    pub secret: pgwire::messages::startup::SecretKey,
+}
+
+impl CancelKey {
+    pub async fn send(&self) -> std::io::Result<()> {
+        let mut tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        let secret = self.secret.to_bytes();
+        let mut out = BytesMut::new();
+        out.extend_from_slice(&((12 + secret.len()) as i32).to_be_bytes());
+        out.extend_from_slice(&80877102i32.to_be_bytes());
+        out.extend_from_slice(&self.pid.to_be_bytes());
+        out.extend_from_slice(&secret);
+        tcp.write_all(&out).await?;
+        // The server closes the connection once it has read the request.
+        let mut sink = [0u8; 1];
+        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut sink)).await;
+        Ok(())
+    }
+}
+
+fn server_error(body: &Bytes) -> UpstreamError {
+    let fields = wire::fields(body);
+    let get = |c: u8| {
+        fields
+            .iter()
+            .find(|(k, _)| *k == c)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let mut frame = BytesMut::with_capacity(body.len() + 5);
+    frame.extend_from_slice(&[b'E']);
+    frame.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    frame.extend_from_slice(body);
+    UpstreamError::Server {
+        code: get(b'C'),
+        message: get(b'M'),
+        frame: frame.freeze(),
+    }
+}
+
+async fn negotiate_tls(mut tcp: TcpStream, target: &Target) -> Result<Stream, UpstreamError> {
+    let Some((connector, name)) = &target.tls else {
+        return Ok(Stream::Plain(tcp));
+    };
+    let addr = target.addr();
+    // SSLRequest: length 8, code 80877103.
+    tcp.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => {
+            let tls =
+                connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| UpstreamError::Tls {
+                        addr,
+                        message: e.to_string(),
+                    })?;
+            Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(tls))))
+        }
+        b'N' if target.tls_mode == UpstreamTlsMode::Prefer => Ok(Stream::Plain(tcp)),
+        b'N' => Err(UpstreamError::Tls {
+            addr,
+            message: "server does not support TLS but upstream.tls.mode requires it".into(),
+        }),
+        other => Err(UpstreamError::Protocol {
+            addr,
+            message: format!("unexpected answer {other:?} to SSLRequest"),
+        }),
+    }
+}

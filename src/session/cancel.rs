@@ -1,0 +1,73 @@
+//! Cancel keys. Clients get the proxy's own `BackendKeyData`; a `CancelRequest` carrying it is
+//! mapped to the upstream backend currently serving that client and sent there.
+
+use crate::pool::upstream::CancelKey;
+use rand::RngCore;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// The key the proxy hands one client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    pub pid: i32,
+    pub secret: i32,
+}
+
+#[derive(Default)]
+pub struct CancelRegistry {
+    map: Mutex<HashMap<ClientKey, Option<CancelKey>>>,
+}
+
+/// Removes the client's key when the session ends.
+pub struct Registration {
+    registry: Arc<CancelRegistry>,
+    pub key: ClientKey,
+}
+
+impl CancelRegistry {
+    pub fn register(self: &Arc<Self>) -> Registration {
+        let mut rng = rand::rng();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let key = ClientKey {
+                pid: (rng.next_u32() & 0x7fff_ffff) as i32,
+                secret: rng.next_u32() as i32,
+            };
+            if let std::collections::hash_map::Entry::Vacant(v) = map.entry(key) {
+                v.insert(None);
+                return Registration {
+                    registry: self.clone(),
+                    key,
+                };
+            }
+        }
+    }
+
+    /// The upstream target for a client's key, if the client is attached to a server now.
+    pub fn lookup(&self, pid: i32, secret: &[u8]) -> Option<CancelKey> {
+        let secret: [u8; 4] = secret.try_into().ok()?;
+        let key = ClientKey {
+            pid,
+            secret: i32::from_be_bytes(secret),
+        };
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&key).cloned().flatten()
+    }
+}
+
+impl Registration {
+    /// Point the client's key at the server connection now serving it (or none).
+    pub fn attach(&self, target: Option<CancelKey>) {
+        let mut map = self.registry.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = map.get_mut(&self.key) {
+            *slot = target;
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut map = self.registry.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(&self.key);
+    }
+}
