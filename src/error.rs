@@ -21,14 +21,12 @@ pub mod sqlstate {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {
-    Error,
     Fatal,
 }
 
 impl Severity {
     fn as_str(self) -> &'static str {
         match self {
-            Severity::Error => "ERROR",
             Severity::Fatal => "FATAL",
         }
     }
@@ -53,13 +51,6 @@ impl PgError {
             message: message.into(),
             detail: None,
             hint: None,
-        }
-    }
-
-    pub fn error(code: &'static str, message: impl Into<String>) -> Self {
-        PgError {
-            severity: Severity::Error,
-            ..Self::fatal(code, message)
         }
     }
 

@@ -5,6 +5,7 @@
 use crate::auth::{self, AuthError, Users};
 use crate::config::{ClientTlsMode, Config};
 use crate::error::{sqlstate, PgError};
+use crate::metrics::{ClientState, METRICS};
 use crate::pool::{PoolKey, Pools};
 use crate::session::cancel::CancelRegistry;
 use crate::session::{startup, Session};
@@ -62,6 +63,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             }
         };
         let _ = tcp.set_nodelay(true);
+        METRICS.clients_accepted.inc();
         let shared = shared.clone();
         tokio::spawn(async move {
             let permit = shared.clients.clone().try_acquire_owned();
@@ -105,6 +107,7 @@ struct Login {
 
 async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let timeout = shared.config.proxy.client_login_timeout;
+    let logging_in = ClientState::enter("login");
     let login = match tokio::time::timeout(timeout, login(&shared, tcp)).await {
         Ok(Some(l)) => l,
         Ok(None) => return,
@@ -120,6 +123,8 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         user,
         database,
     } = login;
+    drop(logging_in);
+    let _active = ClientState::enter("active");
     let key = PoolKey { database, user };
     let mut server = match shared.pools.acquire(&key).await {
         Ok(s) => s,
@@ -182,6 +187,7 @@ async fn login(shared: &Shared, tcp: TcpStream) -> Option<Login> {
             Ok(Some(p)) => p,
             Ok(None) => return None,
             Err(e) => {
+                METRICS.protocol_errors.inc();
                 send_error(
                     &mut stream,
                     &PgError::fatal(
@@ -204,9 +210,17 @@ async fn login(shared: &Shared, tcp: TcpStream) -> Option<Login> {
                         tcp.write_all(b"S").await.ok()?;
                         match acceptor.accept(tcp).await {
                             Ok(tls) => {
+                                METRICS
+                                    .tls_handshakes
+                                    .with_label_values(&["client", "ok"])
+                                    .inc();
                                 stream = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls)))
                             }
                             Err(e) => {
+                                METRICS
+                                    .tls_handshakes
+                                    .with_label_values(&["client", "error"])
+                                    .inc();
                                 tracing::info!(error = %e, "client TLS handshake failed");
                                 return None;
                             }
@@ -227,6 +241,7 @@ async fn login(shared: &Shared, tcp: TcpStream) -> Option<Login> {
                     let pid = i32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
                     if let Some(key) = shared.cancels.lookup(pid, &packet[12..]) {
                         tracing::debug!(pid, "forwarding cancel request");
+                        METRICS.cancels_forwarded.inc();
                         if let Err(e) = key.send().await {
                             tracing::warn!(error = %e, "could not forward cancel request");
                         }
@@ -334,6 +349,11 @@ async fn login(shared: &Shared, tcp: TcpStream) -> Option<Login> {
         Ok(()) => {}
         Err(AuthError::Refused(e)) => {
             tracing::info!(user, error = %e.message, "client authentication failed");
+            let method = shared.users.method_for(&user);
+            METRICS
+                .auth_failures
+                .with_label_values(&[method.name()])
+                .inc();
             send_error(&mut stream, &e).await;
             return None;
         }

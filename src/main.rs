@@ -3,10 +3,12 @@
 //! `pgcache --config proxy.toml` runs the proxy; `pgcache check --config proxy.toml` validates a
 //! configuration; `--listen`/`--upstream` give a quick start without a file and override it.
 
+mod admin;
 mod auth;
 mod config;
 mod error;
 mod listener;
+mod metrics;
 mod pool;
 mod session;
 mod shutdown;
@@ -214,11 +216,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config: config.clone(),
     });
     tracing::info!(upstream = %shared.pools.target().addr(), "pgcache started");
+    if let Some(addr) = &config.metrics.listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (metrics.listen)"))?;
+        tracing::info!(%addr, "serving /metrics and /health");
+        tokio::spawn(admin::http::serve(l, shared.clone()));
+    }
     let serving = tokio::spawn(listener::serve(shared.clone(), listeners));
 
     wait_for_signal().await?;
     tracing::info!(timeout = ?config.shutdown_timeout(), "shutting down: no new clients; draining sessions");
     trigger.set(shutdown::Phase::Drain);
+    metrics::METRICS.draining.set(1);
     let _ = serving.await;
     let all = u32::try_from(max_clients).unwrap_or(u32::MAX);
     let drained =

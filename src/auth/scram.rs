@@ -97,7 +97,7 @@ pub struct ScramServer<'a> {
     nonce: String,
 }
 
-fn attr<'m>(msg: &'m str, name: char) -> Option<&'m str> {
+fn attr(msg: &str, name: char) -> Option<&str> {
     msg.split(',')
         .find_map(|p| p.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
 }

@@ -177,9 +177,22 @@ pub enum AuthMethod {
     /// No password; allowed only when every listen address is loopback.
     Trust,
     Md5,
+    #[serde(rename = "scram-sha-256")]
     ScramSha256,
     /// Refuse the user.
     Reject,
+}
+
+impl AuthMethod {
+    /// The name used in `proxy.toml` (and as a metric label).
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMethod::Trust => "trust",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::ScramSha256 => "scram-sha-256",
+            AuthMethod::Reject => "reject",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

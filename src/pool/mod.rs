@@ -7,6 +7,7 @@ pub mod upstream;
 
 use crate::config::{Config, PoolConfig};
 use crate::error::{sqlstate, PgError};
+use crate::metrics::METRICS;
 use bb8::{ErrorSink, ManageConnection, PooledConnection, RunError};
 use std::collections::HashMap;
 use std::fmt;
@@ -42,7 +43,10 @@ impl ManageConnection for Manager {
     async fn connect(&self) -> Result<ServerConn, Self::Error> {
         ServerConn::connect(&self.target, &self.login)
             .await
-            .map_err(Arc::new)
+            .map_err(|e| {
+                METRICS.upstream_connect_errors.inc();
+                Arc::new(e)
+            })
     }
 
     async fn is_valid(&self, conn: &mut ServerConn) -> Result<(), Self::Error> {
@@ -191,7 +195,10 @@ impl Pools {
                         Ok(Err(RunError::User(e))) => Err(AcquireError::Upstream(e)),
                         Ok(Err(RunError::TimedOut)) | Err(_) => Err(match last_error {
                             Some(e) => AcquireError::Upstream(e),
-                            None => AcquireError::Exhausted { pool: key.clone(), waited: started.elapsed() },
+                            None => {
+                                METRICS.pool_acquire_timeouts.inc();
+                                AcquireError::Exhausted { pool: key.clone(), waited: started.elapsed() }
+                            }
                         }),
                     };
                 }

@@ -4,6 +4,7 @@
 
 use crate::config::UpstreamTlsMode;
 use crate::error::{sqlstate, PgError};
+use crate::metrics::METRICS;
 use crate::stream::Stream;
 use crate::wire;
 use bytes::{Bytes, BytesMut};
@@ -354,7 +355,7 @@ fn server_error(body: &Bytes) -> UpstreamError {
             .unwrap_or_default()
     };
     let mut frame = BytesMut::with_capacity(body.len() + 5);
-    frame.extend_from_slice(&[b'E']);
+    frame.extend_from_slice(b"E");
     frame.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
     frame.extend_from_slice(body);
     UpstreamError::Server {
@@ -375,14 +376,20 @@ async fn negotiate_tls(mut tcp: TcpStream, target: &Target) -> Result<Stream, Up
     tcp.read_exact(&mut answer).await?;
     match answer[0] {
         b'S' => {
-            let tls =
-                connector
-                    .connect(name.clone(), tcp)
-                    .await
-                    .map_err(|e| UpstreamError::Tls {
-                        addr,
-                        message: e.to_string(),
-                    })?;
+            let tls = connector.connect(name.clone(), tcp).await.map_err(|e| {
+                METRICS
+                    .tls_handshakes
+                    .with_label_values(&["upstream", "error"])
+                    .inc();
+                UpstreamError::Tls {
+                    addr,
+                    message: e.to_string(),
+                }
+            })?;
+            METRICS
+                .tls_handshakes
+                .with_label_values(&["upstream", "ok"])
+                .inc();
             Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(tls))))
         }
         b'N' if target.tls_mode == UpstreamTlsMode::Prefer => Ok(Stream::Plain(tcp)),

@@ -189,18 +189,16 @@ impl Session {
                 _ = shutdown.changed() => {}
             }
         };
-        if end == End::ClientLeft || end == End::Shutdown {
-            let clean = cscan.at_boundary()
-                && sscan.at_boundary()
-                && to_server.is_empty()
-                && st.in_flight == 0
-                && st.tx_status == b'I'
-                && !st.server_fatal;
-            if !clean {
-                server.broken = true;
-            }
-        }
-        if end == End::Io || end == End::ClientProtocol && !sscan.at_boundary() {
+        // Reusable only when both directions stopped between messages with nothing owed.
+        let clean = end != End::Io
+            && end != End::ServerLost
+            && cscan.at_boundary()
+            && sscan.at_boundary()
+            && to_server.is_empty()
+            && st.in_flight == 0
+            && st.tx_status == b'I'
+            && !st.server_fatal;
+        if !clean {
             server.broken = true;
         }
         drop((sr, sw));
@@ -219,41 +217,38 @@ fn take_client(
     st: &mut State,
     done: &mut bool,
 ) -> Result<(), End> {
-    loop {
-        let mut owed = 0;
-        let next = scan.next(c_in, |tag| {
-            if matches!(tag, b'Q' | b'S' | b'F') {
-                owed += 1;
-            }
-            tag == b'X'
-        });
-        st.in_flight += owed;
-        match next {
-            Ok(Some(frame)) => {
-                // Terminate: forward what came before it, keep the server connection.
-                forward(c_in, frame.start, to_server);
-                scan.reset();
-                c_in.clear();
-                *done = true;
-                return Ok(());
-            }
-            Ok(None) => {
-                let n = scan.walked();
-                forward(c_in, n, to_server);
-                scan.consumed(n);
-                return Ok(());
-            }
-            Err(e) => {
-                // Forward the whole messages before the bad one; tell the client; close it.
-                let n = scan.walked();
-                forward(c_in, n, to_server);
-                PgError::fatal(
-                    sqlstate::PROTOCOL_VIOLATION,
-                    format!("invalid frontend message: {e}"),
-                )
-                .encode(to_client);
-                return Err(End::ClientProtocol);
-            }
+    let mut owed = 0;
+    let next = scan.next(c_in, |tag| {
+        if matches!(tag, b'Q' | b'S' | b'F') {
+            owed += 1;
+        }
+        tag == b'X'
+    });
+    st.in_flight += owed;
+    match next {
+        Ok(Some(frame)) => {
+            // Terminate: forward what came before it, keep the server connection.
+            forward(c_in, frame.start, to_server);
+            scan.reset();
+            c_in.clear();
+            *done = true;
+            Ok(())
+        }
+        Ok(None) => {
+            let n = scan.walked();
+            forward(c_in, n, to_server);
+            scan.consumed(n);
+            Ok(())
+        }
+        Err(e) => {
+            // Nothing more goes upstream from this client: tell it why and close it.
+            crate::metrics::METRICS.protocol_errors.inc();
+            PgError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("invalid frontend message: {e}"),
+            )
+            .encode(to_client);
+            Err(End::ClientProtocol)
         }
     }
 }

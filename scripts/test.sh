@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# scripts/test.sh — the one test command (local and CI): installs missing system packages on Debian
+# (PostgreSQL, Redis, PgBouncer, libclang for pg_query's bindgen), then runs
+# `cargo fmt --check`, `cargo clippy --all-targets -D warnings` and `cargo test`.
+# Extra arguments go to `cargo test` (e.g. `scripts/test.sh --test harness_smoke`).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+is_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
+
+install_system_packages() {
+    local wanted=(postgresql postgresql-contrib redis-server pgbouncer libclang-dev) missing=() p
+    command -v dpkg-query >/dev/null || { log "not Debian: install ${wanted[*]} yourself"; return; }
+    for p in "${wanted[@]}"; do is_installed "$p" || missing+=("$p"); done
+    [ ${#missing[@]} -eq 0 ] && return
+    if [ "$(id -u)" -ne 0 ]; then
+        log "missing packages (not root, not installing): ${missing[*]}"
+        return
+    fi
+    log "installing ${missing[*]}"
+    # Packages must not start their services (the Debian cluster, redis): deny via policy-rc.d.
+    local policy=/usr/sbin/policy-rc.d created_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && created_policy=1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    local rc=0
+    apt-get update -qq && apt-get install -y -qq -o Dpkg::Options::=--force-confold \
+        --no-install-recommends "${missing[@]}" </dev/null || rc=$?
+    [ "$created_policy" = 1 ] && rm -f "$policy"
+    return "$rc"
+}
+
+ensure_postgres_user() {
+    # PostgreSQL refuses to run as root; the test harness runs it as `postgres` when we are root.
+    if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
+        log "creating system user postgres"
+        useradd --system --user-group --home-dir /var/lib/postgresql --shell /bin/bash postgres
+    fi
+}
+
+ensure_rust_components() {
+    local missing=()
+    cargo fmt --version >/dev/null 2>&1 || missing+=(rustfmt)
+    cargo clippy --version >/dev/null 2>&1 || missing+=(clippy)
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "rustup component add ${missing[*]}"
+        rustup component add "${missing[@]}"
+    fi
+}
+
+install_system_packages
+ensure_postgres_user
+ensure_rust_components
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+log "cargo test $*"
+cargo test "$@"
+log "all checks passed"

@@ -1,0 +1,155 @@
+//! The HTTP endpoint on `metrics.listen`: `/metrics` (Prometheus text format), `/health` (JSON,
+//! `ok` or `degraded` with reasons; 200 or 503) and `/ready` (200 while accepting clients, 503 while
+//! draining). A deliberately small HTTP/1.1 server: one GET per connection, then close.
+
+use crate::listener::Shared;
+use crate::metrics::METRICS;
+use crate::shutdown::Phase;
+use prometheus::Encoder;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.reached(Phase::Force) => return,
+        };
+        let Ok((tcp, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), handle(tcp, shared)).await;
+        });
+    }
+}
+
+async fn handle(mut tcp: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
+    let mut req = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tcp.read(&mut chunk).await?;
+        if n == 0 || req.len() > 16 * 1024 {
+            return Ok(());
+        }
+        req.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&req);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, ctype, body) = match (method, path) {
+        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics_text(&shared)),
+        ("GET", "/health") => {
+            let (ok, body) = health(&shared).await;
+            (
+                if ok {
+                    "200 OK"
+                } else {
+                    "503 Service Unavailable"
+                },
+                "application/json",
+                body,
+            )
+        }
+        ("GET", "/ready") => {
+            if shared.shutdown.phase() == Phase::Running {
+                ("200 OK", "text/plain", "ready\n".to_string())
+            } else {
+                (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "draining\n".to_string(),
+                )
+            }
+        }
+        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET\n".to_string(),
+        ),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await?;
+    tcp.write_all(body.as_bytes()).await?;
+    tcp.shutdown().await
+}
+
+fn metrics_text(shared: &Shared) -> String {
+    let m = &METRICS;
+    m.server_connections.reset();
+    for (key, total, idle) in shared.pools.stats() {
+        let pool = key.to_string();
+        m.server_connections
+            .with_label_values(&[pool.as_str(), "idle"])
+            .set(idle as i64);
+        m.server_connections
+            .with_label_values(&[pool.as_str(), "active"])
+            .set(total.saturating_sub(idle) as i64);
+    }
+    let mut out = Vec::new();
+    if let Err(e) = prometheus::TextEncoder::new().encode(&m.registry.gather(), &mut out) {
+        tracing::error!(error = %e, "encoding metrics");
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Degraded when the upstream does not accept TCP connections or the proxy is draining.
+async fn health(shared: &Shared) -> (bool, String) {
+    let mut reasons = Vec::new();
+    let target = shared.pools.target();
+    let addr = target.addr();
+    let probe = tokio::time::timeout(
+        Duration::from_secs(2),
+        TcpStream::connect((target.host.as_str(), target.port)),
+    )
+    .await;
+    match probe {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => reasons.push(format!("upstream {addr} unreachable: {e}")),
+        Err(_) => reasons.push(format!("upstream {addr} did not answer within 2s")),
+    }
+    if shared.shutdown.phase() != Phase::Running {
+        reasons.push("draining for shutdown".to_string());
+    }
+    let ok = reasons.is_empty();
+    let reasons: Vec<String> = reasons.iter().map(|r| json_string(r)).collect();
+    let body = format!(
+        "{{\"status\":\"{}\",\"reasons\":[{}]}}\n",
+        if ok { "ok" } else { "degraded" },
+        reasons.join(",")
+    );
+    (ok, body)
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn escapes_json() {
+        assert_eq!(super::json_string("a\"b\\\n"), "\"a\\\"b\\\\\\u000a\"");
+    }
+}
