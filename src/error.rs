@@ -17,16 +17,21 @@ pub mod sqlstate {
     pub const INVALID_AUTHORIZATION: &str = "28000";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+    pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
+    pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {
+    Error,
     Fatal,
 }
 
 impl Severity {
     fn as_str(self) -> &'static str {
         match self {
+            Severity::Error => "ERROR",
             Severity::Fatal => "FATAL",
         }
     }
@@ -52,6 +57,25 @@ impl PgError {
             detail: None,
             hint: None,
         }
+    }
+
+    pub fn error(code: &'static str, message: impl Into<String>) -> Self {
+        PgError {
+            severity: Severity::Error,
+            ..Self::fatal(code, message)
+        }
+    }
+
+    pub fn with_severity(mut self, severity: Severity) -> Self {
+        self.severity = severity;
+        self
+    }
+
+    /// The whole `ErrorResponse` frame.
+    pub fn frame(&self) -> bytes::Bytes {
+        let mut out = BytesMut::new();
+        self.encode(&mut out);
+        out.freeze()
     }
 
     pub fn with_detail(mut self, detail: impl Into<String>) -> Self {

@@ -2,16 +2,19 @@
 //! GSS negotiation, the startup packet, cancel requests, authentication, and the hand-over of an
 //! authenticated client with its server connection to a `Session`.
 
+use crate::analysis::Analyzer;
 use crate::auth::{self, AuthError, Users};
 use crate::config::{ClientTlsMode, Config};
 use crate::error::{sqlstate, PgError};
 use crate::metrics::{ClientState, METRICS};
 use crate::pool::{PoolKey, Pools};
 use crate::session::cancel::CancelRegistry;
+use crate::session::settings::Settings;
 use crate::session::{startup, Session};
 use crate::shutdown::{Phase, Shutdown};
 use crate::stream::Stream;
 use crate::wire;
+use arc_swap::ArcSwap;
 use bytes::{Buf, BytesMut};
 use pgwire::messages::startup::NegotiateProtocolVersion;
 use pgwire::messages::PgWireBackendMessage;
@@ -28,13 +31,21 @@ const CANCEL_REQUEST: i32 = 80877102;
 
 /// What every client task shares.
 pub struct Shared {
-    pub config: Arc<Config>,
-    pub users: Users,
+    /// The configuration in force; replaced whole on reload.
+    pub config: ArcSwap<Config>,
+    pub users: ArcSwap<Users>,
+    pub analyzer: Analyzer,
     pub pools: Pools,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub cancels: Arc<CancelRegistry>,
     pub clients: Arc<Semaphore>,
     pub shutdown: Shutdown,
+}
+
+impl Shared {
+    pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.config.load()
+    }
 }
 
 /// Accept on every listener until shutdown begins.
@@ -106,7 +117,7 @@ struct Login {
 }
 
 async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
-    let timeout = shared.config.proxy.client_login_timeout;
+    let timeout = shared.config().proxy.client_login_timeout;
     let logging_in = ClientState::enter("login");
     let login = match tokio::time::timeout(timeout, login(&shared, tcp)).await {
         Ok(Some(l)) => l,
@@ -126,54 +137,18 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     drop(logging_in);
     let _active = ClientState::enter("active");
     let key = PoolKey { database, user };
-    let mut server = match shared.pools.acquire(&key).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::info!(%peer, pool = %key, error = ?e, "no server connection for client");
-            let mut out = BytesMut::new();
-            e.to_client(&mut out);
-            let _ = stream.write_all(&out).await;
-            let _ = stream.flush().await;
-            return;
-        }
-    };
     let settings = match startup::requested_settings(&params) {
         Ok(s) => s,
         Err(e) => return send_error(&mut stream, &e).await,
     };
-    if let Err(e) = startup::apply_settings(&mut server, &settings).await {
-        let mut out = BytesMut::new();
-        e.to_client(&mut out);
-        let _ = stream.write_all(&out).await;
-        if e.retryable() {
-            server.broken = true;
-        } else if let Some(reset) = Some(&shared.config.pool.reset_query).filter(|q| !q.is_empty())
-        {
-            if server.simple_query(reset).await.is_err() {
-                server.broken = true;
-            }
-        }
+    let settings = Settings::new(settings);
+    let Some(session) = Session::start(shared.clone(), stream, buf, key.clone(), settings).await
+    else {
+        tracing::info!(%peer, pool = %key, "client session could not start");
         return;
-    }
-    let registration = shared.cancels.register();
-    registration.attach(Some(server.cancel_key(shared.pools.target())));
-    let mut out = BytesMut::new();
-    startup::reply(&server.params, registration.key, &mut out);
-    if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
-        return;
-    }
+    };
     tracing::debug!(%peer, pool = %key, "client session started");
-    Session {
-        client: stream,
-        client_buf: buf,
-        server,
-        max_message: shared.config.proxy.max_message_bytes,
-        reset_query: shared.config.pool.reset_query.clone(),
-        shutdown: shared.shutdown.clone(),
-    }
-    .run()
-    .await;
-    drop(registration);
+    session.run().await;
 }
 
 /// Startup: negotiate TLS/GSS, answer cancel requests, read the startup packet and authenticate.
@@ -181,7 +156,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
 async fn login(shared: &Shared, tcp: TcpStream) -> Option<Login> {
     let mut stream = Stream::Plain(tcp);
     let mut buf = BytesMut::with_capacity(1024);
-    let max = shared.config.proxy.max_message_bytes;
+    let max = shared.config().proxy.max_message_bytes;
     let (params, minor) = loop {
         let packet = match wire::read_startup_packet(&mut stream, &mut buf).await {
             Ok(Some(p)) => p,
@@ -277,7 +252,7 @@ async fn login(shared: &Shared, tcp: TcpStream) -> Option<Login> {
             }
         }
     };
-    if shared.config.tls.mode == ClientTlsMode::Require && !stream.is_tls() {
+    if shared.config().tls.mode == ClientTlsMode::Require && !stream.is_tls() {
         send_error(
             &mut stream,
             &PgError::fatal(
@@ -335,12 +310,12 @@ async fn login(shared: &Shared, tcp: TcpStream) -> Option<Login> {
         .get("database")
         .filter(|d| !d.is_empty())
         .cloned()
-        .or_else(|| shared.config.upstream.database.clone())
+        .or_else(|| shared.config().upstream.database.clone())
         .unwrap_or_else(|| user.clone());
     match auth::authenticate(
         &mut stream,
         &mut buf,
-        &shared.users,
+        &shared.users.load(),
         &user,
         max.min(64 * 1024),
     )
@@ -349,7 +324,7 @@ async fn login(shared: &Shared, tcp: TcpStream) -> Option<Login> {
         Ok(()) => {}
         Err(AuthError::Refused(e)) => {
             tracing::info!(user, error = %e.message, "client authentication failed");
-            let method = shared.users.method_for(&user);
+            let method = shared.users.load().method_for(&user);
             METRICS
                 .auth_failures
                 .with_label_values(&[method.name()])

@@ -4,6 +4,7 @@
 //! configuration; `--listen`/`--upstream` give a quick start without a file and override it.
 
 mod admin;
+mod analysis;
 mod auth;
 mod config;
 mod error;
@@ -195,6 +196,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         },
         connect_timeout: config.upstream.connect_timeout,
         max_message: config.proxy.max_message_bytes,
+        max_prepared: config.pool.max_prepared_statements,
     };
     let mut listeners = Vec::new();
     for addr in &config.proxy.listen {
@@ -207,13 +209,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let (trigger, shutdown) = shutdown::channel();
     let max_clients = config.proxy.max_clients;
     let shared = Arc::new(listener::Shared {
-        users: auth::Users::from_config(&config),
+        users: arc_swap::ArcSwap::from_pointee(auth::Users::from_config(&config)),
+        analyzer: analysis::Analyzer::new(10_000),
         pools: pool::Pools::new(config.clone(), target),
         tls,
         cancels: Default::default(),
         clients: Arc::new(tokio::sync::Semaphore::new(max_clients)),
         shutdown,
-        config: config.clone(),
+        config: arc_swap::ArcSwap::new(config.clone()),
     });
     tracing::info!(upstream = %shared.pools.target().addr(), "pgcache started");
     if let Some(addr) = &config.metrics.listen {

@@ -126,11 +126,6 @@ impl Scanner {
         }
     }
 
-    /// Forget all progress (the caller dropped its buffer).
-    pub fn reset(&mut self) {
-        self.cursor = 0;
-        self.pending = 0;
-    }
 }
 
 /// Encode a backend message the proxy itself sends.
@@ -155,6 +150,36 @@ pub fn query(sql: &str, out: &mut BytesMut) {
     out.put_i32((4 + sql.len() + 1) as i32);
     out.put_slice(sql.as_bytes());
     out.put_u8(0);
+}
+
+/// The text values of a `DataRow` body (`None` for SQL NULL).
+pub fn data_row_texts(body: &[u8]) -> Option<Vec<Option<String>>> {
+    let n = i16::from_be_bytes([*body.first()?, *body.get(1)?]);
+    let mut pos = 2;
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = i32::from_be_bytes(body.get(pos..pos + 4)?.try_into().ok()?);
+        pos += 4;
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let v = body.get(pos..pos + len as usize)?;
+        out.push(Some(String::from_utf8_lossy(v).into_owned()));
+        pos += len as usize;
+    }
+    Some(out)
+}
+
+/// Append a frame with `tag` and `parts` as its body.
+pub fn frame(tag: u8, parts: &[&[u8]], out: &mut BytesMut) {
+    let len: usize = parts.iter().map(|p| p.len()).sum::<usize>() + 4;
+    out.reserve(len + 1);
+    out.put_u8(tag);
+    out.put_i32(len as i32);
+    for p in parts {
+        out.put_slice(p);
+    }
 }
 
 /// Read a NUL-terminated string from `body` at `*pos`.

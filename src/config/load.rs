@@ -88,7 +88,9 @@ pub fn load_str(
     }
 }
 
-const SECTIONS: [&str; 6] = ["proxy", "upstream", "pool", "auth", "tls", "metrics"];
+const SECTIONS: [&str; 7] = [
+    "proxy", "upstream", "pool", "auth", "tls", "metrics", "admin",
+];
 
 /// `PGCACHE_UPSTREAM_PASSWORD=x` sets `upstream.password`; `PGCACHE_UPSTREAM_TLS_MODE` sets
 /// `upstream.tls.mode`. A value is tried as a string first, then as a TOML literal (`20`, `true`,
@@ -220,6 +222,25 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     }
     if c.pool.max_size == 0 {
         bad("pool.max_size", "must be at least 1".into());
+    }
+    for (name, d) in &c.databases {
+        if d.pool_size == Some(0) {
+            bad(
+                &format!("databases.{name}.pool_size"),
+                "must be at least 1".into(),
+            );
+        }
+    }
+    for (name, u) in &c.users {
+        if u.pool_size == Some(0) {
+            bad(
+                &format!("users.{name}.pool_size"),
+                "must be at least 1".into(),
+            );
+        }
+    }
+    if c.pool.max_prepared_statements == 0 {
+        bad("pool.max_prepared_statements", "must be at least 1".into());
     }
     if c.pool.min_idle > c.pool.max_size {
         bad(

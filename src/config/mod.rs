@@ -30,6 +30,8 @@ pub struct Config {
     pub tls: ClientTlsConfig,
     /// HTTP endpoint for Prometheus metrics and health.
     pub metrics: MetricsConfig,
+    /// The admin console (`psql -d pgcache`).
+    pub admin: AdminConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -129,8 +131,31 @@ pub struct UpstreamTlsConfig {
 #[serde(rename_all = "kebab-case")]
 pub enum PoolMode {
     /// One server connection per client for the client's whole session.
-    #[default]
     Session,
+    /// A server connection per transaction, given back at `ReadyForQuery 'I'`.
+    #[default]
+    Transaction,
+}
+
+impl PoolMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
+        }
+    }
+}
+
+/// What transaction pooling does with statements whose state lives on one server connection
+/// (`LISTEN`, session advisory locks, SQL `PREPARE`, `WITH HOLD` cursors, temp tables).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SessionStatePolicy {
+    /// Keep the client on its server connection until it disconnects.
+    #[default]
+    Pin,
+    /// Refuse the statement with `0A000`.
+    Refuse,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -152,8 +177,28 @@ pub struct PoolConfig {
     pub max_lifetime: Duration,
     /// Check a server connection with an empty query before lending it.
     pub health_check: bool,
-    /// Run on a server connection given back before reuse; empty for none.
+    /// Connections idle for less than this are lent without the health check.
+    #[serde(with = "duration")]
+    pub health_check_delay: Duration,
+    /// Run on a server connection given back after a session (session mode); empty for none.
     pub reset_query: String,
+    /// Prepared statements kept per server connection (transaction mode), least recently used
+    /// closed first.
+    pub max_prepared_statements: usize,
+    /// Transaction mode: replay `SET` made outside transactions on every server connection the
+    /// client gets (true), or refuse such `SET` with `0A000` (false).
+    pub track_set: bool,
+    /// Transaction mode: `pin` or `refuse` statements that need one server connection for good.
+    pub session_state: SessionStatePolicy,
+    /// Cancel a statement running longer than this (the client gets `57014`); 0 = off.
+    #[serde(with = "duration")]
+    pub query_timeout: Duration,
+    /// Close a client idle inside a transaction this long (`25P03`); 0 = off.
+    #[serde(with = "duration")]
+    pub idle_transaction_timeout: Duration,
+    /// Close a client idle outside a transaction this long (`57P05`); 0 = off.
+    #[serde(with = "duration")]
+    pub client_idle_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -166,7 +211,14 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(600),
             max_lifetime: Duration::from_secs(3600),
             health_check: true,
+            health_check_delay: Duration::from_secs(1),
             reset_query: "DISCARD ALL".into(),
+            max_prepared_statements: 200,
+            track_set: true,
+            session_state: SessionStatePolicy::Pin,
+            query_timeout: Duration::ZERO,
+            idle_transaction_timeout: Duration::ZERO,
+            client_idle_timeout: Duration::ZERO,
         }
     }
 }
@@ -221,6 +273,10 @@ pub struct UserConfig {
     pub server_user: Option<String>,
     /// Upstream password (default: `password` when it is cleartext).
     pub server_password: Option<String>,
+    /// Pool mode for this user's pools (overrides the database's and `pool.mode`).
+    pub pool_mode: Option<PoolMode>,
+    /// `max_size` for this user's pools (overrides the database's and `pool.max_size`).
+    pub pool_size: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -228,6 +284,10 @@ pub struct UserConfig {
 pub struct DatabaseConfig {
     /// Database name on the upstream (default: the same name).
     pub dbname: Option<String>,
+    /// Pool mode for this database's pools (overrides `pool.mode`).
+    pub pool_mode: Option<PoolMode>,
+    /// `max_size` for this database's pools (overrides `pool.max_size`).
+    pub pool_size: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -250,6 +310,22 @@ pub struct ClientTlsConfig {
     pub cert_file: Option<String>,
     /// PEM private key.
     pub key_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Users allowed into the admin console (database `pgcache`); they authenticate like any
+    /// user (see `[users]`).
+    pub users: Vec<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            users: vec!["pgcache".into()],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -285,5 +361,23 @@ impl Config {
             .get(client_db)
             .and_then(|d| d.dbname.as_deref())
             .unwrap_or(client_db)
+    }
+
+    /// Pool mode for a (database, user): the user's override, the database's, then `pool.mode`.
+    pub fn pool_mode(&self, database: &str, user: &str) -> PoolMode {
+        self.users
+            .get(user)
+            .and_then(|u| u.pool_mode)
+            .or_else(|| self.databases.get(database).and_then(|d| d.pool_mode))
+            .unwrap_or(self.pool.mode)
+    }
+
+    /// `max_size` for a (database, user), resolved like `pool_mode`.
+    pub fn pool_size(&self, database: &str, user: &str) -> u32 {
+        self.users
+            .get(user)
+            .and_then(|u| u.pool_size)
+            .or_else(|| self.databases.get(database).and_then(|d| d.pool_size))
+            .unwrap_or(self.pool.max_size)
     }
 }

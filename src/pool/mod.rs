@@ -6,10 +6,11 @@
 pub mod upstream;
 
 use crate::config::{Config, PoolConfig};
-use crate::error::{sqlstate, PgError};
+use crate::error::{sqlstate, PgError, Severity};
 use crate::metrics::METRICS;
+use arc_swap::ArcSwap;
 use bb8::{ErrorSink, ManageConnection, PooledConnection, RunError};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,6 +35,7 @@ pub struct Manager {
     target: Arc<Target>,
     login: Login,
     health_check: bool,
+    health_check_delay: Duration,
 }
 
 impl ManageConnection for Manager {
@@ -50,7 +52,7 @@ impl ManageConnection for Manager {
     }
 
     async fn is_valid(&self, conn: &mut ServerConn) -> Result<(), Self::Error> {
-        if !self.health_check {
+        if !self.health_check || conn.last_used.elapsed() < self.health_check_delay {
             return Ok(());
         }
         match conn.simple_query("").await {
@@ -84,7 +86,12 @@ impl ErrorSink<Arc<UpstreamError>> for Sink {
 struct Entry {
     pool: bb8::Pool<Manager>,
     errors: broadcast::Sender<Arc<UpstreamError>>,
+    /// Server names of statements this pool's server has parsed without error.
+    known: Mutex<HashSet<String>>,
 }
+
+/// Bound on `Entry::known`; past it the set starts over.
+const MAX_KNOWN_STATEMENTS: usize = 10_000;
 
 pub type ServerGuard = PooledConnection<'static, Manager>;
 
@@ -95,15 +102,16 @@ pub enum AcquireError {
 }
 
 impl AcquireError {
-    /// The `ErrorResponse` bytes the client gets.
-    pub fn to_client(&self, out: &mut bytes::BytesMut) {
+    /// The `ErrorResponse` bytes the client gets; the proxy's own errors with `severity`.
+    pub fn to_client(&self, severity: Severity, out: &mut bytes::BytesMut) {
         match self {
-            AcquireError::Upstream(e) => e.to_client(out),
+            AcquireError::Upstream(e) => e.to_client(severity, out),
             AcquireError::Exhausted { pool, waited } => PgError::fatal(
                 sqlstate::TOO_MANY_CONNECTIONS,
                 format!("pgcache: no server connection free in pool \"{pool}\" after {waited:?}"),
             )
             .with_hint("raise pool.max_size or pool.acquire_timeout, or lower the client load")
+            .with_severity(severity)
             .encode(out),
         }
     }
@@ -111,7 +119,7 @@ impl AcquireError {
 
 /// All pools, keyed by client database and user.
 pub struct Pools {
-    config: Arc<Config>,
+    config: ArcSwap<Config>,
     target: Arc<Target>,
     pools: Mutex<HashMap<PoolKey, Arc<Entry>>>,
 }
@@ -119,7 +127,7 @@ pub struct Pools {
 impl Pools {
     pub fn new(config: Arc<Config>, target: Target) -> Self {
         Pools {
-            config,
+            config: ArcSwap::new(config),
             target: Arc::new(target),
             pools: Mutex::new(HashMap::new()),
         }
@@ -130,7 +138,7 @@ impl Pools {
     }
 
     fn login_for(&self, key: &PoolKey) -> Login {
-        let c = &self.config;
+        let c = self.config.load();
         let user_cfg = c.users.get(&key.user);
         let user = user_cfg
             .and_then(|u| u.server_user.clone())
@@ -157,11 +165,12 @@ impl Pools {
         if let Some(e) = pools.get(key) {
             return e.clone();
         }
-        let p: &PoolConfig = &self.config.pool;
+        let config = self.config.load();
+        let p: &PoolConfig = &config.pool;
         let (errors, _) = broadcast::channel(16);
         let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         let pool = bb8::Pool::builder()
-            .max_size(p.max_size)
+            .max_size(config.pool_size(&key.database, &key.user))
             .min_idle(Some(p.min_idle).filter(|n| *n > 0))
             .connection_timeout(p.acquire_timeout)
             .idle_timeout(nonzero(p.idle_timeout))
@@ -173,8 +182,13 @@ impl Pools {
                 target: self.target.clone(),
                 login: self.login_for(key),
                 health_check: p.health_check,
+                health_check_delay: p.health_check_delay,
             });
-        let entry = Arc::new(Entry { pool, errors });
+        let entry = Arc::new(Entry {
+            pool,
+            errors,
+            known: Mutex::new(HashSet::new()),
+        });
         pools.insert(key.clone(), entry.clone());
         entry
     }
@@ -183,8 +197,9 @@ impl Pools {
     pub async fn acquire(&self, key: &PoolKey) -> Result<ServerGuard, AcquireError> {
         let entry = self.entry(key);
         let started = Instant::now();
-        let deadline = started + self.config.pool.acquire_timeout;
-        let mut backoff = self.config.upstream.retry_backoff;
+        let config = self.config.load_full();
+        let deadline = started + config.pool.acquire_timeout;
+        let mut backoff = config.upstream.retry_backoff;
         let mut errors = entry.errors.subscribe();
         let mut last_error: Option<Arc<UpstreamError>> = None;
         loop {
@@ -208,10 +223,35 @@ impl Pools {
                     }
                     last_error = Some(e);
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.config.upstream.retry_backoff_max);
+                    backoff = (backoff * 2).min(config.upstream.retry_backoff_max);
                 }
             }
         }
+    }
+
+    /// A statement with this server name parsed without error in this pool.
+    pub fn note_statement(&self, key: &PoolKey, server_name: &str) {
+        let entry = self.entry(key);
+        let mut known = entry.known.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() >= MAX_KNOWN_STATEMENTS {
+            known.clear();
+        }
+        known.insert(server_name.to_string());
+    }
+
+    /// Whether a statement parsed without error here before: its `Parse` can then be answered
+    /// without borrowing a server connection.
+    pub fn statement_known(&self, key: &PoolKey, server_name: &str) -> bool {
+        let entry = self.entry(key);
+        let known = entry.known.lock().unwrap_or_else(|p| p.into_inner());
+        known.contains(server_name)
+    }
+
+    /// Take a new configuration: pools are rebuilt on their next use with the new sizes and
+    /// credentials; the old ones close their connections as clients give them back.
+    pub fn reload(&self, config: Arc<Config>) {
+        self.config.store(config);
+        self.pools.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// (key, connections, idle) for every pool; for the admin console and metrics.

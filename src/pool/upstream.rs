@@ -3,16 +3,18 @@
 //! (health check, reset, applying a client's startup parameters).
 
 use crate::config::UpstreamTlsMode;
-use crate::error::{sqlstate, PgError};
+use crate::error::{sqlstate, PgError, Severity};
 use crate::metrics::METRICS;
 use crate::stream::Stream;
 use crate::wire;
 use bytes::{Bytes, BytesMut};
+use lru::LruCache;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use rustls::pki_types::ServerName;
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::num::NonZeroUsize;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -25,6 +27,8 @@ pub struct Target {
     pub tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
     pub connect_timeout: Duration,
     pub max_message: usize,
+    /// Capacity of each connection's prepared-statement LRU.
+    pub max_prepared: usize,
 }
 
 impl Target {
@@ -79,11 +83,28 @@ impl UpstreamError {
         }
     }
 
-    /// What the client is told, as bytes of an `ErrorResponse`.
-    pub fn to_client(&self, out: &mut BytesMut) {
+    /// What the client is told, as bytes of an `ErrorResponse`: the server's own error as it
+    /// was sent, or the proxy's with `severity`.
+    pub fn to_client(&self, severity: Severity, out: &mut BytesMut) {
         match self {
             UpstreamError::Server { frame, .. } => out.extend_from_slice(frame),
-            other => PgError::fatal(sqlstate::CONNECTION_FAILURE, other.to_string()).encode(out),
+            other => PgError::fatal(sqlstate::CONNECTION_FAILURE, other.to_string())
+                .with_severity(severity)
+                .encode(out),
+        }
+    }
+
+    /// The server refused the login itself with a FATAL error (bad password, no such database):
+    /// the client's session cannot go on.
+    pub fn is_fatal_refusal(&self) -> bool {
+        match self {
+            UpstreamError::Server { frame, .. } => {
+                frame.len() > 5
+                    && super::super::wire::fields(&frame[5..])
+                        .iter()
+                        .any(|(k, v)| *k == b'V' && v == "FATAL")
+            }
+            _ => false,
         }
     }
 }
@@ -99,6 +120,12 @@ pub struct ServerConn {
     pub broken: bool,
     /// Read buffer; empty whenever the connection is idle.
     pub buf: BytesMut,
+    /// Statements prepared on this connection by the proxy (transaction mode), by server name.
+    pub prepared: LruCache<String, ()>,
+    /// Settings the proxy applied on top of the connection's defaults, by name.
+    pub applied: BTreeMap<String, String>,
+    /// When the connection was last given back; the health check skips recently used ones.
+    pub last_used: Instant,
     max_message: usize,
 }
 
@@ -129,6 +156,11 @@ impl ServerConn {
             secret: Default::default(),
             broken: false,
             buf: BytesMut::with_capacity(8192),
+            prepared: LruCache::new(
+                NonZeroUsize::new(target.max_prepared).unwrap_or(NonZeroUsize::MIN),
+            ),
+            applied: BTreeMap::new(),
+            last_used: Instant::now(),
             max_message: target.max_message,
         };
         conn.startup(login, &addr).await?;

@@ -1,303 +1,422 @@
-//! One client, from the end of authentication to goodbye (session pooling: one server connection
-//! for the whole session). Bytes move both ways through two buffers; only message headers are read,
-//! except `ReadyForQuery` (transaction state), `ErrorResponse` (fatal or not) and `Terminate`.
-//! Rows are never decoded. When the client leaves, the server connection goes back to its pool
-//! after `reset_query` only if it stopped cleanly between messages, idle, with nothing in flight;
-//! otherwise it is closed.
+//! One client, from the end of authentication to goodbye.
+//!
+//! The session owns the client's socket and, while it holds one, a server connection
+//! (`Attached`). `io` moves bytes; `frontend` decides what each client message becomes upstream;
+//! `backend` matches server replies to what was sent. Rows are never decoded.
+//!
+//! Session mode: the server connection is held from login to goodbye and client bytes pass through
+//! with only their headers read. Transaction mode: a server connection is borrowed for each
+//! transaction (or pipeline of statements) and given back at `ReadyForQuery 'I'` once nothing is
+//! owed; prepared statements, settings and pins follow the client (see `frontend`, `settings`).
+//! Whatever the mode, a server connection goes back to its pool only when it stopped cleanly
+//! between messages with nothing in flight; otherwise it is closed.
 
+mod backend;
 pub mod cancel;
+mod frontend;
+mod io;
+pub mod settings;
 pub mod startup;
 
-use crate::error::{sqlstate, PgError};
-use crate::pool::ServerGuard;
+use crate::analysis::PinReason;
+use crate::config::PoolMode;
+use crate::error::{sqlstate, PgError, Severity};
+use crate::listener::Shared;
+use crate::pool::{AcquireError, PoolKey, ServerGuard};
 use crate::shutdown::{Phase, Shutdown};
 use crate::stream::Stream;
-use crate::wire::{self, Scanner};
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use crate::wire::Scanner;
+use backend::Expect;
+use bytes::{Bytes, BytesMut};
+use cancel::Registration;
+use frontend::Prepared;
+use settings::Settings;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
 
-/// Pause reading a side while this much is waiting to be written to the other.
-const HIGH_WATER: usize = 256 * 1024;
-const READ_CHUNK: usize = 16 * 1024;
-
-pub struct Session {
-    pub client: Stream,
-    /// Bytes the client sent after its startup packet.
-    pub client_buf: BytesMut,
-    pub server: ServerGuard,
-    pub max_message: usize,
-    pub reset_query: String,
-    pub shutdown: Shutdown,
+/// A server connection lent to this client.
+pub struct Attached {
+    conn: ServerGuard,
+    to_server: BytesMut,
+    /// Bytes written since the last flush (TLS buffers them).
+    needs_flush: bool,
+    scan: Scanner,
+    /// The client's unnamed statement was parsed on this connection.
+    unnamed_valid: bool,
+    /// The server reported a FATAL error: it is going away.
+    fatal: bool,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum End {
+/// Protocol state between the client and whichever server connection serves it.
+struct Tx {
+    /// `ReadyForQuery` still owed (one per Query, Sync, FunctionCall sent).
+    in_flight: usize,
+    /// Transaction status from the last `ReadyForQuery`: `I`, `T` or `E`.
+    status: u8,
+    /// Extended-protocol messages sent since the last Sync.
+    batch_open: bool,
+    /// When the client last sent something or was last answered.
+    last_activity: Instant,
+    /// The current statement is cancelled at this time (`query_timeout`).
+    query_deadline: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
     /// Terminate or EOF from the client.
     ClientLeft,
-    /// The upstream closed or failed.
+    /// The upstream closed or failed; the client was told.
     ServerLost,
-    /// Malformed client input; the client was told.
-    ClientProtocol,
-    /// Drain or forced shutdown; the client was told.
-    Shutdown,
-    Io,
+    /// Malformed input, timeout, fatal pool error, shutdown: the client was told.
+    Closed,
 }
 
-/// What the relay knows about the protocol state of the pair.
-struct State {
-    /// `ReadyForQuery` messages still owed by the server (one per Query, Sync, FunctionCall).
-    in_flight: usize,
-    tx_status: u8,
-    server_fatal: bool,
+pub struct Session {
+    shared: Arc<Shared>,
+    key: PoolKey,
+    mode: PoolMode,
+    client: Stream,
+    c_in: BytesMut,
+    to_client: BytesMut,
+    client_needs_flush: bool,
+    cscan: Scanner,
+    server: Option<Attached>,
+    tx: Tx,
+    /// Transaction mode: what each reply from the server answers, in order.
+    queue: VecDeque<Expect>,
+    /// Transaction mode: the client's named statements.
+    stmts: HashMap<String, Arc<Prepared>>,
+    /// Transaction mode: the client's last unnamed `Parse`.
+    unnamed: Option<Bytes>,
+    settings: Settings,
+    pinned: Option<PinReason>,
+    /// Extended messages are being skipped up to the next Sync (an error was reported).
+    skipping: bool,
+    registration: Registration,
+    shutdown: Shutdown,
 }
 
 impl Session {
-    pub async fn run(mut self) {
-        let end = self.relay().await;
-        let server = &mut *self.server;
-        if server.broken {
-            return;
+    /// Start a session for an authenticated client: get a server connection, apply the client's
+    /// startup settings, send the startup reply. `None` when that failed (the client was told).
+    pub async fn start(
+        shared: Arc<Shared>,
+        client: Stream,
+        c_in: BytesMut,
+        key: PoolKey,
+        settings: Settings,
+    ) -> Option<Session> {
+        let config = shared.config();
+        let mode = config.pool_mode(&key.database, &key.user);
+        let max = config.proxy.max_message_bytes;
+        let registration = shared.cancels.register();
+        let shutdown = shared.shutdown.clone();
+        let mut s = Session {
+            shared,
+            key,
+            mode,
+            client,
+            c_in,
+            to_client: BytesMut::with_capacity(8192),
+            client_needs_flush: false,
+            cscan: Scanner::new(max),
+            server: None,
+            tx: Tx {
+                in_flight: 0,
+                status: b'I',
+                batch_open: false,
+                last_activity: Instant::now(),
+                query_deadline: None,
+            },
+            queue: VecDeque::new(),
+            stmts: HashMap::new(),
+            unnamed: None,
+            settings,
+            pinned: None,
+            skipping: false,
+            registration,
+            shutdown,
+        };
+        if let Err(e) = s.attach().await {
+            e.to_client(Severity::Fatal, &mut s.to_client);
+            s.flush_client().await;
+            return None;
         }
-        if end == End::ServerLost {
-            server.broken = true;
-            return;
+        let server = s.server.as_ref()?;
+        startup::reply(&server.conn.params, s.registration.key, &mut s.to_client);
+        if s.mode == PoolMode::Transaction {
+            s.release().await;
         }
-        if !self.reset_query.is_empty() {
-            if let Err(e) = server.simple_query(&self.reset_query).await {
-                tracing::warn!(error = %e, "reset of server connection failed; closing it");
-                server.broken = true;
-            }
-        }
-        // Dropping the guard returns the connection to its pool (or closes it when broken).
+        Some(s)
     }
 
-    async fn relay(&mut self) -> End {
-        let max = self.max_message;
-        let (mut cr, mut cw) = tokio::io::split(&mut self.client);
-        let server = &mut *self.server;
-        let mut s_in = std::mem::take(&mut server.buf);
-        let (mut sr, mut sw) = tokio::io::split(&mut server.stream);
-        let mut c_in = std::mem::take(&mut self.client_buf);
-        let mut to_server = BytesMut::new();
-        let mut to_client = BytesMut::new();
-        let mut cscan = Scanner::new(max);
-        let mut sscan = Scanner::new(max);
-        let mut st = State {
-            in_flight: 0,
-            tx_status: b'I',
-            server_fatal: false,
-        };
+    pub async fn run(mut self) {
+        let end = self.serve().await;
+        self.flush_client().await;
+        self.finish(end).await;
+    }
+
+    async fn serve(&mut self) -> End {
         let mut shutdown = self.shutdown.clone();
-        // Bytes the client sent along with its startup packet.
-        let mut client_done = false;
-        if !c_in.is_empty() {
-            if let Err(end) = take_client(
-                &mut c_in,
-                &mut cscan,
-                &mut to_server,
-                &mut to_client,
-                &mut st,
-                &mut client_done,
-            ) {
-                let _ = cw.write_all(&to_client).await;
+        loop {
+            if let Some(end) = self.check_shutdown() {
                 return end;
             }
+            let deadline = self.next_deadline();
+            let event = tokio::select! {
+                ev = std::future::poll_fn(|cx| self.poll_io(cx)) => ev,
+                _ = sleep_until(deadline) => io::Event::Timer,
+                _ = shutdown.changed() => continue,
+            };
+            let step = match event {
+                io::Event::Client => self.on_client_input().await,
+                io::Event::ClientGone => Err(End::ClientLeft),
+                io::Event::Server => self.on_server_input().await,
+                io::Event::ServerGone => Err(self.server_lost()),
+                io::Event::Timer => self.on_timer().await,
+            };
+            if let Err(end) = step {
+                return end;
+            }
+            if self.releasable() {
+                self.release().await;
+            } else if self.mode == PoolMode::Transaction {
+                tracing::trace!(queue = ?self.queue, in_flight = self.tx.in_flight, status = self.tx.status, batch = self.tx.batch_open, attached = self.server.is_some(), "holding");
+            }
         }
+    }
 
-        let end = loop {
-            if client_done && to_server.is_empty() {
-                break End::ClientLeft;
-            }
-            let phase = shutdown.phase();
-            let idle = st.in_flight == 0
-                && st.tx_status == b'I'
-                && to_client.is_empty()
-                && cscan.at_boundary();
-            if phase == Phase::Force || (phase == Phase::Drain && idle) {
-                PgError::fatal(
-                    sqlstate::ADMIN_SHUTDOWN,
-                    "terminating connection due to administrator command",
-                )
-                .encode(&mut to_client);
-                let _ = cw.write_all(&to_client).await;
-                let _ = cw.flush().await;
-                break End::Shutdown;
-            }
-            if c_in.capacity() - c_in.len() < READ_CHUNK / 4 {
-                c_in.reserve(READ_CHUNK);
-            }
-            if s_in.capacity() - s_in.len() < READ_CHUNK / 4 {
-                s_in.reserve(READ_CHUNK);
-            }
-            tokio::select! {
-                biased;
-                r = cw.write(&to_client), if !to_client.is_empty() => match r {
-                    Ok(n) if n > 0 => {
-                        to_client.advance(n);
-                        if to_client.is_empty() && cw.flush().await.is_err() {
-                            break End::Io;
-                        }
-                    }
-                    _ => break End::ClientLeft,
-                },
-                r = sw.write(&to_server), if !to_server.is_empty() => match r {
-                    Ok(n) if n > 0 => {
-                        to_server.advance(n);
-                        if to_server.is_empty() && sw.flush().await.is_err() {
-                            break End::ServerLost;
-                        }
-                    }
-                    _ => break End::ServerLost,
-                },
-                r = cr.read_buf(&mut c_in), if !client_done && to_server.len() < HIGH_WATER => match r {
-                    Ok(0) | Err(_) => {
-                        // A half-forwarded message cannot be completed: the server is unusable.
-                        if !cscan.at_boundary() {
-                            server.broken = true;
-                        }
-                        break End::ClientLeft;
-                    }
-                    Ok(_) => {
-                        if let Err(end) = take_client(&mut c_in, &mut cscan, &mut to_server, &mut to_client, &mut st, &mut client_done) {
-                            let _ = cw.write_all(&to_client).await;
-                            let _ = cw.flush().await;
-                            break end;
-                        }
-                    }
-                },
-                r = sr.read_buf(&mut s_in), if to_client.len() < HIGH_WATER => match r {
-                    Ok(0) | Err(_) => {
-                        if !st.server_fatal {
-                            PgError::fatal(sqlstate::CONNECTION_FAILURE, "server closed the connection unexpectedly")
-                                .with_detail("the upstream PostgreSQL connection was lost")
-                                .encode(&mut to_client);
-                        }
-                        let _ = cw.write_all(&to_client).await;
-                        let _ = cw.flush().await;
-                        break End::ServerLost;
-                    }
-                    Ok(_) => {
-                        if let Err(e) = take_server(&mut s_in, &mut sscan, &mut to_client, &mut st) {
-                            tracing::warn!(error = %e, "malformed message from upstream");
-                            PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgcache: upstream sent {e}"))
-                                .encode(&mut to_client);
-                            let _ = cw.write_all(&to_client).await;
-                            break End::ServerLost;
-                        }
-                    }
-                },
-                _ = shutdown.changed() => {}
-            }
+    /// Borrow a server connection and bring it to the client's settings.
+    async fn attach(&mut self) -> Result<(), AcquireError> {
+        let mut conn = self.shared.pools.acquire(&self.key).await?;
+        if let Err(e) = self.settings.apply(&mut conn).await {
+            conn.broken = e.retryable();
+            return Err(AcquireError::Upstream(Arc::new(e)));
+        }
+        self.registration
+            .attach(Some(conn.cancel_key(self.shared.pools.target())));
+        let max = self.shared.config().proxy.max_message_bytes;
+        self.server = Some(Attached {
+            conn,
+            to_server: BytesMut::new(),
+            needs_flush: false,
+            scan: Scanner::new(max),
+            unnamed_valid: false,
+            fatal: false,
+        });
+        Ok(())
+    }
+
+    /// Transaction mode: the server connection can go back to its pool now.
+    fn releasable(&self) -> bool {
+        let Some(a) = &self.server else { return false };
+        self.mode == PoolMode::Transaction
+            && self.pinned.is_none()
+            && self.queue.is_empty()
+            && self.tx.in_flight == 0
+            && self.tx.status == b'I'
+            && !self.tx.batch_open
+            && a.to_server.is_empty()
+            && a.scan.at_boundary()
+            && a.conn.buf.is_empty()
+            && !a.fatal
+    }
+
+    /// Give the server connection back (transaction mode), after reading back changed settings.
+    async fn release(&mut self) {
+        let Some(mut a) = self.server.take() else {
+            return;
         };
-        // Reusable only when both directions stopped between messages with nothing owed.
-        let clean = end != End::Io
-            && end != End::ServerLost
-            && cscan.at_boundary()
-            && sscan.at_boundary()
-            && to_server.is_empty()
-            && st.in_flight == 0
-            && st.tx_status == b'I'
-            && !st.server_fatal;
+        self.registration.attach(None);
+        if self.settings.dirty() {
+            if let Err(e) = self.settings.capture(&mut a.conn).await {
+                tracing::warn!(error = %e, "reading back session settings failed; closing server connection");
+                a.conn.broken = true;
+            }
+        }
+        a.conn.last_used = std::time::Instant::now();
+    }
+
+    /// The session is over: return or close the server connection.
+    async fn finish(&mut self, end: End) {
+        let Some(mut a) = self.server.take() else {
+            return;
+        };
+        self.registration.attach(None);
+        let clean = end != End::ServerLost
+            && self.queue.is_empty()
+            && self.tx.in_flight == 0
+            && a.to_server.is_empty()
+            && a.scan.at_boundary()
+            && self.cscan.at_boundary()
+            && !a.fatal;
         if !clean {
-            server.broken = true;
+            a.conn.broken = true;
+            return;
         }
-        drop((sr, sw));
-        server.buf = s_in;
-        end
-    }
-}
-
-/// Move what the client sent into `to_server`, counting the messages that owe a
-/// `ReadyForQuery`. Stops at `Terminate`.
-fn take_client(
-    c_in: &mut BytesMut,
-    scan: &mut Scanner,
-    to_server: &mut BytesMut,
-    to_client: &mut BytesMut,
-    st: &mut State,
-    done: &mut bool,
-) -> Result<(), End> {
-    let mut owed = 0;
-    let next = scan.next(c_in, |tag| {
-        if matches!(tag, b'Q' | b'S' | b'F') {
-            owed += 1;
-        }
-        tag == b'X'
-    });
-    st.in_flight += owed;
-    match next {
-        Ok(Some(frame)) => {
-            // Terminate: forward what came before it, keep the server connection.
-            forward(c_in, frame.start, to_server);
-            scan.reset();
-            c_in.clear();
-            *done = true;
-            Ok(())
-        }
-        Ok(None) => {
-            let n = scan.walked();
-            forward(c_in, n, to_server);
-            scan.consumed(n);
-            Ok(())
-        }
-        Err(e) => {
-            // Nothing more goes upstream from this client: tell it why and close it.
-            crate::metrics::METRICS.protocol_errors.inc();
-            PgError::fatal(
-                sqlstate::PROTOCOL_VIOLATION,
-                format!("invalid frontend message: {e}"),
-            )
-            .encode(to_client);
-            Err(End::ClientProtocol)
-        }
-    }
-}
-
-/// Move what the server sent into `to_client`, watching `ReadyForQuery` and fatal errors.
-fn take_server(
-    s_in: &mut BytesMut,
-    scan: &mut Scanner,
-    to_client: &mut BytesMut,
-    st: &mut State,
-) -> Result<(), wire::FrameError> {
-    loop {
-        match scan.next(s_in, |tag| matches!(tag, b'Z' | b'E'))? {
-            Some(frame) => {
-                let body = frame.body(s_in);
-                match frame.tag {
-                    b'Z' => {
-                        st.in_flight = st.in_flight.saturating_sub(1);
-                        st.tx_status = body.first().copied().unwrap_or(b'I');
-                    }
-                    _ => {
-                        if wire::fields(body)
-                            .iter()
-                            .any(|(k, v)| *k == b'V' && (v == "FATAL" || v == "PANIC"))
-                        {
-                            st.server_fatal = true;
-                        }
+        let conn = &mut a.conn;
+        let reset = match self.mode {
+            // A transaction the client left open is rolled back; the rest of its state is the
+            // connection's, tracked in `applied` and the prepared-statement LRU.
+            PoolMode::Transaction if self.tx.status != b'I' => Some("ROLLBACK".to_string()),
+            PoolMode::Transaction if self.pinned.is_none() => {
+                if self.settings.dirty() {
+                    if let Err(e) = self.settings.capture(conn).await {
+                        tracing::warn!(error = %e, "reading back settings failed");
+                        conn.broken = true;
                     }
                 }
+                None
             }
-            None => {
-                let n = scan.walked();
-                forward(s_in, n, to_client);
-                scan.consumed(n);
-                return Ok(());
+            // Session mode, or a pinned client: its session state is not for the next client.
+            _ => Some(self.shared.config().pool.reset_query.clone()).filter(|q| !q.is_empty()),
+        };
+        if let Some(sql) = reset {
+            match conn.simple_query(&sql).await {
+                Ok(_) if sql == "ROLLBACK" => {}
+                Ok(_) => {
+                    conn.applied.clear();
+                    conn.prepared.clear();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reset of server connection failed; closing it");
+                    conn.broken = true;
+                }
             }
         }
+        conn.last_used = std::time::Instant::now();
+    }
+
+    /// The upstream went away: tell the client unless the server already did.
+    fn server_lost(&mut self) -> End {
+        let told = self.server.as_ref().is_some_and(|a| a.fatal);
+        if let Some(a) = &mut self.server {
+            a.conn.broken = true;
+        }
+        if !told {
+            PgError::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                "server closed the connection unexpectedly",
+            )
+            .with_detail("the upstream PostgreSQL connection was lost")
+            .encode(&mut self.to_client);
+        }
+        End::ServerLost
+    }
+
+    /// Draining: idle clients leave now, busy ones when their transaction ends; forced: all.
+    fn check_shutdown(&mut self) -> Option<End> {
+        let phase = self.shutdown.phase();
+        let idle = self.tx.in_flight == 0
+            && self.tx.status == b'I'
+            && self.queue.is_empty()
+            && self.cscan.at_boundary();
+        if phase == Phase::Force || (phase == Phase::Drain && idle) {
+            PgError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command",
+            )
+            .encode(&mut self.to_client);
+            return Some(End::Closed);
+        }
+        None
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let p = &self.shared.config().pool;
+        let after = |d: Duration| (!d.is_zero()).then(|| self.tx.last_activity + d);
+        if self.tx.in_flight > 0 {
+            self.tx.query_deadline
+        } else if self.tx.status != b'I' {
+            after(p.idle_transaction_timeout)
+        } else {
+            after(p.client_idle_timeout)
+        }
+    }
+
+    async fn on_timer(&mut self) -> Result<(), End> {
+        let now = Instant::now();
+        if self.tx.in_flight > 0 {
+            if self.tx.query_deadline.is_some_and(|d| d <= now) {
+                self.tx.query_deadline = None;
+                if let Some(a) = &self.server {
+                    let key = a.conn.cancel_key(self.shared.pools.target());
+                    tracing::info!(pool = %self.key, "query_timeout reached: cancelling the statement");
+                    tokio::spawn(async move {
+                        if let Err(e) = key.send().await {
+                            tracing::warn!(error = %e, "could not send cancel for query_timeout");
+                        }
+                    });
+                }
+            }
+            return Ok(());
+        }
+        let Some(deadline) = self.next_deadline() else {
+            return Ok(());
+        };
+        if deadline > now {
+            return Ok(());
+        }
+        let err = if self.tx.status != b'I' {
+            PgError::fatal(
+                sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
+                "terminating connection due to idle-in-transaction timeout",
+            )
+        } else {
+            PgError::fatal(
+                sqlstate::IDLE_SESSION_TIMEOUT,
+                "terminating connection due to idle-session timeout",
+            )
+        };
+        err.encode(&mut self.to_client);
+        Err(End::Closed)
+    }
+
+    /// A message that owes a `ReadyForQuery` went upstream.
+    fn statement_sent(&mut self) {
+        self.tx.in_flight += 1;
+        self.tx.last_activity = Instant::now();
+        let t = self.shared.config().pool.query_timeout;
+        if !t.is_zero() && self.tx.query_deadline.is_none() {
+            self.tx.query_deadline = Some(Instant::now() + t);
+        }
+    }
+
+    /// A `ReadyForQuery` came back.
+    fn statement_done(&mut self, status: u8) {
+        self.tx.in_flight = self.tx.in_flight.saturating_sub(1);
+        self.tx.status = status;
+        self.tx.last_activity = Instant::now();
+        let t = self.shared.config().pool.query_timeout;
+        self.tx.query_deadline =
+            (self.tx.in_flight > 0 && !t.is_zero()).then(|| Instant::now() + t);
+    }
+
+    /// Write out what is queued for the client (at the end of a session).
+    async fn flush_client(&mut self) {
+        let guard = Duration::from_secs(5);
+        let out = std::mem::take(&mut self.to_client);
+        let _ = tokio::time::timeout(guard, async {
+            self.client.write_all(&out).await?;
+            self.client.flush().await
+        })
+        .await;
     }
 }
 
-/// Move `n` bytes from the front of `src` to the end of `dst`, without copying when `dst` is empty.
-fn forward(src: &mut BytesMut, n: usize, dst: &mut BytesMut) {
-    if n == 0 {
-        return;
+impl AcquireError {
+    /// Fatal for the client: the upstream itself refused it (authentication, unknown database).
+    fn refused_by_upstream(&self) -> bool {
+        matches!(self, AcquireError::Upstream(e) if e.is_fatal_refusal())
     }
-    if dst.is_empty() {
-        *dst = src.split_to(n);
-    } else {
-        dst.extend_from_slice(&src[..n]);
-        src.advance(n);
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }

@@ -4,7 +4,6 @@
 //! and `ReadyForQuery`.
 
 use crate::error::{sqlstate, PgError};
-use crate::pool::upstream::{ServerConn, UpstreamError};
 use crate::session::cancel::ClientKey;
 use crate::wire;
 use bytes::BytesMut;
@@ -86,26 +85,6 @@ fn parse_options(options: &str) -> Result<Vec<(String, String)>, PgError> {
     Ok(out)
 }
 
-fn quote_literal(v: &str) -> String {
-    format!("'{}'", v.replace('\'', "''"))
-}
-
-/// Apply the client's settings that differ from the server connection's current values.
-pub async fn apply_settings(
-    server: &mut ServerConn,
-    settings: &[(String, String)],
-) -> Result<(), UpstreamError> {
-    let sql: String = settings
-        .iter()
-        .filter(|(k, v)| server.params.get(k) != Some(v))
-        .map(|(k, v)| format!("SET \"{}\" = {};", k.replace('"', "\"\""), quote_literal(v)))
-        .collect();
-    if !sql.is_empty() {
-        server.simple_query(&sql).await?;
-    }
-    Ok(())
-}
-
 /// Everything the client receives after authentication succeeds.
 pub fn reply(params: &BTreeMap<String, String>, key: ClientKey, out: &mut BytesMut) {
     wire::encode(
@@ -157,10 +136,5 @@ mod tests {
         let mut p = BTreeMap::new();
         p.insert("x; drop table t".into(), "1".into());
         assert!(requested_settings(&p).is_err());
-    }
-
-    #[test]
-    fn quotes_values() {
-        assert_eq!(quote_literal("it's"), "'it''s'");
     }
 }

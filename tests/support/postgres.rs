@@ -374,6 +374,11 @@ fn ensure_postgres_user() {
     }
 }
 
+/// Path of a PostgreSQL program (`pgbench`, `psql`...) from the same installation as the server.
+pub fn pg_bin(name: &str) -> PathBuf {
+    pg_bin_dir().join(name)
+}
+
 /// `/usr/lib/postgresql/<highest>/bin` (Debian layout), else the dir of `initdb` on PATH.
 fn pg_bin_dir() -> PathBuf {
     let highest = fs::read_dir("/usr/lib/postgresql")

@@ -1,0 +1,317 @@
+//! What a statement means for the proxy, from the real PostgreSQL parser (pg_query), memoized per
+//! statement text in a bounded LRU: parsing costs tens of microseconds, a memo hit a hash.
+//!
+//! Today this answers the pooling questions: which session settings a statement changes
+//! (`SET`/`RESET`/`DISCARD`) and whether it creates state that only lives on one server connection
+//! (`LISTEN`, session advisory locks, SQL `PREPARE`, `WITH HOLD` cursors, temp tables, `LOAD`).
+//! Anything the parser rejects is reported as unparsed: the server will say why.
+
+use lru::LruCache;
+use pg_query::protobuf::{DiscardMode, VariableSetKind};
+use pg_query::NodeRef;
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+/// A change to session-level settings that outlives the statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEffect {
+    /// `SET name ...` (not `SET LOCAL`).
+    Set(String),
+    /// `RESET name`.
+    Reset(String),
+    /// `RESET ALL`, `DISCARD ALL`.
+    ResetAll,
+    /// `DEALLOCATE ALL`, `DISCARD ALL`: server-side prepared statements are gone.
+    DeallocateAll,
+}
+
+/// State that ties a client to one server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinReason {
+    Listen,
+    AdvisoryLock,
+    SqlPrepare,
+    HoldCursor,
+    TempTable,
+    Load,
+}
+
+impl fmt::Display for PinReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PinReason::Listen => "LISTEN",
+            PinReason::AdvisoryLock => "session-level advisory locks",
+            PinReason::SqlPrepare => "SQL-level PREPARE/EXECUTE/DEALLOCATE",
+            PinReason::HoldCursor => "cursors WITH HOLD",
+            PinReason::TempTable => "temporary tables",
+            PinReason::Load => "LOAD",
+        })
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Analysis {
+    /// False when pg_query rejected the text.
+    pub parsed: bool,
+    pub statements: usize,
+    pub effects: Vec<SessionEffect>,
+    pub pin: Option<PinReason>,
+}
+
+/// Session-level (not transaction-level) advisory lock functions.
+const SESSION_LOCK_FUNCTIONS: [&str; 4] = [
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+];
+
+/// Parse `sql` and work out its effects (no memo; see `Analyzer`).
+pub fn analyze(sql: &str) -> Analysis {
+    let Ok(parsed) = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) else {
+        return Analysis::default();
+    };
+    let mut a = Analysis {
+        parsed: true,
+        statements: parsed.protobuf.stmts.len(),
+        ..Analysis::default()
+    };
+    let mut pin = |r: PinReason| {
+        a.pin.get_or_insert(r);
+    };
+    let mut effects = Vec::new();
+    for (node, _depth, _ctx, _) in parsed.protobuf.nodes() {
+        match node {
+            NodeRef::VariableSetStmt(s) if !s.is_local => {
+                match VariableSetKind::try_from(s.kind).unwrap_or(VariableSetKind::Undefined) {
+                    VariableSetKind::VarResetAll => effects.push(SessionEffect::ResetAll),
+                    VariableSetKind::VarReset => effects.push(SessionEffect::Reset(s.name.clone())),
+                    // `SET TRANSACTION ...` / `SET SESSION CHARACTERISTICS` come as "multi":
+                    // transaction-scoped or not tracked.
+                    VariableSetKind::VarSetMulti if s.name.starts_with("TRANSACTION") => {}
+                    _ => effects.push(SessionEffect::Set(s.name.clone())),
+                }
+            }
+            NodeRef::DiscardStmt(d) if d.target == DiscardMode::DiscardAll as i32 => {
+                effects.push(SessionEffect::ResetAll);
+                effects.push(SessionEffect::DeallocateAll);
+            }
+            NodeRef::DeallocateStmt(d) if d.isall => effects.push(SessionEffect::DeallocateAll),
+            NodeRef::DeallocateStmt(_) | NodeRef::PrepareStmt(_) | NodeRef::ExecuteStmt(_) => {
+                pin(PinReason::SqlPrepare)
+            }
+            NodeRef::ListenStmt(_) => pin(PinReason::Listen),
+            NodeRef::LoadStmt(_) => pin(PinReason::Load),
+            // CURSOR_OPT_HOLD = 0x0020
+            NodeRef::DeclareCursorStmt(d) if d.options & 0x20 != 0 => pin(PinReason::HoldCursor),
+            NodeRef::CreateStmt(c) if is_temp(c.relation.as_ref()) => pin(PinReason::TempTable),
+            NodeRef::CreateTableAsStmt(c)
+                if is_temp(c.into.as_ref().and_then(|i| i.rel.as_ref())) =>
+            {
+                pin(PinReason::TempTable)
+            }
+            NodeRef::ViewStmt(v) if is_temp(v.view.as_ref()) => pin(PinReason::TempTable),
+            NodeRef::CreateSeqStmt(s) if is_temp(s.sequence.as_ref()) => pin(PinReason::TempTable),
+            NodeRef::SelectStmt(s)
+                if is_temp(s.into_clause.as_ref().and_then(|i| i.rel.as_ref())) =>
+            {
+                pin(PinReason::TempTable)
+            }
+            NodeRef::FuncCall(f) => {
+                let name = f.funcname.last().and_then(|n| match &n.node {
+                    Some(pg_query::NodeEnum::String(s)) => Some(s.sval.as_str()),
+                    _ => None,
+                });
+                if name.is_some_and(|n| SESSION_LOCK_FUNCTIONS.contains(&n)) {
+                    pin(PinReason::AdvisoryLock);
+                }
+            }
+            _ => {}
+        }
+    }
+    a.effects = effects;
+    a
+}
+
+fn is_temp(rel: Option<&pg_query::protobuf::RangeVar>) -> bool {
+    rel.is_some_and(|r| r.relpersistence == "t" || r.schemaname.starts_with("pg_temp"))
+}
+
+/// Words without which a statement can have no session effect or pin. Checking for them is a
+/// scan with no allocation; statements with none (most, and all of pgbench's) skip the parser.
+const SESSION_WORDS: [&str; 11] = [
+    "set",
+    "reset",
+    "discard",
+    "deallocate",
+    "listen",
+    "prepare",
+    "execute",
+    "declare",
+    "temp",
+    "temporary",
+    "load",
+];
+
+fn may_touch_session(sql: &str) -> bool {
+    sql.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .any(|w| {
+            w.len() >= 3
+                && (SESSION_WORDS.iter().any(|k| w.eq_ignore_ascii_case(k))
+                    || (w.len() >= 7 && w[..7].eq_ignore_ascii_case("pg_temp"))
+                    || (w.len() > 12 && w[..12].eq_ignore_ascii_case("pg_advisory_"))
+                    || (w.len() > 16 && w[..16].eq_ignore_ascii_case("pg_try_advisory_")))
+        })
+}
+
+/// The memo: one parse per distinct statement text, bounded.
+pub struct Analyzer {
+    memo: Mutex<LruCache<Box<str>, Arc<Analysis>>>,
+    /// The answer for statements the word scan clears.
+    plain: Arc<Analysis>,
+}
+
+impl Analyzer {
+    pub fn new(capacity: usize) -> Self {
+        let cap = NonZeroUsize::new(capacity.max(1)).unwrap_or(NonZeroUsize::MIN);
+        Analyzer {
+            memo: Mutex::new(LruCache::new(cap)),
+            plain: Arc::new(Analysis {
+                parsed: true,
+                statements: 1,
+                ..Analysis::default()
+            }),
+        }
+    }
+
+    /// Session effects and pins of `sql`.
+    pub fn analyze(&self, sql: &str) -> Arc<Analysis> {
+        if !may_touch_session(sql) {
+            return self.plain.clone();
+        }
+        if let Some(a) = self.lock().get(sql) {
+            return a.clone();
+        }
+        // Parse outside the lock: other sessions keep hitting the memo meanwhile.
+        let a = Arc::new(analyze(sql));
+        self.lock().put(sql.into(), a.clone());
+        a
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<Box<str>, Arc<Analysis>>> {
+        self.memo.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn effects(sql: &str) -> Vec<SessionEffect> {
+        analyze(sql).effects
+    }
+
+    #[test]
+    fn session_sets_are_tracked_local_ones_not() {
+        assert_eq!(
+            effects("SET search_path TO a, b"),
+            vec![SessionEffect::Set("search_path".into())]
+        );
+        assert_eq!(
+            effects("set time zone 'UTC'"),
+            vec![SessionEffect::Set("timezone".into())]
+        );
+        assert_eq!(
+            effects("SET SESSION work_mem = '4MB'"),
+            vec![SessionEffect::Set("work_mem".into())]
+        );
+        assert!(effects("SET LOCAL work_mem = '4MB'").is_empty());
+        assert!(effects("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE").is_empty());
+        assert_eq!(
+            effects("RESET work_mem"),
+            vec![SessionEffect::Reset("work_mem".into())]
+        );
+        assert_eq!(effects("RESET ALL"), vec![SessionEffect::ResetAll]);
+        assert_eq!(
+            effects("DISCARD ALL"),
+            vec![SessionEffect::ResetAll, SessionEffect::DeallocateAll]
+        );
+        assert_eq!(
+            effects("DEALLOCATE ALL"),
+            vec![SessionEffect::DeallocateAll]
+        );
+        assert_eq!(
+            effects("select 1; set role other"),
+            vec![SessionEffect::Set("role".into())]
+        );
+    }
+
+    #[test]
+    fn session_state_pins() {
+        let pin = |s: &str| analyze(s).pin;
+        assert_eq!(pin("LISTEN chan"), Some(PinReason::Listen));
+        assert_eq!(
+            pin("select pg_advisory_lock(1)"),
+            Some(PinReason::AdvisoryLock)
+        );
+        assert_eq!(pin("select pg_advisory_xact_lock(1)"), None);
+        assert_eq!(pin("PREPARE p AS select 1"), Some(PinReason::SqlPrepare));
+        assert_eq!(pin("EXECUTE p"), Some(PinReason::SqlPrepare));
+        assert_eq!(
+            pin("DECLARE c CURSOR WITH HOLD FOR select 1"),
+            Some(PinReason::HoldCursor)
+        );
+        assert_eq!(pin("DECLARE c CURSOR FOR select 1"), None);
+        assert_eq!(
+            pin("create temp table t (a int)"),
+            Some(PinReason::TempTable)
+        );
+        assert_eq!(pin("create table t (a int)"), None);
+        assert_eq!(
+            pin("create table pg_temp.t (a int)"),
+            Some(PinReason::TempTable)
+        );
+        assert_eq!(pin("select 1 into temp t2"), Some(PinReason::TempTable));
+        assert_eq!(
+            pin("create temp table t3 as select 1"),
+            Some(PinReason::TempTable)
+        );
+        assert_eq!(pin("select * from t where x = 1"), None);
+    }
+
+    #[test]
+    fn word_scan_lets_only_plain_statements_skip_the_parser() {
+        assert!(!may_touch_session(
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 5"
+        ));
+        assert!(!may_touch_session("DELETE FROM t WHERE a = 1"));
+        assert!(may_touch_session("update t SET a = 1"));
+        assert!(may_touch_session("LiStEn x"));
+        assert!(may_touch_session("select PG_ADVISORY_LOCK(1)"));
+        assert!(may_touch_session("select pg_try_advisory_lock_shared(1)"));
+        assert!(may_touch_session("create TEMP table t(a int)"));
+        assert!(may_touch_session("create table pg_temp.t(a int)"));
+        // Everything the pin/effect tests use passes the scan.
+        for s in [
+            "DISCARD ALL",
+            "DEALLOCATE ALL",
+            "PREPARE p AS select 1",
+            "EXECUTE p",
+            "DECLARE c CURSOR WITH HOLD FOR select 1",
+            "select 1 into temp t2",
+            "LOAD 'x'",
+        ] {
+            assert!(may_touch_session(s), "{s}");
+        }
+    }
+
+    #[test]
+    fn unparsable_is_flagged_and_memo_returns_same() {
+        assert!(!analyze("selec 1").parsed);
+        let an = Analyzer::new(2);
+        let a = an.analyze("select 1");
+        let b = an.analyze("select 1");
+        assert!(Arc::ptr_eq(&a, &b));
+    }
+}

@@ -1,0 +1,296 @@
+//! Server messages on their way to the client.
+//!
+//! Session mode: only `ReadyForQuery` and `ErrorResponse` are looked at; everything else streams.
+//!
+//! Transaction mode: every message but `DataRow`/`CopyData` (which stream) is matched against the
+//! queue of what was sent (`Expect`), in order. That is how the proxy answers for itself where it
+//! must (a `ParseComplete` for a statement the connection already has, a `CloseComplete` for a
+//! statement it keeps), swallows replies to messages it sent on its own (re-parsing a statement on
+//! a new connection), and knows when a connection owes nothing and can go back to its pool. After
+//! an error the server skips to the next `Sync`; so does the queue.
+
+use super::frontend::forward;
+use super::{End, Session};
+use crate::config::PoolMode;
+use crate::error::PgError;
+use crate::wire;
+use bytes::{Bytes, BytesMut};
+
+/// What a message sent upstream will be answered with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// Simple query or function call: everything up to `ReadyForQuery`.
+    Query,
+    Parse {
+        server_name: Option<String>,
+        client_name: Option<String>,
+    },
+    Bind,
+    DescribeStatement,
+    DescribePortal,
+    Execute,
+    Close,
+    Sync,
+}
+
+#[derive(Debug)]
+pub enum Expect {
+    /// Bytes the proxy sends the client when everything before them has been answered.
+    Synthetic(Bytes),
+    Reply {
+        kind: Kind,
+        /// Not for the client: the proxy sent the message on its own.
+        swallow: bool,
+        /// The client sees this error instead of the server's (a refusal).
+        replace_error: Option<Bytes>,
+    },
+}
+
+impl Expect {
+    pub fn reply(kind: Kind) -> Self {
+        Expect::Reply {
+            kind,
+            swallow: false,
+            replace_error: None,
+        }
+    }
+    pub fn swallowed(kind: Kind) -> Self {
+        Expect::Reply {
+            kind,
+            swallow: true,
+            replace_error: None,
+        }
+    }
+    pub fn replacing(kind: Kind, refusal: PgError) -> Self {
+        Expect::Reply {
+            kind,
+            swallow: false,
+            replace_error: Some(refusal.frame()),
+        }
+    }
+}
+
+/// How a message ends (or not) the reply at the head of the queue.
+fn completes(kind: &Kind, tag: u8) -> bool {
+    match kind {
+        Kind::Query | Kind::Sync => tag == b'Z',
+        Kind::Parse { .. } => tag == b'1',
+        Kind::Bind => tag == b'2',
+        Kind::Close => tag == b'3',
+        Kind::DescribeStatement | Kind::DescribePortal => tag == b'T' || tag == b'n',
+        Kind::Execute => matches!(tag, b'C' | b'I' | b's'),
+    }
+}
+
+fn is_fatal(body: &[u8]) -> bool {
+    wire::fields(body)
+        .iter()
+        .any(|(k, v)| *k == b'V' && (v == "FATAL" || v == "PANIC"))
+}
+
+impl Session {
+    pub(super) async fn on_server_input(&mut self) -> Result<(), End> {
+        let pooled = self.mode == PoolMode::Transaction;
+        loop {
+            let Some(a) = &mut self.server else {
+                return Ok(());
+            };
+            let buf = &a.conn.buf;
+            let next = if pooled {
+                a.scan.next(buf, |t| t != b'D' && t != b'd')
+            } else {
+                a.scan.next(buf, |t| t == b'Z' || t == b'E')
+            };
+            let next = match next {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "malformed message from upstream");
+                    a.conn.broken = true;
+                    PgError::fatal(
+                        crate::error::sqlstate::PROTOCOL_VIOLATION,
+                        format!("pgcache: upstream sent {e}"),
+                    )
+                    .encode(&mut self.to_client);
+                    return Err(End::ServerLost);
+                }
+            };
+            let (streamed, frame) = match next {
+                Some(f) => (f.start, Some(f)),
+                None => (a.scan.walked(), None),
+            };
+            if streamed > 0 {
+                let bytes = a.conn.buf.split_to(streamed);
+                a.scan.consumed(streamed);
+                forward(bytes, &mut self.to_client);
+            }
+            let Some(f) = frame else { return Ok(()) };
+            let msg = a.conn.buf.split_to(f.len);
+            a.scan.consumed(f.len);
+            if pooled {
+                self.on_reply(msg);
+            } else {
+                self.on_session_reply(msg);
+            }
+        }
+    }
+
+    /// Session mode: track the transaction status and fatal errors; forward.
+    fn on_session_reply(&mut self, msg: BytesMut) {
+        match msg[0] {
+            b'Z' => self.statement_done(msg.get(5).copied().unwrap_or(b'I')),
+            _ if is_fatal(&msg[5..]) => {
+                if let Some(a) = &mut self.server {
+                    a.fatal = true;
+                }
+            }
+            _ => {}
+        }
+        forward(msg, &mut self.to_client);
+    }
+
+    /// Transaction mode: match against the queue.
+    fn on_reply(&mut self, msg: BytesMut) {
+        let tag = msg[0];
+        match tag {
+            // Asynchronous: notices, notifications, parameter changes.
+            b'N' | b'A' => return forward(msg, &mut self.to_client),
+            b'S' => {
+                let mut pos = 5;
+                if let (Some(k), Some(v)) = (
+                    wire::read_cstr(&msg, &mut pos),
+                    wire::read_cstr(&msg, &mut pos),
+                ) {
+                    if let Some(a) = &mut self.server {
+                        a.conn.params.insert(k.to_string(), v.to_string());
+                    }
+                }
+                return forward(msg, &mut self.to_client);
+            }
+            _ => {}
+        }
+        self.emit_synthetic();
+        if tag == b'E' {
+            self.on_error(msg);
+            self.emit_synthetic();
+            return;
+        }
+        if tag == b'C' {
+            self.note_command(&msg[5..]);
+        }
+        let Some(Expect::Reply { kind, swallow, .. }) = self.queue.front() else {
+            // Nothing expected (a server going away says so): pass it on.
+            return forward(msg, &mut self.to_client);
+        };
+        let swallow = *swallow;
+        if let (
+            b'1',
+            Kind::Parse {
+                server_name: Some(n),
+                ..
+            },
+        ) = (tag, kind)
+        {
+            self.shared.pools.note_statement(&self.key, n);
+        }
+        if completes(kind, tag) {
+            self.queue.pop_front();
+            if tag == b'Z' {
+                self.statement_done(msg.get(5).copied().unwrap_or(b'I'));
+            }
+        }
+        if !swallow {
+            forward(msg, &mut self.to_client);
+        }
+        self.emit_synthetic();
+    }
+
+    /// An `ErrorResponse`: the failed message's reply, and every reply up to the next Sync, will
+    /// not come (a simple query still ends with its `ReadyForQuery`).
+    fn on_error(&mut self, msg: BytesMut) {
+        if is_fatal(&msg[5..]) {
+            if let Some(a) = &mut self.server {
+                a.fatal = true;
+            }
+        }
+        let Some(Expect::Reply {
+            kind,
+            replace_error,
+            ..
+        }) = self.queue.front()
+        else {
+            return forward(msg, &mut self.to_client);
+        };
+        match replace_error {
+            Some(refusal) => self.to_client.extend_from_slice(refusal),
+            None => forward(msg, &mut self.to_client),
+        }
+        if *kind == Kind::Query {
+            return;
+        }
+        while let Some(front) = self.queue.front() {
+            if matches!(
+                front,
+                Expect::Reply {
+                    kind: Kind::Sync,
+                    ..
+                }
+            ) {
+                break;
+            }
+            if let Some(Expect::Reply {
+                kind:
+                    Kind::Parse {
+                        server_name,
+                        client_name,
+                    },
+                ..
+            }) = self.queue.pop_front()
+            {
+                // The statement was not created: forget it on both sides.
+                if let (Some(n), Some(a)) = (server_name, &mut self.server) {
+                    a.conn.prepared.pop(&n);
+                }
+                if let Some(c) = client_name {
+                    self.stmts.remove(&c);
+                }
+            }
+        }
+    }
+
+    /// `DISCARD ALL` / `DEALLOCATE ALL` succeeded: every prepared statement on the connection is
+    /// gone, the client's own included.
+    fn note_command(&mut self, body: &[u8]) {
+        if body.starts_with(b"DISCARD ALL") || body.starts_with(b"DEALLOCATE ALL") {
+            if let Some(a) = &mut self.server {
+                a.conn.prepared.clear();
+                a.conn.applied.clear();
+                a.unnamed_valid = false;
+            }
+            self.stmts.clear();
+            self.unnamed = None;
+        }
+    }
+
+    /// Send the client the proxy's own answers that are now in order.
+    pub(super) fn emit_synthetic(&mut self) {
+        while let Some(Expect::Synthetic(_)) = self.queue.front() {
+            if let Some(Expect::Synthetic(bytes)) = self.queue.pop_front() {
+                self.to_client.extend_from_slice(&bytes);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_complete_their_kind() {
+        assert!(completes(&Kind::Sync, b'Z'));
+        assert!(!completes(&Kind::Query, b'C'));
+        assert!(completes(&Kind::Execute, b's'));
+        assert!(completes(&Kind::DescribeStatement, b'n'));
+        assert!(!completes(&Kind::DescribeStatement, b't'));
+    }
+}

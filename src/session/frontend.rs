@@ -1,0 +1,549 @@
+//! Client messages on their way upstream.
+//!
+//! Session mode: bytes pass through; only headers are read, to count what owes a
+//! `ReadyForQuery` and to catch `Terminate`.
+//!
+//! Transaction mode: each message is looked at whole (except `CopyData`, which streams).
+//! - A server connection is borrowed before the first message that needs one.
+//! - Named statements get server-side names derived from their text and parameter types
+//!   (`pgc_<hash>`), so any connection can serve any client; a statement missing on the connection
+//!   at hand is parsed there first, its `ParseComplete` swallowed; a `Parse` the connection already
+//!   has is answered by the proxy; `Close` of a statement is answered by the proxy (the server keeps
+//!   it for reuse, bounded by an LRU per connection).
+//! - `SET`/`RESET` are noted for `settings`; statements that need one connection for good pin the
+//!   client or are refused (`pool.session_state`), refusals going through the server so the
+//!   transaction and pipeline semantics stay PostgreSQL's own.
+
+use super::backend::{Expect, Kind};
+use super::{End, Session};
+use crate::analysis::{Analysis, SessionEffect};
+use crate::config::{PoolMode, SessionStatePolicy};
+use crate::error::{sqlstate, PgError, Severity};
+use crate::wire::{self, read_cstr};
+use bytes::{Bytes, BytesMut};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+/// A client's named statement.
+#[derive(Debug)]
+pub struct Prepared {
+    pub server_name: String,
+    /// The `Parse` to send a connection that lacks the statement (already renamed).
+    pub parse: Bytes,
+}
+
+impl Prepared {
+    /// `param_types` is the rest of the client's `Parse` after the query text.
+    fn new(query: &str, param_types: &[u8]) -> Self {
+        let server_name = server_name(query, param_types);
+        let mut parse = BytesMut::new();
+        wire::frame(
+            b'P',
+            &[
+                server_name.as_bytes(),
+                b"\0",
+                query.as_bytes(),
+                b"\0",
+                param_types,
+            ],
+            &mut parse,
+        );
+        Prepared {
+            server_name,
+            parse: parse.freeze(),
+        }
+    }
+}
+
+/// Statement name on the server: the same text and parameter types give the same name, so
+/// clients share server-side statements.
+fn server_name(query: &str, param_types: &[u8]) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    query.hash(&mut h);
+    param_types.hash(&mut h);
+    format!("pgc_{:016x}", h.finish())
+}
+
+/// A `Bind` to a statement that cannot exist: the server fails it, which aborts the pipeline up to
+/// the next `Sync` exactly as a real error would; the proxy shows the client its own error instead.
+fn abort_probe(out: &mut BytesMut) {
+    wire::frame(
+        b'B',
+        &[b"\0", b"pgcache.refused\0", &[0, 0, 0, 0, 0, 0]],
+        out,
+    );
+}
+
+impl Session {
+    pub(super) async fn on_client_input(&mut self) -> Result<(), End> {
+        self.tx.last_activity = tokio::time::Instant::now();
+        match self.mode {
+            PoolMode::Session => self.pass_client(),
+            PoolMode::Transaction => self.pooled_client().await,
+        }
+    }
+
+    fn protocol_error(&mut self, e: wire::FrameError) -> End {
+        crate::metrics::METRICS.protocol_errors.inc();
+        PgError::fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            format!("invalid frontend message: {e}"),
+        )
+        .encode(&mut self.to_client);
+        End::Closed
+    }
+
+    /// Session mode: forward, counting what owes a `ReadyForQuery`; stop at `Terminate`.
+    fn pass_client(&mut self) -> Result<(), End> {
+        let mut owed = 0;
+        let next = self.cscan.next(&self.c_in, |tag| {
+            if matches!(tag, b'Q' | b'S' | b'F') {
+                owed += 1;
+            }
+            tag == b'X'
+        });
+        for _ in 0..owed {
+            self.statement_sent();
+        }
+        let (n, terminate) = match next {
+            Ok(Some(frame)) => (frame.start, true),
+            Ok(None) => (self.cscan.walked(), false),
+            Err(e) => return Err(self.protocol_error(e)),
+        };
+        let bytes = self.c_in.split_to(n);
+        self.cscan.consumed(n);
+        if let Some(a) = &mut self.server {
+            forward(bytes, &mut a.to_server);
+        }
+        if terminate {
+            return Err(End::ClientLeft);
+        }
+        Ok(())
+    }
+
+    /// Transaction mode: handle each whole message; `CopyData` streams through.
+    async fn pooled_client(&mut self) -> Result<(), End> {
+        loop {
+            let next = match self.cscan.next(&self.c_in, |tag| tag != b'd') {
+                Ok(n) => n,
+                Err(e) => return Err(self.protocol_error(e)),
+            };
+            let (streamed, frame) = match next {
+                Some(f) => (f.start, Some(f)),
+                None => (self.cscan.walked(), None),
+            };
+            if streamed > 0 {
+                let bytes = self.c_in.split_to(streamed);
+                self.cscan.consumed(streamed);
+                // CopyData outside COPY is ignored by PostgreSQL too.
+                if let Some(a) = &mut self.server {
+                    forward(bytes, &mut a.to_server);
+                }
+            }
+            let Some(f) = frame else { return Ok(()) };
+            let msg = self.c_in.split_to(f.len);
+            self.cscan.consumed(f.len);
+            self.on_message(msg).await?;
+        }
+    }
+
+    async fn on_message(&mut self, msg: BytesMut) -> Result<(), End> {
+        let tag = msg[0];
+        if tag == b'X' {
+            return Err(End::ClientLeft);
+        }
+        if self.skipping {
+            // After an error with no server to report it: skip to the Sync, as PostgreSQL does.
+            if tag == b'S' {
+                self.skipping = false;
+                self.tx.batch_open = false;
+                wire::ready_for_query(b'I', &mut self.to_client);
+            }
+            return Ok(());
+        }
+        if self.server.is_none() && self.answer_idle(tag, &msg) {
+            return Ok(());
+        }
+        if self.server.is_none() {
+            if let Err(e) = self.attach().await {
+                tracing::info!(pool = %self.key, error = ?e, "no server connection for client");
+                let fatal = e.refused_by_upstream();
+                e.to_client(Severity::Error, &mut self.to_client);
+                if fatal {
+                    return Err(End::Closed);
+                }
+                return self.answer_without_server(tag);
+            }
+        }
+        match tag {
+            b'Q' => self.on_query(msg),
+            b'P' => self.on_parse(msg),
+            b'B' => self.on_bind(msg),
+            b'D' => self.on_describe(msg),
+            b'C' => self.on_close(msg),
+            b'E' => {
+                self.push(msg, Kind::Execute);
+                self.tx.batch_open = true;
+            }
+            b'S' => {
+                self.push(msg, Kind::Sync);
+                self.tx.batch_open = false;
+                self.statement_sent();
+            }
+            b'F' => {
+                self.push(msg, Kind::Query);
+                self.statement_sent();
+            }
+            // Flush, CopyDone, CopyFail and anything else: the server knows what to do.
+            _ => self.send(msg),
+        }
+        // Answers the proxy gives itself go out as soon as they are in order: a client may wait
+        // for them after a Flush with nothing else owed.
+        self.emit_synthetic();
+        Ok(())
+    }
+
+    /// Messages answered without borrowing a server connection (none attached, so nothing is
+    /// owed and the transaction status is idle): a Sync or Flush with nothing before it, a `Close`
+    /// of a statement, and a `Parse` of a statement this pool's server has parsed before — which
+    /// also keeps clients that prepare synchronously (pgbench) from waiting on a busy pool.
+    fn answer_idle(&mut self, tag: u8, msg: &[u8]) -> bool {
+        match tag {
+            b'S' => {
+                self.tx.batch_open = false;
+                wire::ready_for_query(b'I', &mut self.to_client);
+                true
+            }
+            b'H' => true,
+            b'C' if msg.get(5) == Some(&b'S') && msg.get(6) != Some(&0) => {
+                let mut pos = 6;
+                if let Some(name) = read_cstr(msg, &mut pos) {
+                    self.stmts.remove(name);
+                }
+                self.tx.batch_open = true;
+                self.to_client.extend_from_slice(b"3\0\0\0\x04");
+                true
+            }
+            b'P' => {
+                let body = &msg[5..];
+                let mut pos = 0;
+                let (Some(name), Some(query)) =
+                    (read_cstr(body, &mut pos), read_cstr(body, &mut pos))
+                else {
+                    return false;
+                };
+                if name.is_empty() || self.stmts.contains_key(name) {
+                    return false;
+                }
+                let analysis = self.shared.analyzer.analyze(query);
+                if analysis.pin.is_some() || !analysis.effects.is_empty() {
+                    return false;
+                }
+                let prepared = Arc::new(Prepared::new(query, &body[pos..]));
+                if !self
+                    .shared
+                    .pools
+                    .statement_known(&self.key, &prepared.server_name)
+                {
+                    return false;
+                }
+                self.stmts.insert(name.to_string(), prepared);
+                self.tx.batch_open = true;
+                self.to_client.extend_from_slice(b"1\0\0\0\x04");
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// No server connection could be had: the error is queued; answer as PostgreSQL would after
+    /// an error (a `ReadyForQuery` now for a Query, or at the next Sync for extended messages).
+    fn answer_without_server(&mut self, tag: u8) -> Result<(), End> {
+        match tag {
+            b'Q' | b'S' | b'F' => {
+                self.tx.batch_open = false;
+                wire::ready_for_query(b'I', &mut self.to_client);
+            }
+            _ => self.skipping = true,
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, msg: BytesMut) {
+        if let Some(a) = &mut self.server {
+            forward(msg, &mut a.to_server);
+        }
+    }
+
+    fn push(&mut self, msg: BytesMut, kind: Kind) {
+        self.send(msg);
+        self.queue.push_back(Expect::reply(kind));
+    }
+
+    /// Pins and settings effects of a statement; `Err` with the refusal when it may not run.
+    fn admit(&mut self, a: &Analysis) -> Result<(), PgError> {
+        let policy = &self.shared.config().pool;
+        if let Some(reason) = a.pin {
+            if self.pinned.is_none() {
+                match policy.session_state {
+                    SessionStatePolicy::Pin => {
+                        tracing::debug!(pool = %self.key, %reason, "client pinned to its server connection");
+                        self.pinned = Some(reason);
+                    }
+                    SessionStatePolicy::Refuse => {
+                        return Err(PgError::error(
+                            sqlstate::FEATURE_NOT_SUPPORTED,
+                            format!("{reason} is not supported in transaction pooling mode"),
+                        )
+                        .with_hint(
+                            "use session pooling for this client (pool_mode = \"session\")",
+                        ));
+                    }
+                }
+            }
+        }
+        let sets = a
+            .effects
+            .iter()
+            .any(|e| matches!(e, SessionEffect::Set(_) | SessionEffect::Reset(_)));
+        if sets && !policy.track_set && self.pinned.is_none() {
+            return Err(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "session-level SET is not supported in transaction pooling mode",
+            )
+            .with_hint("use SET LOCAL inside a transaction, or set pool.track_set = true"));
+        }
+        self.settings.record(&a.effects);
+        Ok(())
+    }
+
+    fn on_query(&mut self, msg: BytesMut) {
+        let mut pos = 5;
+        let sql = read_cstr(&msg, &mut pos).unwrap_or_default();
+        let analysis = self.shared.analyzer.analyze(sql);
+        match self.admit(&analysis) {
+            Ok(()) => self.push(msg, Kind::Query),
+            Err(refusal) => {
+                // `SELECT 1/0` fails on the server (aborting a transaction block, as a refused
+                // statement should); the client sees the refusal in its place.
+                let mut probe = BytesMut::new();
+                wire::query("SELECT 1/0", &mut probe);
+                self.send(probe);
+                self.queue
+                    .push_back(Expect::replacing(Kind::Query, refusal));
+            }
+        }
+        self.statement_sent();
+    }
+
+    fn refuse_extended(&mut self, refusal: PgError) {
+        let mut probe = BytesMut::new();
+        abort_probe(&mut probe);
+        self.send(probe);
+        self.queue.push_back(Expect::replacing(Kind::Bind, refusal));
+        self.tx.batch_open = true;
+    }
+
+    fn on_parse(&mut self, msg: BytesMut) {
+        self.tx.batch_open = true;
+        let body = &msg[5..];
+        let mut pos = 0;
+        let (Some(name), Some(query)) = (read_cstr(body, &mut pos), read_cstr(body, &mut pos))
+        else {
+            // Malformed: the server says so.
+            return self.push(
+                msg,
+                Kind::Parse {
+                    server_name: None,
+                    client_name: None,
+                },
+            );
+        };
+        let analysis = self.shared.analyzer.analyze(query);
+        if let Err(refusal) = self.admit(&analysis) {
+            return self.refuse_extended(refusal);
+        }
+        if name.is_empty() {
+            let frozen = msg.freeze();
+            self.unnamed = Some(frozen.clone());
+            if let Some(a) = &mut self.server {
+                a.unnamed_valid = true;
+                a.to_server.extend_from_slice(&frozen);
+            }
+            self.queue.push_back(Expect::reply(Kind::Parse {
+                server_name: None,
+                client_name: None,
+            }));
+            return;
+        }
+        if self.stmts.contains_key(name) {
+            let refusal = PgError::error(
+                sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                format!("prepared statement \"{name}\" already exists"),
+            );
+            return self.refuse_extended(refusal);
+        }
+        let prepared = Arc::new(Prepared::new(query, &body[pos..]));
+        let name = name.to_string();
+        self.stmts.insert(name.clone(), prepared.clone());
+        if self.ensure_prepared(&prepared, Some(name)) {
+            self.queue
+                .push_back(Expect::Synthetic(Bytes::from_static(b"1\0\0\0\x04")));
+        }
+    }
+
+    /// Make sure the attached connection has `p`, parsing it there if not. Returns true when it
+    /// already had it. A parse sent for a client `Parse` is answered to the client; one the proxy
+    /// sends on its own (`client_name` None) has its reply swallowed.
+    fn ensure_prepared(&mut self, p: &Prepared, client_name: Option<String>) -> bool {
+        let Some(a) = &mut self.server else {
+            return false;
+        };
+        if a.conn.prepared.get(&p.server_name).is_some() {
+            return true;
+        }
+        if let Some((evicted, ())) = a.conn.prepared.push(p.server_name.clone(), ()) {
+            if evicted != p.server_name {
+                wire::frame(b'C', &[b"S", evicted.as_bytes(), b"\0"], &mut a.to_server);
+                self.queue.push_back(Expect::swallowed(Kind::Close));
+            }
+        }
+        a.to_server.extend_from_slice(&p.parse);
+        let kind = Kind::Parse {
+            server_name: Some(p.server_name.clone()),
+            client_name: client_name.clone(),
+        };
+        self.queue.push_back(match client_name {
+            Some(_) => Expect::reply(kind),
+            None => Expect::swallowed(kind),
+        });
+        false
+    }
+
+    /// Before a Bind or Describe of the unnamed statement on a connection that has not seen it.
+    fn ensure_unnamed(&mut self) {
+        let Some(a) = &mut self.server else { return };
+        if a.unnamed_valid {
+            return;
+        }
+        if let Some(parse) = &self.unnamed {
+            a.to_server.extend_from_slice(parse);
+            a.unnamed_valid = true;
+            self.queue.push_back(Expect::swallowed(Kind::Parse {
+                server_name: None,
+                client_name: None,
+            }));
+        }
+    }
+
+    /// The client's statement `name`, made ready on the attached connection.
+    fn statement_for(&mut self, name: &str) -> Option<Arc<Prepared>> {
+        if name.is_empty() {
+            self.ensure_unnamed();
+            return None;
+        }
+        let p = self.stmts.get(name)?.clone();
+        self.ensure_prepared(&p, None);
+        Some(p)
+    }
+
+    fn on_bind(&mut self, msg: BytesMut) {
+        self.tx.batch_open = true;
+        let body = &msg[5..];
+        let mut pos = 0;
+        let (Some(portal), Some(stmt)) = (read_cstr(body, &mut pos), read_cstr(body, &mut pos))
+        else {
+            return self.push(msg, Kind::Bind);
+        };
+        match self.statement_for(stmt) {
+            // Unknown or unnamed: sent as is (the server reports a missing statement itself).
+            None => self.push(msg, Kind::Bind),
+            Some(p) => {
+                let mut out = BytesMut::new();
+                let rest = &body[pos..];
+                wire::frame(
+                    b'B',
+                    &[
+                        portal.as_bytes(),
+                        b"\0",
+                        p.server_name.as_bytes(),
+                        b"\0",
+                        rest,
+                    ],
+                    &mut out,
+                );
+                self.push(out, Kind::Bind);
+            }
+        }
+    }
+
+    fn on_describe(&mut self, msg: BytesMut) {
+        self.tx.batch_open = true;
+        let body = &msg[5..];
+        let mut pos = 1;
+        let (Some(&what), Some(name)) = (body.first(), read_cstr(body, &mut pos)) else {
+            return self.push(msg, Kind::DescribePortal);
+        };
+        if what != b'S' {
+            return self.push(msg, Kind::DescribePortal);
+        }
+        match self.statement_for(name) {
+            None => self.push(msg, Kind::DescribeStatement),
+            Some(p) => {
+                let mut out = BytesMut::new();
+                wire::frame(b'D', &[b"S", p.server_name.as_bytes(), b"\0"], &mut out);
+                self.push(out, Kind::DescribeStatement);
+            }
+        }
+    }
+
+    fn on_close(&mut self, msg: BytesMut) {
+        self.tx.batch_open = true;
+        let body = &msg[5..];
+        let mut pos = 1;
+        let (Some(&what), Some(name)) = (body.first(), read_cstr(body, &mut pos)) else {
+            return self.push(msg, Kind::Close);
+        };
+        if what == b'S' && !name.is_empty() {
+            // The statement stays on the server for other clients; the client's name is gone.
+            self.stmts.remove(name);
+            self.queue
+                .push_back(Expect::Synthetic(Bytes::from_static(b"3\0\0\0\x04")));
+            return;
+        }
+        self.push(msg, Kind::Close);
+    }
+}
+
+/// Append `bytes` to `dst`, without copying when `dst` is empty.
+pub(super) fn forward(bytes: BytesMut, dst: &mut BytesMut) {
+    if dst.is_empty() {
+        *dst = bytes;
+    } else {
+        dst.extend_from_slice(&bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names_depend_on_text_and_types() {
+        let a = server_name("select $1", &[0, 1, 0, 0, 0, 23]);
+        assert_eq!(a, server_name("select $1", &[0, 1, 0, 0, 0, 23]));
+        assert_ne!(a, server_name("select $1", &[0, 1, 0, 0, 0, 25]));
+        assert_ne!(a, server_name("select $2", &[0, 1, 0, 0, 0, 23]));
+        assert!(a.starts_with("pgc_"));
+    }
+
+    #[test]
+    fn abort_probe_is_a_well_formed_bind() {
+        let mut out = BytesMut::new();
+        abort_probe(&mut out);
+        let mut s = wire::Scanner::new(1000);
+        let f = s.next(&out, |_| true).unwrap().unwrap();
+        assert_eq!(f.tag, b'B');
+        assert_eq!(f.end(), out.len());
+    }
+}

@@ -1,0 +1,106 @@
+//! Moving bytes for a session without splitting sockets: one poll function tries, in order, to
+//! write what is queued for the client and the server, then to read from either side. Reading a
+//! side pauses while too much waits to be written to the other (back-pressure), and writes never
+//! wait on reads, so a client that pipelines while the server streams rows cannot deadlock us.
+
+use super::Session;
+use bytes::{Buf, BytesMut};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::AsyncWrite;
+use tokio_util::io::poll_read_buf;
+
+/// Pause reading a side while this much waits to be written to the other.
+const HIGH_WATER: usize = 256 * 1024;
+/// Room to make in a read buffer before reading.
+const READ_CHUNK: usize = 16 * 1024;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// New bytes from the client.
+    Client,
+    /// The client closed or failed.
+    ClientGone,
+    /// New bytes from the server.
+    Server,
+    /// The server closed or failed.
+    ServerGone,
+    /// A timeout may have fired.
+    Timer,
+}
+
+/// Write as much of `buf` as the socket takes. `Err` when the socket is gone.
+fn poll_drain<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &mut BytesMut,
+    needs_flush: &mut bool,
+    cx: &mut Context<'_>,
+) -> Result<(), ()> {
+    while !buf.is_empty() {
+        match Pin::new(&mut *w).poll_write(cx, buf) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(()),
+            Poll::Ready(Ok(n)) => {
+                buf.advance(n);
+                *needs_flush = true;
+            }
+            Poll::Pending => return Ok(()),
+        }
+    }
+    if *needs_flush {
+        match Pin::new(&mut *w).poll_flush(cx) {
+            Poll::Ready(Ok(())) => *needs_flush = false,
+            Poll::Ready(Err(_)) => return Err(()),
+            Poll::Pending => {}
+        }
+    }
+    Ok(())
+}
+
+fn make_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
+impl Session {
+    pub(super) fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if poll_drain(
+            &mut self.client,
+            &mut self.to_client,
+            &mut self.client_needs_flush,
+            cx,
+        )
+        .is_err()
+        {
+            return Poll::Ready(Event::ClientGone);
+        }
+        if let Some(a) = &mut self.server {
+            if poll_drain(&mut a.conn.stream, &mut a.to_server, &mut a.needs_flush, cx).is_err() {
+                return Poll::Ready(Event::ServerGone);
+            }
+        }
+        let backlog = self.server.as_ref().map_or(0, |a| a.to_server.len());
+        if backlog < HIGH_WATER {
+            make_room(&mut self.c_in);
+            match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.c_in) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ClientGone),
+                Poll::Ready(Ok(_)) => return Poll::Ready(Event::Client),
+                Poll::Pending => {}
+            }
+        }
+        if self.to_client.len() < HIGH_WATER {
+            if let Some(a) = &mut self.server {
+                let conn = &mut *a.conn;
+                make_room(&mut conn.buf);
+                match poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.buf) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        return Poll::Ready(Event::ServerGone)
+                    }
+                    Poll::Ready(Ok(_)) => return Poll::Ready(Event::Server),
+                    Poll::Pending => {}
+                }
+            }
+        }
+        Poll::Pending
+    }
+}

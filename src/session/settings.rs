@@ -1,0 +1,192 @@
+//! Session settings under transaction pooling. A client's settings (its startup parameters, and
+//! every session-level `SET`/`RESET` it ran) must follow it from one server connection to the next.
+//! Each server connection records what the proxy applied on it (`ServerConn::applied`); before a
+//! client uses a connection, the difference is applied with `set_config`/`RESET` in one round trip.
+//! After a client ran `SET`/`RESET`, the values it now has are read back from the server before the
+//! connection is given back (`capture`), so rolled-back `SET`s and list syntax need no guessing.
+
+use crate::analysis::SessionEffect;
+use crate::pool::upstream::{ServerConn, UpstreamError};
+use crate::wire;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Touch {
+    Set,
+    Reset,
+}
+
+#[derive(Debug, Default)]
+pub struct Settings {
+    /// From the startup packet; `RESET` returns to these, as in PostgreSQL.
+    startup: BTreeMap<String, String>,
+    /// What the client's session has now.
+    pub wanted: BTreeMap<String, String>,
+    /// Changed by statements since the last capture.
+    touched: BTreeMap<String, Touch>,
+    reset_all: bool,
+}
+
+fn quote(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
+}
+
+fn quote_ident(v: &str) -> String {
+    format!("\"{}\"", v.replace('"', "\"\""))
+}
+
+impl Settings {
+    pub fn new(startup: Vec<(String, String)>) -> Self {
+        let startup: BTreeMap<String, String> = startup.into_iter().collect();
+        Settings {
+            wanted: startup.clone(),
+            startup,
+            ..Settings::default()
+        }
+    }
+
+    /// Note what a statement about to run does to session settings.
+    pub fn record(&mut self, effects: &[SessionEffect]) {
+        for e in effects {
+            match e {
+                SessionEffect::Set(name) => {
+                    self.touched.insert(name.to_ascii_lowercase(), Touch::Set);
+                }
+                SessionEffect::Reset(name) => {
+                    self.touched.insert(name.to_ascii_lowercase(), Touch::Reset);
+                }
+                SessionEffect::ResetAll => {
+                    self.touched.clear();
+                    self.reset_all = true;
+                }
+                SessionEffect::DeallocateAll => {}
+            }
+        }
+    }
+
+    /// Settings may have changed since the last capture.
+    pub fn dirty(&self) -> bool {
+        self.reset_all || !self.touched.is_empty()
+    }
+
+    /// SQL that turns a connection with `applied` into one with `wanted`, or `None` if they match.
+    /// A wanted value the server already reports (`ParameterStatus`) needs no statement.
+    pub fn sync_sql(
+        &self,
+        applied: &BTreeMap<String, String>,
+        reported: &BTreeMap<String, String>,
+    ) -> Option<String> {
+        let mut sql = String::new();
+        for name in applied.keys().filter(|k| !self.wanted.contains_key(*k)) {
+            sql.push_str(&format!("RESET {};", quote_ident(name)));
+        }
+        let sets: Vec<String> = self
+            .wanted
+            .iter()
+            .filter(|(k, v)| match applied.get(*k) {
+                Some(a) => a != *v,
+                None => reported.get(*k) != Some(v),
+            })
+            .map(|(k, v)| format!("set_config({}, {}, false)", quote(k), quote(v)))
+            .collect();
+        if !sets.is_empty() {
+            sql.push_str(&format!("SELECT {};", sets.join(", ")));
+        }
+        (!sql.is_empty()).then_some(sql)
+    }
+
+    /// Apply the client's settings to `conn`.
+    pub async fn apply(&self, conn: &mut ServerConn) -> Result<(), UpstreamError> {
+        if let Some(sql) = self.sync_sql(&conn.applied, &conn.params) {
+            conn.simple_query(&sql).await?;
+            conn.applied = self.wanted.clone();
+        }
+        Ok(())
+    }
+
+    /// Read back the settings the client's statements changed on `conn`.
+    pub async fn capture(&mut self, conn: &mut ServerConn) -> Result<(), UpstreamError> {
+        if self.reset_all {
+            // The connection is back at its own defaults; the client's startup values are its
+            // defaults, to be applied again on the next connection it gets.
+            conn.applied.clear();
+            self.wanted = self.startup.clone();
+            self.reset_all = false;
+        }
+        if self.touched.is_empty() {
+            return Ok(());
+        }
+        let touched = std::mem::take(&mut self.touched);
+        let names: Vec<&String> = touched.keys().collect();
+        let sql = format!(
+            "SELECT {}",
+            names
+                .iter()
+                .map(|n| format!("current_setting({}, true)", quote(n)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let replies = conn.simple_query(&sql).await?;
+        let values = replies
+            .iter()
+            .find(|(tag, _)| *tag == b'D')
+            .and_then(|(_, body)| wire::data_row_texts(body))
+            .unwrap_or_default();
+        for (name, value) in names.iter().zip(values) {
+            let (name, touch) = (name.to_string(), touched[*name]);
+            match value {
+                Some(v) => {
+                    conn.applied.insert(name.clone(), v.clone());
+                    let wanted = match (touch, self.startup.get(&name)) {
+                        (Touch::Reset, Some(s)) => s.clone(),
+                        _ => v,
+                    };
+                    self.wanted.insert(name, wanted);
+                }
+                // Not a setting (the statement failed): nothing changed.
+                None => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_sql_sets_differences_and_resets_extras() {
+        let s = Settings::new(vec![("application_name".into(), "app".into())]);
+        let mut applied = BTreeMap::new();
+        applied.insert("work_mem".to_string(), "8MB".to_string());
+        let sql = s.sync_sql(&applied, &BTreeMap::new()).unwrap();
+        assert_eq!(
+            sql,
+            "RESET \"work_mem\";SELECT set_config('application_name', 'app', false);"
+        );
+        applied.clear();
+        applied.insert("application_name".to_string(), "app".to_string());
+        assert_eq!(s.sync_sql(&applied, &BTreeMap::new()), None);
+        let mut reported = BTreeMap::new();
+        reported.insert("application_name".to_string(), "app".to_string());
+        assert_eq!(s.sync_sql(&BTreeMap::new(), &reported), None);
+    }
+
+    #[test]
+    fn quotes_values() {
+        let s = Settings::new(vec![("search_path".into(), "it's, \"x\"".into())]);
+        let sql = s.sync_sql(&BTreeMap::new(), &BTreeMap::new()).unwrap();
+        assert!(sql.contains("'it''s, \"x\"'"), "{sql}");
+    }
+
+    #[test]
+    fn records_effects() {
+        let mut s = Settings::new(vec![]);
+        assert!(!s.dirty());
+        s.record(&[SessionEffect::Set("TimeZone".into())]);
+        assert!(s.dirty());
+        s.record(&[SessionEffect::ResetAll]);
+        assert!(s.touched.is_empty() && s.reset_all);
+    }
+}

@@ -1,0 +1,354 @@
+//! Transaction pooling against a real PostgreSQL: clients share a few server connections without
+//! noticing — prepared statements, settings and session state follow each client; timeouts fire.
+
+mod support;
+
+use std::time::Duration;
+use support::{free_port, pg, proxy_config, Proxy};
+use tokio_postgres::SimpleQueryMessage;
+
+/// A proxy in transaction mode; `pool` holds extra `[pool]` keys (max_size defaults to 1).
+fn tx_proxy(pool: &str) -> Proxy {
+    let size = if pool.contains("max_size") {
+        ""
+    } else {
+        "max_size = 1\n"
+    };
+    let extra = format!("[pool]\nmode = \"transaction\"\n{size}{pool}");
+    Proxy::start(&proxy_config(pg(), free_port(), &extra))
+}
+
+/// A table the app user owns.
+fn table(name: &str, columns: &str) {
+    pg().psql(
+        "app",
+        &format!("create table if not exists {name} ({columns}); alter table {name} owner to app"),
+    );
+}
+
+fn first_value(rows: &[SimpleQueryMessage]) -> Option<String> {
+    rows.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    })
+}
+
+async fn show(c: &tokio_postgres::Client, q: &str) -> String {
+    first_value(&c.simple_query(q).await.unwrap()).expect("a row")
+}
+
+fn code(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.code().code().to_string())
+        .unwrap_or_else(|| format!("no db error: {e}"))
+}
+
+async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
+    c.query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn clients_share_one_server_connection_between_transactions() {
+    let proxy = tx_proxy("");
+    let url = proxy.url("app", "app", "app");
+    let a = support::connect(&url).await;
+    let b = support::connect(&url).await;
+    // Two clients, one server connection: both are served, by the same backend.
+    assert_eq!(backend_pid(&a).await, backend_pid(&b).await);
+}
+
+#[tokio::test]
+async fn same_statement_names_with_different_text_do_not_collide() {
+    let proxy = tx_proxy("");
+    let url = proxy.url("app", "app", "app");
+    let a = support::connect(&url).await;
+    let b = support::connect(&url).await;
+    // tokio-postgres names each client's first statement "s0": different SQL, same name, one
+    // server connection.
+    let sa = a.prepare("select $1::int + 1").await.unwrap();
+    let sb = b.prepare("select $1::text || '!'").await.unwrap();
+    for i in 0..20 {
+        let ra: i32 = a.query_one(&sa, &[&i]).await.unwrap().get(0);
+        let rb: String = b.query_one(&sb, &[&i.to_string()]).await.unwrap().get(0);
+        assert_eq!(ra, i + 1);
+        assert_eq!(rb, format!("{i}!"));
+    }
+}
+
+#[tokio::test]
+async fn interleaved_transactions_with_prepared_statements() {
+    let proxy = tx_proxy("max_size = 2\n");
+    let url = proxy.url("app", "app", "app");
+    table("tp_interleave", "id int, who text");
+    let mut a = support::connect(&url).await;
+    let mut b = support::connect(&url).await;
+    let ins_a = a
+        .prepare("insert into tp_interleave values ($1, 'a')")
+        .await
+        .unwrap();
+    let ins_b = b
+        .prepare("insert into tp_interleave values ($1, 'b')")
+        .await
+        .unwrap();
+    let ta = a.transaction().await.unwrap();
+    let tb = b.transaction().await.unwrap();
+    for i in 0..5 {
+        ta.execute(&ins_a, &[&i]).await.unwrap();
+        tb.execute(&ins_b, &[&i]).await.unwrap();
+    }
+    tb.rollback().await.unwrap();
+    ta.commit().await.unwrap();
+    let n = pg().psql("app", "select count(*) from tp_interleave where who = 'a'");
+    assert!(n.parse::<i32>().unwrap() >= 5);
+    assert_eq!(
+        pg().psql("app", "select count(*) from tp_interleave where who = 'b'"),
+        "0"
+    );
+}
+
+#[tokio::test]
+async fn statement_reprepared_on_a_new_server_connection() {
+    let proxy = tx_proxy("max_size = 2\nmax_prepared_statements = 2\n");
+    let url = proxy.url("app", "app", "app");
+    let a = support::connect(&url).await;
+    let stmts = [
+        a.prepare("select 1::int").await.unwrap(),
+        a.prepare("select 2::int").await.unwrap(),
+        a.prepare("select 3::int").await.unwrap(),
+        a.prepare("select 4::int").await.unwrap(),
+    ];
+    // More statements than each connection keeps: evicted ones are parsed again when used.
+    for round in 0..3 {
+        for (i, s) in stmts.iter().enumerate() {
+            let v: i32 = a.query_one(s, &[]).await.unwrap().get(0);
+            assert_eq!(v, i as i32 + 1, "round {round}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn bind_to_unknown_statement_fails_like_postgres() {
+    let proxy = tx_proxy("");
+    let url = proxy.url("app", "app", "app");
+    let a = support::connect(&url).await;
+    let s = a.prepare("select 42").await.unwrap();
+    drop(s); // tokio-postgres closes the statement
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The client is still usable and its next statements work.
+    let v: i32 = a.query_one("select 7::int", &[]).await.unwrap().get(0);
+    assert_eq!(v, 7);
+    // A simple-protocol error inside a transaction aborts it, as on PostgreSQL.
+    a.batch_execute("begin").await.unwrap();
+    let e = a
+        .batch_execute("select * from no_such_table_tp")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "42P01");
+    let e = a.batch_execute("select 1").await.unwrap_err();
+    assert_eq!(code(&e), "25P02");
+    a.batch_execute("rollback").await.unwrap();
+}
+
+#[tokio::test]
+async fn session_settings_follow_the_client() {
+    let proxy = tx_proxy("");
+    let url = proxy.url("app", "app", "app");
+    let a = support::connect(&format!("{url}?application_name=client_a")).await;
+    let b = support::connect(&url).await;
+    a.batch_execute("set search_path to pg_catalog, public; set work_mem = '7MB'")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(show(&a, "show work_mem").await, "7MB");
+        assert_eq!(show(&a, "show search_path").await, "pg_catalog, public");
+        assert_eq!(show(&a, "show application_name").await, "client_a");
+        // The other client on the same server connection sees none of it.
+        assert_eq!(show(&b, "show work_mem").await, "4MB");
+        assert_eq!(show(&b, "show search_path").await, "\"$user\", public");
+        assert_ne!(show(&b, "show application_name").await, "client_a");
+    }
+    // SET LOCAL stays in its transaction; RESET goes back to the default.
+    a.batch_execute("begin; set local work_mem = '9MB'; commit; reset work_mem")
+        .await
+        .unwrap();
+    assert_eq!(show(&a, "show work_mem").await, "4MB");
+    // A SET rolled back with its transaction does not stick.
+    a.batch_execute("begin; set work_mem = '11MB'; rollback")
+        .await
+        .unwrap();
+    assert_eq!(show(&a, "show work_mem").await, "4MB");
+}
+
+#[tokio::test]
+async fn set_is_refused_when_not_tracked() {
+    let proxy = tx_proxy("track_set = false\n");
+    let a = support::connect(&proxy.url("app", "app", "app")).await;
+    let e = a.batch_execute("set work_mem = '5MB'").await.unwrap_err();
+    assert_eq!(code(&e), "0A000");
+    a.batch_execute("begin; set local work_mem = '5MB'; commit")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn listen_pins_the_client_and_notifications_arrive() {
+    let proxy = tx_proxy("max_size = 2\n");
+    let url = proxy.url("app", "app", "app");
+    let (listener, mut conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stream = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+        use futures::StreamExt;
+        while let Some(Ok(m)) = stream.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    listener.batch_execute("listen tp_chan").await.unwrap();
+    let other = support::connect(&url).await;
+    for i in 0..3 {
+        other
+            .batch_execute(&format!("notify tp_chan, 'hello {i}'"))
+            .await
+            .unwrap();
+    }
+    for i in 0..3 {
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("notification in time");
+        assert_eq!(got.as_deref(), Some(format!("hello {i}").as_str()));
+    }
+}
+
+#[tokio::test]
+async fn session_state_refused_when_configured() {
+    let proxy = tx_proxy("session_state = \"refuse\"\n");
+    let a = support::connect(&proxy.url("app", "app", "app")).await;
+    let e = a.batch_execute("listen tp_refused").await.unwrap_err();
+    assert_eq!(code(&e), "0A000");
+    let e = a
+        .batch_execute("select pg_advisory_lock(1)")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000");
+    // In a transaction block the refusal aborts it, as any error would.
+    a.batch_execute("begin").await.unwrap();
+    assert!(a.batch_execute("prepare p as select 1").await.is_err());
+    let e = a.batch_execute("select 1").await.unwrap_err();
+    assert_eq!(code(&e), "25P02");
+    a.batch_execute("rollback").await.unwrap();
+    a.batch_execute("select 1").await.unwrap();
+}
+
+#[tokio::test]
+async fn sql_prepare_and_execute_work_pinned() {
+    let proxy = tx_proxy("max_size = 2\n");
+    let url = proxy.url("app", "app", "app");
+    let a = support::connect(&url).await;
+    let b = support::connect(&url).await;
+    a.batch_execute("prepare tp_p(int) as select $1 * 2")
+        .await
+        .unwrap();
+    b.batch_execute("select 1").await.unwrap();
+    assert_eq!(show(&a, "execute tp_p(21)").await, "42");
+}
+
+#[tokio::test]
+async fn query_timeout_cancels_a_long_statement() {
+    let proxy = tx_proxy("query_timeout = \"300ms\"\n");
+    let a = support::connect(&proxy.url("app", "app", "app")).await;
+    let e = tokio::time::timeout(
+        Duration::from_secs(20),
+        a.batch_execute("select pg_sleep(10)"),
+    )
+    .await
+    .expect("cancelled well before 10 s")
+    .unwrap_err();
+    assert_eq!(code(&e), "57014");
+    a.batch_execute("select 1").await.unwrap();
+}
+
+#[tokio::test]
+async fn idle_transaction_timeout_closes_the_client_and_rolls_back() {
+    table("tp_idle", "a int");
+    let proxy = tx_proxy("idle_transaction_timeout = \"300ms\"\n");
+    let url = proxy.url("app", "app", "app");
+    let a = support::connect(&url).await;
+    a.batch_execute("begin; insert into tp_idle values (1)")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let e = a.batch_execute("commit").await.unwrap_err();
+    let closed = e.is_closed() || code(&e) == "25P03";
+    assert!(closed, "{e:?}");
+    assert_eq!(pg().psql("app", "select count(*) from tp_idle"), "0");
+    // The server connection was cleaned up and serves the next client.
+    let b = support::connect(&url).await;
+    assert_eq!(show(&b, "select 1").await, "1");
+}
+
+#[tokio::test]
+async fn client_idle_timeout_closes_idle_clients() {
+    let proxy = tx_proxy("client_idle_timeout = \"300ms\"\n");
+    let a = support::connect(&proxy.url("app", "app", "app")).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(a.batch_execute("select 1").await.is_err());
+}
+
+#[tokio::test]
+async fn client_killed_mid_transaction_leaves_a_clean_connection() {
+    table("tp_killed", "a int");
+    let proxy = tx_proxy("");
+    let url = proxy.url("app", "app", "app");
+    {
+        let a = support::connect(&url).await;
+        a.batch_execute("begin; insert into tp_killed values (1)")
+            .await
+            .unwrap();
+        // Dropped without commit: the socket closes mid-transaction.
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = support::connect(&url).await;
+    assert_eq!(show(&b, "select count(*) from tp_killed").await, "0");
+    // Not inside the dead client's transaction: a BEGIN here is a fresh one.
+    b.batch_execute("begin; commit").await.unwrap();
+}
+
+#[test]
+fn pgbench_prepared_with_many_clients_over_a_small_pool() {
+    let pg = pg();
+    pg.psql("postgres", "create database tp_bench owner app");
+    let proxy = tx_proxy("max_size = 5\n");
+    let url = proxy.url("app", "app", "tp_bench");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(support::pg_bin("pgbench"))
+            .args(args)
+            .arg(&url)
+            .env("PGPASSWORD", "app")
+            .output()
+            .expect("run pgbench");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
+        text
+    };
+    run(&["-i", "-s", "1", "-q"]);
+    for mode in ["prepared", "extended", "simple"] {
+        let text = run(&["-S", "-M", mode, "-c", "50", "-j", "2", "-t", "40"]);
+        assert!(
+            text.contains("number of failed transactions: 0"),
+            "{mode}: {text}"
+        );
+    }
+    let text = run(&["-M", "prepared", "-c", "20", "-j", "2", "-t", "20"]);
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
+}
