@@ -2,15 +2,19 @@
 //! GSS negotiation, the startup packet, cancel requests, authentication, and the hand-over of an
 //! authenticated client with its server connection to a `Session`.
 
+use crate::admin::console;
+use crate::admin::registry::Registry;
 use crate::analysis::Analyzer;
 use crate::auth::{self, AuthError, Users};
+use crate::config::Source;
 use crate::config::{ClientTlsMode, Config};
 use crate::error::{sqlstate, PgError};
-use crate::metrics::{ClientState, METRICS};
+use crate::metrics::{ClientGauge, METRICS};
 use crate::pool::{PoolKey, Pools};
 use crate::session::cancel::CancelRegistry;
 use crate::session::settings::Settings;
 use crate::session::{startup, Session};
+use crate::shutdown::Trigger;
 use crate::shutdown::{Phase, Shutdown};
 use crate::stream::Stream;
 use crate::wire;
@@ -23,6 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::sync::Semaphore;
 
 const SSL_REQUEST: i32 = 80877103;
@@ -38,8 +43,16 @@ pub struct Shared {
     pub pools: Pools,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub cancels: Arc<CancelRegistry>,
+    /// One permit per connected client (`proxy.max_clients`).
     pub clients: Arc<Semaphore>,
+    /// Who is connected (admin console).
+    pub registry: Arc<Registry>,
     pub shutdown: Shutdown,
+    pub trigger: Trigger,
+    /// True while PAUSEd: new transactions wait.
+    pub paused: watch::Sender<bool>,
+    /// Where the configuration came from, for RELOAD.
+    pub source: Source,
 }
 
 impl Shared {
@@ -118,7 +131,7 @@ struct Login {
 
 async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let timeout = shared.config().proxy.client_login_timeout;
-    let logging_in = ClientState::enter("login");
+    let logging_in = ClientGauge::enter("login");
     let login = match tokio::time::timeout(timeout, login(&shared, tcp)).await {
         Ok(Some(l)) => l,
         Ok(None) => return,
@@ -135,14 +148,27 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         database,
     } = login;
     drop(logging_in);
-    let _active = ClientState::enter("active");
+    let _active = ClientGauge::enter("active");
+    if database == console::DATABASE {
+        if shared.config().admin.users.contains(&user) {
+            tracing::info!(%peer, user, "admin console session");
+            return console::serve(shared.clone(), stream, buf).await;
+        }
+        let e = PgError::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            format!("user \"{user}\" is not allowed to use the pgcache admin console"),
+        )
+        .with_hint("list the user in admin.users");
+        return send_error(&mut stream, &e).await;
+    }
     let key = PoolKey { database, user };
     let settings = match startup::requested_settings(&params) {
         Ok(s) => s,
         Err(e) => return send_error(&mut stream, &e).await,
     };
     let settings = Settings::new(settings);
-    let Some(session) = Session::start(shared.clone(), stream, buf, key.clone(), settings).await
+    let Some(session) =
+        Session::start(shared.clone(), stream, buf, key.clone(), settings, peer).await
     else {
         tracing::info!(%peer, pool = %key, "client session could not start");
         return;

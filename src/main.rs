@@ -1,7 +1,8 @@
-//! `pgcache`: command line, configuration, signals and wiring of the parts.
+//! `pgcache`: command line, signals and wiring of the parts.
 //!
 //! `pgcache --config proxy.toml` runs the proxy; `pgcache check --config proxy.toml` validates a
-//! configuration; `--listen`/`--upstream` give a quick start without a file and override it.
+//! configuration; `--listen`/`--upstream` (and `--pool-mode`, `--pool-size`, `--metrics-listen`)
+//! give a quick start without a file and override it.
 
 mod admin;
 mod analysis;
@@ -18,8 +19,8 @@ mod tls;
 mod wire;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use config::{Config, ConfigError, Problem, UpstreamTlsMode};
+use clap::{Parser, Subcommand, ValueEnum};
+use config::{Config, Overrides, PoolMode, Source};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -43,8 +44,20 @@ struct Cli {
     /// Address of the HTTP metrics endpoint; overrides metrics.listen.
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// Pool mode; overrides pool.mode.
+    #[arg(long, value_enum)]
+    pool_mode: Option<CliPoolMode>,
+    /// Server connections per pool; overrides pool.max_size.
+    #[arg(long)]
+    pool_size: Option<u32>,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CliPoolMode {
+    Session,
+    Transaction,
 }
 
 #[derive(Subcommand, Debug)]
@@ -65,7 +78,20 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = match load(&cli) {
+    let source = Source {
+        path: cli.config.clone(),
+        overrides: Overrides {
+            listen: cli.listen.clone(),
+            upstream: cli.upstream.clone(),
+            metrics_listen: cli.metrics_listen.clone(),
+            pool_mode: cli.pool_mode.map(|m| match m {
+                CliPoolMode::Session => PoolMode::Session,
+                CliPoolMode::Transaction => PoolMode::Transaction,
+            }),
+            pool_size: cli.pool_size,
+        },
+    };
+    let config = match source.load() {
         Ok(c) => c,
         Err(e) => {
             eprint!("{e}");
@@ -86,7 +112,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, source)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pgcache: {e:#}");
@@ -95,90 +121,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// The file (or defaults), then command-line overrides, then validation of the result.
-fn load(cli: &Cli) -> Result<Config, ConfigError> {
-    let mut config = match &cli.config {
-        Some(path) => config::load_file(path)?,
-        None => config::load_str("", "defaults", std::env::vars())?,
-    };
-    let origin = "command line".to_string();
-    if !cli.listen.is_empty() {
-        config.proxy.listen = cli.listen.clone();
-    }
-    if let Some(m) = &cli.metrics_listen {
-        config.metrics.listen = Some(m.clone());
-    }
-    if let Some(u) = &cli.upstream {
-        apply_upstream_url(&mut config, u).map_err(|message| ConfigError {
-            origin: origin.clone(),
-            problems: vec![Problem {
-                key: "--upstream".into(),
-                line: None,
-                message,
-            }],
-        })?;
-    }
-    let problems = config::validate(&config);
-    if problems.is_empty() {
-        Ok(config)
-    } else {
-        let origin = cli
-            .config
-            .as_ref()
-            .map(|p| format!("{} with command-line flags", p.display()))
-            .unwrap_or(origin);
-        Err(ConfigError { origin, problems })
-    }
-}
-
-fn apply_upstream_url(config: &mut Config, raw: &str) -> Result<(), String> {
-    let url = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
-    if !matches!(url.scheme(), "postgres" | "postgresql") {
-        return Err(format!(
-            "scheme must be postgres://, not {}://",
-            url.scheme()
-        ));
-    }
-    let decode = |s: &str| {
-        url::form_urlencoded::parse(format!("x={s}").as_bytes())
-            .next()
-            .map(|(_, v)| v.into_owned())
-            .unwrap_or_default()
-    };
-    let up = &mut config.upstream;
-    if let Some(host) = url.host_str() {
-        up.host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-    }
-    if let Some(port) = url.port() {
-        up.port = port;
-    }
-    if !url.username().is_empty() {
-        up.user = Some(decode(url.username()));
-    }
-    if let Some(p) = url.password() {
-        up.password = Some(decode(p));
-    }
-    let db = url.path().trim_start_matches('/');
-    if !db.is_empty() {
-        up.database = Some(decode(db));
-    }
-    for (k, v) in url.query_pairs() {
-        match (k.as_ref(), v.as_ref()) {
-            ("sslmode", "disable") => up.tls.mode = UpstreamTlsMode::Disable,
-            ("sslmode", "prefer" | "allow") => up.tls.mode = UpstreamTlsMode::Prefer,
-            ("sslmode", "require" | "verify-ca") => up.tls.mode = UpstreamTlsMode::Require,
-            ("sslmode", "verify-full") => up.tls.mode = UpstreamTlsMode::VerifyFull,
-            ("sslrootcert", f) => up.tls.ca_file = Some(f.to_string()),
-            (k, v) => return Err(format!("unsupported URL parameter {k}={v}")),
-        }
-    }
-    Ok(())
-}
-
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, source: Source) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let tls = tls::acceptor(&config.tls).context("client TLS (tls.*)")?;
     let connector =
@@ -208,17 +151,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let (trigger, shutdown) = shutdown::channel();
     let max_clients = config.proxy.max_clients;
+    let registry = Arc::new(admin::registry::Registry::default());
     let shared = Arc::new(listener::Shared {
         users: arc_swap::ArcSwap::from_pointee(auth::Users::from_config(&config)),
         analyzer: analysis::Analyzer::new(10_000),
-        pools: pool::Pools::new(config.clone(), target),
+        pools: pool::Pools::new(config.clone(), target, registry.clone()),
         tls,
         cancels: Default::default(),
         clients: Arc::new(tokio::sync::Semaphore::new(max_clients)),
+        registry,
         shutdown,
+        trigger,
+        paused: tokio::sync::watch::Sender::new(false),
+        source,
         config: arc_swap::ArcSwap::new(config.clone()),
     });
-    tracing::info!(upstream = %shared.pools.target().addr(), "pgcache started");
     if let Some(addr) = &config.metrics.listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await
@@ -226,42 +173,46 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(%addr, "serving /metrics and /health");
         tokio::spawn(admin::http::serve(l, shared.clone()));
     }
+    tracing::info!(upstream = %shared.pools.target().addr(), "pgcache started");
     let serving = tokio::spawn(listener::serve(shared.clone(), listeners));
 
-    wait_for_signal().await?;
-    tracing::info!(timeout = ?config.shutdown_timeout(), "shutting down: no new clients; draining sessions");
-    trigger.set(shutdown::Phase::Drain);
+    wait_for_stop(&shared).await?;
+    let timeout = shared.config().proxy.shutdown_timeout;
+    tracing::info!(?timeout, "shutting down: no new clients; draining sessions");
+    shared.trigger.set(shutdown::Phase::Drain);
     metrics::METRICS.draining.set(1);
+    admin::control::resume(&shared);
     let _ = serving.await;
     let all = u32::try_from(max_clients).unwrap_or(u32::MAX);
-    let drained =
-        tokio::time::timeout(config.shutdown_timeout(), shared.clients.acquire_many(all)).await;
+    let drained = tokio::time::timeout(timeout, shared.clients.acquire_many(all)).await;
     if drained.is_err() {
         tracing::warn!("shutdown_timeout reached: closing the remaining sessions");
-        trigger.set(shutdown::Phase::Force);
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(2),
-            shared.clients.acquire_many(all),
-        )
-        .await;
+        shared.trigger.set(shutdown::Phase::Force);
+        let grace = std::time::Duration::from_secs(2);
+        let _ = tokio::time::timeout(grace, shared.clients.acquire_many(all)).await;
     }
     tracing::info!("pgcache stopped");
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Until SIGTERM, SIGINT or the admin console's SHUTDOWN; SIGHUP reloads the configuration.
+async fn wait_for_stop(shared: &listener::Shared) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-    Ok(())
-}
-
-impl Config {
-    fn shutdown_timeout(&self) -> std::time::Duration {
-        self.proxy.shutdown_timeout
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut stop = shared.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(tracing::info!("SIGTERM received")),
+            _ = int.recv() => return Ok(tracing::info!("SIGINT received")),
+            _ = stop.reached(shutdown::Phase::Drain) => return Ok(()),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received: reloading the configuration");
+                if let Err(e) = admin::control::reload(shared) {
+                    tracing::error!("configuration not reloaded:\n{e}");
+                }
+            }
+        }
     }
 }

@@ -111,16 +111,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
 });
 
 /// Decrements a client-state gauge when dropped, so every exit path is counted.
-pub struct ClientState(&'static str);
+pub struct ClientGauge(&'static str);
 
-impl ClientState {
+impl ClientGauge {
     pub fn enter(state: &'static str) -> Self {
         METRICS.clients.with_label_values(&[state]).inc();
-        ClientState(state)
+        ClientGauge(state)
     }
 }
 
-impl Drop for ClientState {
+impl Drop for ClientGauge {
     fn drop(&mut self) {
         METRICS.clients.with_label_values(&[self.0]).dec();
     }

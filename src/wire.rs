@@ -20,6 +20,7 @@ pub struct FrameRef {
     pub len: usize,
 }
 
+#[cfg(test)]
 impl FrameRef {
     pub fn end(&self) -> usize {
         self.start + self.len
@@ -125,7 +126,6 @@ impl Scanner {
             self.pending = total;
         }
     }
-
 }
 
 /// Encode a backend message the proxy itself sends.

@@ -3,15 +3,17 @@
 //! (`PGCACHE_<SECTION>_<KEY>`) and validates, reporting problems with the key and line.
 
 mod load;
+mod source;
 
 pub use load::{load_file, load_str, validate, ConfigError, Problem};
+pub use source::{Overrides, Source};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Client-facing listener.
@@ -34,7 +36,7 @@ pub struct Config {
     pub admin: AdminConfig,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProxyConfig {
     /// Addresses to accept clients on.
@@ -63,7 +65,7 @@ impl Default for ProxyConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Host name or IP of the PostgreSQL server.
@@ -103,7 +105,7 @@ impl Default for UpstreamConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum UpstreamTlsMode {
     /// Plain TCP.
@@ -117,7 +119,7 @@ pub enum UpstreamTlsMode {
     VerifyFull,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamTlsConfig {
     pub mode: UpstreamTlsMode,
@@ -127,7 +129,7 @@ pub struct UpstreamTlsConfig {
     pub server_name: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum PoolMode {
     /// One server connection per client for the client's whole session.
@@ -148,7 +150,7 @@ impl PoolMode {
 
 /// What transaction pooling does with statements whose state lives on one server connection
 /// (`LISTEN`, session advisory locks, SQL `PREPARE`, `WITH HOLD` cursors, temp tables).
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum SessionStatePolicy {
     /// Keep the client on its server connection until it disconnects.
@@ -158,7 +160,7 @@ pub enum SessionStatePolicy {
     Refuse,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PoolConfig {
     pub mode: PoolMode,
@@ -223,7 +225,7 @@ impl Default for PoolConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum AuthMethod {
     /// No password; allowed only when every listen address is loopback.
@@ -247,7 +249,7 @@ impl AuthMethod {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Method for users without a `[users]` entry (and the default for those with one).
@@ -262,7 +264,7 @@ impl Default for AuthConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct UserConfig {
     /// Cleartext password, or a `SCRAM-SHA-256$...` / `md5...` secret as stored in `pg_authid`.
@@ -279,7 +281,7 @@ pub struct UserConfig {
     pub pool_size: Option<u32>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// Database name on the upstream (default: the same name).
@@ -290,7 +292,7 @@ pub struct DatabaseConfig {
     pub pool_size: Option<u32>,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum ClientTlsMode {
     /// Answer `SSLRequest` with 'N'.
@@ -302,7 +304,7 @@ pub enum ClientTlsMode {
     Require,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientTlsConfig {
     pub mode: ClientTlsMode,
@@ -312,7 +314,7 @@ pub struct ClientTlsConfig {
     pub key_file: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// Users allowed into the admin console (database `pgcache`); they authenticate like any
@@ -328,7 +330,7 @@ impl Default for AdminConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Address of the HTTP endpoint (`/metrics`, `/health`); none when unset.
@@ -337,8 +339,15 @@ pub struct MetricsConfig {
 
 /// Durations are written as `"30s"`, `"250ms"`, `"5m"`, `"1h"`; `"0"` or `"0s"` means none.
 mod duration {
-    use serde::{Deserialize, Deserializer};
+    use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        if d.is_zero() {
+            return s.serialize_str("0");
+        }
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;

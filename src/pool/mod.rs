@@ -5,6 +5,7 @@
 
 pub mod upstream;
 
+use crate::admin::registry::Registry;
 use crate::config::{Config, PoolConfig};
 use crate::error::{sqlstate, PgError, Severity};
 use crate::metrics::METRICS;
@@ -34,6 +35,8 @@ impl fmt::Display for PoolKey {
 pub struct Manager {
     target: Arc<Target>,
     login: Login,
+    key: PoolKey,
+    registry: Arc<Registry>,
     health_check: bool,
     health_check_delay: Duration,
 }
@@ -43,12 +46,14 @@ impl ManageConnection for Manager {
     type Error = Arc<UpstreamError>;
 
     async fn connect(&self) -> Result<ServerConn, Self::Error> {
-        ServerConn::connect(&self.target, &self.login)
+        let mut conn = ServerConn::connect(&self.target, &self.login)
             .await
             .map_err(|e| {
                 METRICS.upstream_connect_errors.inc();
                 Arc::new(e)
-            })
+            })?;
+        conn.ticket = Some(self.registry.server(conn.pid, self.key.clone()));
+        Ok(conn)
     }
 
     async fn is_valid(&self, conn: &mut ServerConn) -> Result<(), Self::Error> {
@@ -121,14 +126,16 @@ impl AcquireError {
 pub struct Pools {
     config: ArcSwap<Config>,
     target: Arc<Target>,
+    registry: Arc<Registry>,
     pools: Mutex<HashMap<PoolKey, Arc<Entry>>>,
 }
 
 impl Pools {
-    pub fn new(config: Arc<Config>, target: Target) -> Self {
+    pub fn new(config: Arc<Config>, target: Target, registry: Arc<Registry>) -> Self {
         Pools {
             config: ArcSwap::new(config),
             target: Arc::new(target),
+            registry,
             pools: Mutex::new(HashMap::new()),
         }
     }
@@ -181,6 +188,8 @@ impl Pools {
             .build_unchecked(Manager {
                 target: self.target.clone(),
                 login: self.login_for(key),
+                key: key.clone(),
+                registry: self.registry.clone(),
                 health_check: p.health_check,
                 health_check_delay: p.health_check_delay,
             });

@@ -2,6 +2,7 @@
 //! the server's parameters and backend key, and the simple queries the proxy runs itself
 //! (health check, reset, applying a client's startup parameters).
 
+use crate::admin::registry::ServerTicket;
 use crate::config::UpstreamTlsMode;
 use crate::error::{sqlstate, PgError, Severity};
 use crate::metrics::METRICS;
@@ -126,6 +127,8 @@ pub struct ServerConn {
     pub applied: BTreeMap<String, String>,
     /// When the connection was last given back; the health check skips recently used ones.
     pub last_used: Instant,
+    /// Its entry in the admin registry (set by the pool).
+    pub ticket: Option<ServerTicket>,
     max_message: usize,
 }
 
@@ -161,6 +164,7 @@ impl ServerConn {
             ),
             applied: BTreeMap::new(),
             last_used: Instant::now(),
+            ticket: None,
             max_message: target.max_message,
         };
         conn.startup(login, &addr).await?;

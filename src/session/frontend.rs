@@ -16,6 +16,7 @@
 
 use super::backend::{Expect, Kind};
 use super::{End, Session};
+use crate::admin::registry::PoolStats;
 use crate::analysis::{Analysis, SessionEffect};
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::error::{sqlstate, PgError, Severity};
@@ -95,13 +96,17 @@ impl Session {
 
     /// Session mode: forward, counting what owes a `ReadyForQuery`; stop at `Terminate`.
     fn pass_client(&mut self) -> Result<(), End> {
-        let mut owed = 0;
+        let (mut owed, mut queries) = (0, 0);
         let next = self.cscan.next(&self.c_in, |tag| {
             if matches!(tag, b'Q' | b'S' | b'F') {
                 owed += 1;
             }
+            if matches!(tag, b'Q' | b'E') {
+                queries += 1;
+            }
             tag == b'X'
         });
+        PoolStats::add(&self.stats.queries, queries);
         for _ in 0..owed {
             self.statement_sent();
         }
@@ -182,6 +187,7 @@ impl Session {
             b'D' => self.on_describe(msg),
             b'C' => self.on_close(msg),
             b'E' => {
+                PoolStats::add(&self.stats.queries, 1);
                 self.push(msg, Kind::Execute);
                 self.tx.batch_open = true;
             }
@@ -289,6 +295,7 @@ impl Session {
                     SessionStatePolicy::Pin => {
                         tracing::debug!(pool = %self.key, %reason, "client pinned to its server connection");
                         self.pinned = Some(reason);
+                        self.ticket.info.set_pinned();
                     }
                     SessionStatePolicy::Refuse => {
                         return Err(PgError::error(
@@ -318,6 +325,7 @@ impl Session {
     }
 
     fn on_query(&mut self, msg: BytesMut) {
+        PoolStats::add(&self.stats.queries, 1);
         let mut pos = 5;
         let sql = read_cstr(&msg, &mut pos).unwrap_or_default();
         let analysis = self.shared.analyzer.analyze(sql);

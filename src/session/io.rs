@@ -4,6 +4,7 @@
 //! wait on reads, so a client that pipelines while the server streams rows cannot deadlock us.
 
 use super::Session;
+use crate::admin::registry::PoolStats;
 use bytes::{Buf, BytesMut};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -84,7 +85,10 @@ impl Session {
             make_room(&mut self.c_in);
             match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.c_in) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ClientGone),
-                Poll::Ready(Ok(_)) => return Poll::Ready(Event::Client),
+                Poll::Ready(Ok(n)) => {
+                    PoolStats::add(&self.stats.bytes_received, n as u64);
+                    return Poll::Ready(Event::Client);
+                }
                 Poll::Pending => {}
             }
         }
@@ -96,7 +100,10 @@ impl Session {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                         return Poll::Ready(Event::ServerGone)
                     }
-                    Poll::Ready(Ok(_)) => return Poll::Ready(Event::Server),
+                    Poll::Ready(Ok(n)) => {
+                        PoolStats::add(&self.stats.bytes_sent, n as u64);
+                        return Poll::Ready(Event::Server);
+                    }
                     Poll::Pending => {}
                 }
             }

@@ -18,6 +18,8 @@ mod io;
 pub mod settings;
 pub mod startup;
 
+use crate::admin::control;
+use crate::admin::registry::{ClientState, ClientTicket, PoolStats};
 use crate::analysis::PinReason;
 use crate::config::PoolMode;
 use crate::error::{sqlstate, PgError, Severity};
@@ -97,6 +99,9 @@ pub struct Session {
     skipping: bool,
     registration: Registration,
     shutdown: Shutdown,
+    /// This client in the admin registry.
+    ticket: ClientTicket,
+    stats: Arc<PoolStats>,
 }
 
 impl Session {
@@ -108,12 +113,15 @@ impl Session {
         c_in: BytesMut,
         key: PoolKey,
         settings: Settings,
+        peer: std::net::SocketAddr,
     ) -> Option<Session> {
         let config = shared.config();
         let mode = config.pool_mode(&key.database, &key.user);
         let max = config.proxy.max_message_bytes;
         let registration = shared.cancels.register();
         let shutdown = shared.shutdown.clone();
+        let ticket = shared.registry.client(key.clone(), peer);
+        let stats = shared.registry.stats(&key);
         let mut s = Session {
             shared,
             key,
@@ -139,6 +147,8 @@ impl Session {
             skipping: false,
             registration,
             shutdown,
+            ticket,
+            stats,
         };
         if let Err(e) = s.attach().await {
             e.to_client(Severity::Fatal, &mut s.to_client);
@@ -191,10 +201,28 @@ impl Session {
 
     /// Borrow a server connection and bring it to the client's settings.
     async fn attach(&mut self) -> Result<(), AcquireError> {
-        let mut conn = self.shared.pools.acquire(&self.key).await?;
+        let info = self.ticket.info.clone();
+        info.set_state(ClientState::Waiting);
+        let started = Instant::now();
+        control::wait_unpaused(&self.shared).await;
+        let got = self.shared.pools.acquire(&self.key).await;
+        PoolStats::add(&self.stats.wait_us, started.elapsed().as_micros() as u64);
+        let mut conn = match got {
+            Ok(c) => c,
+            Err(e) => {
+                info.set_state(ClientState::Idle);
+                return Err(e);
+            }
+        };
         if let Err(e) = self.settings.apply(&mut conn).await {
             conn.broken = e.retryable();
+            info.set_state(ClientState::Idle);
             return Err(AcquireError::Upstream(Arc::new(e)));
+        }
+        info.set_state(ClientState::Active);
+        info.set_server_pid(conn.pid);
+        if let Some(t) = &conn.ticket {
+            t.info.set_active(true);
         }
         self.registration
             .attach(Some(conn.cancel_key(self.shared.pools.target())));
@@ -231,6 +259,7 @@ impl Session {
             return;
         };
         self.registration.attach(None);
+        self.detached(&a);
         if self.settings.dirty() {
             if let Err(e) = self.settings.capture(&mut a.conn).await {
                 tracing::warn!(error = %e, "reading back session settings failed; closing server connection");
@@ -246,6 +275,7 @@ impl Session {
             return;
         };
         self.registration.attach(None);
+        self.detached(&a);
         let clean = end != End::ServerLost
             && self.queue.is_empty()
             && self.tx.in_flight == 0
@@ -288,6 +318,15 @@ impl Session {
             }
         }
         conn.last_used = std::time::Instant::now();
+    }
+
+    fn detached(&self, a: &Attached) {
+        let info = &self.ticket.info;
+        info.set_state(ClientState::Idle);
+        info.set_server_pid(0);
+        if let Some(t) = &a.conn.ticket {
+            t.info.set_active(false);
+        }
     }
 
     /// The upstream went away: tell the client unless the server already did.
@@ -389,6 +428,10 @@ impl Session {
     fn statement_done(&mut self, status: u8) {
         self.tx.in_flight = self.tx.in_flight.saturating_sub(1);
         self.tx.status = status;
+        self.ticket.info.set_tx_status(status);
+        if status == b'I' {
+            PoolStats::add(&self.stats.transactions, 1);
+        }
         self.tx.last_activity = Instant::now();
         let t = self.shared.config().pool.query_timeout;
         self.tx.query_deadline =
