@@ -122,6 +122,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config, source: Source) -> anyhow::Result<()> {
+    // Before anything listens: a signal that arrives early must not find the default action.
+    let signals = Signals::new()?;
     let config = Arc::new(config);
     let tls = tls::acceptor(&config.tls).context("client TLS (tls.*)")?;
     let connector =
@@ -176,7 +178,7 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
     tracing::info!(upstream = %shared.pools.target().addr(), "pgcache started");
     let serving = tokio::spawn(listener::serve(shared.clone(), listeners));
 
-    wait_for_stop(&shared).await?;
+    signals.wait_for_stop(&shared).await;
     let timeout = shared.config().proxy.shutdown_timeout;
     tracing::info!(?timeout, "shutting down: no new clients; draining sessions");
     shared.trigger.set(shutdown::Phase::Drain);
@@ -195,22 +197,35 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Until SIGTERM, SIGINT or the admin console's SHUTDOWN; SIGHUP reloads the configuration.
-async fn wait_for_stop(shared: &listener::Shared) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let mut stop = shared.shutdown.clone();
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(tracing::info!("SIGTERM received")),
-            _ = int.recv() => return Ok(tracing::info!("SIGINT received")),
-            _ = stop.reached(shutdown::Phase::Drain) => return Ok(()),
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP received: reloading the configuration");
-                if let Err(e) = admin::control::reload(shared) {
-                    tracing::error!("configuration not reloaded:\n{e}");
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+        })
+    }
+
+    /// Until SIGTERM, SIGINT or the admin console's SHUTDOWN; SIGHUP reloads the configuration.
+    async fn wait_for_stop(mut self, shared: &listener::Shared) {
+        let mut stop = shared.shutdown.clone();
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return tracing::info!("SIGTERM received"),
+                _ = self.int.recv() => return tracing::info!("SIGINT received"),
+                _ = stop.reached(shutdown::Phase::Drain) => return,
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP received: reloading the configuration");
+                    if let Err(e) = admin::control::reload(shared) {
+                        tracing::error!("configuration not reloaded:\n{e}");
+                    }
                 }
             }
         }

@@ -11,7 +11,7 @@ use crate::error::{sqlstate, PgError, Severity};
 use crate::metrics::METRICS;
 use arc_swap::ArcSwap;
 use bb8::{ErrorSink, ManageConnection, PooledConnection, RunError};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -93,7 +93,13 @@ struct Entry {
     errors: broadcast::Sender<Arc<UpstreamError>>,
     /// Server names of statements this pool's server has parsed without error.
     known: Mutex<HashSet<String>>,
+    /// The `ParameterStatus` set a login with these startup settings got (transaction mode answers
+    /// later logins from it without borrowing a connection).
+    login_params: Mutex<HashMap<Vec<(String, String)>, BTreeMap<String, String>>>,
 }
+
+/// Bound on `Entry::login_params`; past it the map starts over.
+const MAX_LOGIN_VARIANTS: usize = 64;
 
 /// Bound on `Entry::known`; past it the set starts over.
 const MAX_KNOWN_STATEMENTS: usize = 10_000;
@@ -197,6 +203,7 @@ impl Pools {
             pool,
             errors,
             known: Mutex::new(HashSet::new()),
+            login_params: Mutex::new(HashMap::new()),
         });
         pools.insert(key.clone(), entry.clone());
         entry
@@ -254,6 +261,32 @@ impl Pools {
         let entry = self.entry(key);
         let known = entry.known.lock().unwrap_or_else(|p| p.into_inner());
         known.contains(server_name)
+    }
+
+    /// Remember what a login with `settings` was told.
+    pub fn note_login_params(
+        &self,
+        key: &PoolKey,
+        settings: Vec<(String, String)>,
+        params: BTreeMap<String, String>,
+    ) {
+        let entry = self.entry(key);
+        let mut map = entry.login_params.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_LOGIN_VARIANTS {
+            map.clear();
+        }
+        map.insert(settings, params);
+    }
+
+    /// What an earlier login with the same startup settings was told, if any.
+    pub fn login_params(
+        &self,
+        key: &PoolKey,
+        settings: &[(String, String)],
+    ) -> Option<BTreeMap<String, String>> {
+        let entry = self.entry(key);
+        let map = entry.login_params.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(settings).cloned()
     }
 
     /// Take a new configuration: pools are rebuilt on their next use with the new sizes and

@@ -150,14 +150,24 @@ impl Session {
             ticket,
             stats,
         };
+        // Transaction mode answers a login like one it has seen without borrowing a connection:
+        // a busy pool must not keep clients from connecting.
+        let startup = s.settings.startup();
+        if s.mode == PoolMode::Transaction {
+            if let Some(params) = s.shared.pools.login_params(&s.key, &startup) {
+                startup::reply(&params, s.registration.key, &mut s.to_client);
+                return Some(s);
+            }
+        }
         if let Err(e) = s.attach().await {
             e.to_client(Severity::Fatal, &mut s.to_client);
             s.flush_client().await;
             return None;
         }
-        let server = s.server.as_ref()?;
-        startup::reply(&server.conn.params, s.registration.key, &mut s.to_client);
+        let params = s.server.as_ref()?.conn.params.clone();
+        startup::reply(&params, s.registration.key, &mut s.to_client);
         if s.mode == PoolMode::Transaction {
+            s.shared.pools.note_login_params(&s.key, startup, params);
             s.release().await;
         }
         Some(s)

@@ -45,6 +45,14 @@ impl Settings {
         }
     }
 
+    /// The startup settings, in a stable order.
+    pub fn startup(&self) -> Vec<(String, String)> {
+        self.startup
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
     /// Note what a statement about to run does to session settings.
     pub fn record(&mut self, effects: &[SessionEffect]) {
         for e in effects {

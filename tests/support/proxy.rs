@@ -160,6 +160,11 @@ impl Proxy {
         url(self.port(), user, password, db)
     }
 
+    /// The config file a `start`ed proxy reads (edit it, then RELOAD or SIGHUP).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("proxy.toml")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
