@@ -51,9 +51,18 @@ ensure_rust_components() {
     fi
 }
 
+ensure_python_drivers() {
+    # tests/drivers.rs runs real Python drivers through the proxy.
+    python3 -c 'import psycopg, asyncpg' 2>/dev/null && return
+    log "pip install psycopg asyncpg (driver tests)"
+    python3 -m pip install --quiet --disable-pip-version-check \
+        "psycopg[binary]==3.3.9" "asyncpg==0.32.0"
+}
+
 install_system_packages
 ensure_postgres_user
 ensure_rust_components
+ensure_python_drivers
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
