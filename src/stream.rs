@@ -16,6 +16,15 @@ impl Stream {
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))
     }
+
+    /// Ready when a read would make progress. Lets an idle plain connection wait without a read
+    /// buffer; TLS may hold decrypted bytes already, so it always says ready.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Plain(s) => s.poll_read_ready(cx),
+            Stream::Tls(_) => Poll::Ready(Ok(())),
+        }
+    }
 }
 
 impl AsyncRead for Stream {

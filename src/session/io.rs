@@ -15,6 +15,8 @@ use tokio_util::io::poll_read_buf;
 const HIGH_WATER: usize = 256 * 1024;
 /// Room to make in a read buffer before reading.
 const READ_CHUNK: usize = 16 * 1024;
+/// An empty write buffer larger than this is freed.
+const KEEP_CAPACITY: usize = 64 * 1024;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
@@ -46,6 +48,10 @@ fn poll_drain<W: AsyncWrite + Unpin>(
             }
             Poll::Pending => return Ok(()),
         }
+    }
+    if buf.capacity() > KEEP_CAPACITY {
+        // A large result went through: give the memory back rather than keep it per client.
+        *buf = BytesMut::new();
     }
     if *needs_flush {
         match Pin::new(&mut *w).poll_flush(cx) {
@@ -81,7 +87,10 @@ impl Session {
             }
         }
         let backlog = self.server.as_ref().map_or(0, |a| a.to_server.len());
-        if backlog < HIGH_WATER {
+        // An idle client holds no read buffer: wait for bytes before making room for them.
+        let ready = self.c_in.capacity() > self.c_in.len()
+            || !matches!(self.client.poll_read_ready(cx), Poll::Pending);
+        if backlog < HIGH_WATER && ready {
             make_room(&mut self.c_in);
             match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.c_in) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ClientGone),
