@@ -143,6 +143,16 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
         max_message: config.proxy.max_message_bytes,
         max_prepared: config.pool.max_prepared_statements,
     };
+    // The metrics endpoint is up before clients are accepted: whoever sees the proxy port open
+    // can scrape it.
+    let metrics_listener = match &config.metrics.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (metrics.listen)"))?,
+        ),
+        None => None,
+    };
     let mut listeners = Vec::new();
     for addr in &config.proxy.listen {
         let l = tokio::net::TcpListener::bind(addr)
@@ -168,11 +178,8 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
         source,
         config: arc_swap::ArcSwap::new(config.clone()),
     });
-    if let Some(addr) = &config.metrics.listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} (metrics.listen)"))?;
-        tracing::info!(%addr, "serving /metrics and /health");
+    if let Some(l) = metrics_listener {
+        tracing::info!(addr = ?l.local_addr().ok(), "serving /metrics and /health");
         tokio::spawn(admin::http::serve(l, shared.clone()));
     }
     tracing::info!(upstream = %shared.pools.target().addr(), "pgcache started");

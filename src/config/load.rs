@@ -66,21 +66,25 @@ pub fn load_str(
         origin: origin.to_string(),
         problems,
     };
-    let mut config: Config = toml::from_str(src).map_err(|e| {
-        fail(vec![Problem {
-            key: key_from_message(e.message()),
-            line: e.span().map(|s| line_at(src, s.start)),
-            message: e.message().trim().to_string(),
-        }])
-    })?;
+    let (mut problems, parsed) = parse_all(src);
+    let Some(mut config) = parsed else {
+        return Err(fail(problems));
+    };
     let overrides: Vec<(String, String)> = env.filter(|(k, _)| k.starts_with("PGCACHE_")).collect();
-    if !overrides.is_empty() {
-        config = apply_env(src, overrides).map_err(fail)?;
+    if problems.is_empty() && !overrides.is_empty() {
+        config = apply_env(src, overrides.clone()).map_err(fail)?;
     }
-    let mut problems = validate(&config);
-    for p in &mut problems {
-        p.line = line_of(src, &p.key);
+    let mut semantic = validate(&config);
+    for p in &mut semantic {
+        // A value from the environment is not on any line of the file: name the variable.
+        let var = format!("PGCACHE_{}", p.key.replace('.', "_").to_ascii_uppercase());
+        if overrides.iter().any(|(k, _)| *k == var) {
+            p.message = format!("{} (from environment variable {var})", p.message);
+        } else {
+            p.line = line_of(src, &p.key);
+        }
     }
+    problems.extend(semantic);
     if problems.is_empty() {
         Ok(config)
     } else {
@@ -354,10 +358,88 @@ pub fn line_of(src: &str, key: &str) -> Option<usize> {
     found
 }
 
+/// Deserialize `src`, reporting every type error and unknown key, not only the first: serde stops
+/// at one, so each offending key is reported, removed from a copy of the document, and the rest
+/// deserialized again. Returns the problems and the config of what remained (for the semantic
+/// checks), or no config when the file is not TOML at all.
+fn parse_all(src: &str) -> (Vec<Problem>, Option<Config>) {
+    let mut problems = Vec::new();
+    let mut text = src.to_string();
+    // Bounded: each round removes one key.
+    for _ in 0..256 {
+        let e = match toml::from_str::<Config>(&text) {
+            Ok(config) => return (problems, Some(config)),
+            Err(e) => e,
+        };
+        let path = e.span().and_then(|s| key_at(&text, s.start));
+        let Some(path) = path else {
+            problems.push(Problem {
+                key: key_from_message(e.message()),
+                line: e.span().map(|s| line_at(&text, s.start)),
+                message: e.message().trim().to_string(),
+            });
+            return (problems, None);
+        };
+        let key = path.join(".");
+        problems.push(Problem {
+            line: line_of(src, &key),
+            key,
+            message: e.message().trim().to_string(),
+        });
+        let Ok(mut doc) = text.parse::<toml_edit::DocumentMut>() else {
+            return (problems, None);
+        };
+        let mut table: &mut dyn toml_edit::TableLike = doc.as_table_mut();
+        for part in &path[..path.len() - 1] {
+            match table.get_mut(part).and_then(|i| i.as_table_like_mut()) {
+                Some(t) => table = t,
+                None => return (problems, None),
+            }
+        }
+        if table.remove(&path[path.len() - 1]).is_none() {
+            return (problems, None);
+        }
+        text = doc.to_string();
+    }
+    (problems, None)
+}
+
+/// The dotted path of the key whose name or value contains byte offset `at`, deepest first.
+fn key_at(src: &str, at: usize) -> Option<Vec<String>> {
+    fn walk(table: &dyn toml_edit::TableLike, at: usize, path: &mut Vec<String>) -> bool {
+        let names: Vec<String> = table.iter().map(|(k, _)| k.to_string()).collect();
+        for name in names {
+            let Some((key, item)) = table.get_key_value(&name) else {
+                continue;
+            };
+            path.push(name);
+            if let Some(inner) = item.as_table_like() {
+                if walk(inner, at, path) {
+                    return true;
+                }
+            }
+            let hit = |span: Option<std::ops::Range<usize>>| span.is_some_and(|s| s.contains(&at));
+            if hit(key.span()) || (item.as_table_like().is_none() && hit(item.span())) {
+                return true;
+            }
+            path.pop();
+        }
+        false
+    }
+    let doc = toml_edit::Document::parse(src).ok()?;
+    let mut path = Vec::new();
+    walk(doc.as_table(), at, &mut path).then_some(path)
+}
+
 /// toml's messages name the offending key in backquotes; keep it as the problem's key.
 fn key_from_message(msg: &str) -> String {
     msg.split('`')
         .nth(1)
+        .filter(|k| {
+            !k.is_empty()
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+        })
         .map(str::to_string)
         .unwrap_or_else(|| "(syntax)".into())
 }

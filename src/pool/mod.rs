@@ -95,8 +95,11 @@ struct Entry {
     known: Mutex<HashSet<String>>,
     /// The `ParameterStatus` set a login with these startup settings got (transaction mode answers
     /// later logins from it without borrowing a connection).
-    login_params: Mutex<HashMap<Vec<(String, String)>, BTreeMap<String, String>>>,
+    login_params: Mutex<HashMap<Vec<(String, String)>, Params>>,
 }
+
+/// `ParameterStatus` names and values.
+type Params = BTreeMap<String, String>;
 
 /// Bound on `Entry::login_params`; past it the map starts over.
 const MAX_LOGIN_VARIANTS: usize = 64;

@@ -142,17 +142,14 @@ impl Settings {
             .unwrap_or_default();
         for (name, value) in names.iter().zip(values) {
             let (name, touch) = (name.to_string(), touched[*name]);
-            match value {
-                Some(v) => {
-                    conn.applied.insert(name.clone(), v.clone());
-                    let wanted = match (touch, self.startup.get(&name)) {
-                        (Touch::Reset, Some(s)) => s.clone(),
-                        _ => v,
-                    };
-                    self.wanted.insert(name, wanted);
-                }
-                // Not a setting (the statement failed): nothing changed.
-                None => {}
+            // NULL: not a setting (the statement failed), nothing changed.
+            if let Some(v) = value {
+                conn.applied.insert(name.clone(), v.clone());
+                let wanted = match (touch, self.startup.get(&name)) {
+                    (Touch::Reset, Some(s)) => s.clone(),
+                    _ => v,
+                };
+                self.wanted.insert(name, wanted);
             }
         }
         Ok(())

@@ -9,12 +9,14 @@
 //! - here: ports, URLs, and `tokio_postgres` clients.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod http;
 mod postgres;
 mod proxy;
+pub mod raw;
 mod tls;
 
 #[allow(unused_imports)]
-pub use postgres::{pg, PgOptions, PgServer, ROLES};
+pub use postgres::{pg, pg_bin, PgOptions, PgServer, ROLES};
 #[allow(unused_imports)]
 pub use proxy::{proxy_config, run_check, Proxy};
 #[allow(unused_imports)]

@@ -1,0 +1,300 @@
+//! TLS on both sides of the proxy. Client-facing: `SSLRequest` answered per `tls.mode` (disable,
+//! allow, require) with a certificate from files, checked with psql's sslmode. Upstream: a private
+//! PostgreSQL with `ssl = on` reached with `upstream.tls.mode` require/prefer/verify-full, checked
+//! with `pg_stat_ssl` on the server side. `GSSENCRequest` is refused with 'N' so clients fall back.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use support::{connect, free_port, make_tls_files, pg, proxy_config, try_connect, Proxy};
+use support::{PgOptions, PgServer, TlsFiles};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One private PostgreSQL with `ssl = on` for the upstream tests of this binary (never stopped
+/// here; its watchdog removes it when the test process ends).
+fn ssl_pg() -> &'static PgServer {
+    static SSL_PG: OnceLock<PgServer> = OnceLock::new();
+    SSL_PG.get_or_init(|| PgServer::start_new(PgOptions { ssl: true }))
+}
+
+/// Certificate, key and CA for the proxy's client-facing side, in a temp dir kept by the caller.
+fn client_tls_files() -> (tempfile::TempDir, TlsFiles) {
+    let dir = tempfile::tempdir().expect("temp dir for TLS files");
+    let files = make_tls_files(dir.path());
+    (dir, files)
+}
+
+fn client_tls_config(mode: &str, files: &TlsFiles) -> String {
+    format!(
+        "[tls]\nmode = \"{mode}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        files.cert.display(),
+        files.key.display()
+    )
+}
+
+/// `psql -X -A -t -w` with each of `commands` as a `-c`, under a 60 s hang guard.
+fn psql(conninfo: &str, commands: &[&str]) -> Output {
+    let mut cmd = Command::new("psql");
+    cmd.args(["-X", "-A", "-t", "-w"]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    let mut child = cmd
+        .arg(conninfo)
+        .env("PGPASSWORD", "app")
+        .env("PGCONNECT_TIMEOUT", "30")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn psql");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("poll psql").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("psql {conninfo:?} hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("psql output")
+}
+
+fn conninfo(proxy: &Proxy, extra: &str) -> String {
+    format!(
+        "host=127.0.0.1 port={} user=app dbname=app {extra}",
+        proxy.port()
+    )
+}
+
+/// Runs `\conninfo` and a query; returns (stdout, stderr) and whether psql succeeded.
+fn psql_conninfo(conninfo: &str) -> (bool, String, String) {
+    let out = psql(conninfo, &["\\conninfo", "select current_user"]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn client_tls_require_serves_sslmode_require() {
+    let (_dir, files) = client_tls_files();
+    let proxy = Proxy::start(&proxy_config(
+        pg(),
+        free_port(),
+        &client_tls_config("require", &files),
+    ));
+    let (ok, stdout, stderr) = psql_conninfo(&conninfo(&proxy, "sslmode=require"));
+    assert!(ok, "psql sslmode=require failed: {stderr}");
+    assert!(stdout.contains("SSL connection"), "{stdout}");
+    assert!(stdout.trim_end().ends_with("app"), "{stdout}");
+}
+
+#[test]
+fn client_tls_require_refuses_plain_clients_naming_tls() {
+    let (_dir, files) = client_tls_files();
+    let proxy = Proxy::start(&proxy_config(
+        pg(),
+        free_port(),
+        &client_tls_config("require", &files),
+    ));
+    let (ok, stdout, stderr) = psql_conninfo(&conninfo(&proxy, "sslmode=disable"));
+    assert!(!ok, "plain connection should be refused: {stdout}");
+    assert!(stderr.contains("TLS"), "{stderr}");
+}
+
+#[test]
+fn client_tls_allow_serves_tls_and_plain() {
+    let (_dir, files) = client_tls_files();
+    let proxy = Proxy::start(&proxy_config(
+        pg(),
+        free_port(),
+        &client_tls_config("allow", &files),
+    ));
+    let (ok, stdout, stderr) = psql_conninfo(&conninfo(&proxy, "sslmode=require"));
+    assert!(ok, "psql sslmode=require failed: {stderr}");
+    assert!(stdout.contains("SSL connection"), "{stdout}");
+
+    let (ok, stdout, stderr) = psql_conninfo(&conninfo(&proxy, "sslmode=disable"));
+    assert!(ok, "psql sslmode=disable failed: {stderr}");
+    assert!(!stdout.contains("SSL connection"), "{stdout}");
+    assert!(stdout.trim_end().ends_with("app"), "{stdout}");
+}
+
+#[test]
+fn client_tls_disable_refuses_sslmode_require_and_serves_prefer_plain() {
+    let proxy = Proxy::start(&proxy_config(
+        pg(),
+        free_port(),
+        "[tls]\nmode = \"disable\"\n",
+    ));
+    let (ok, stdout, stderr) = psql_conninfo(&conninfo(&proxy, "sslmode=require"));
+    assert!(!ok, "sslmode=require should fail without TLS: {stdout}");
+    assert!(stderr.contains("SSL"), "{stderr}");
+
+    let (ok, stdout, stderr) = psql_conninfo(&conninfo(&proxy, "sslmode=prefer"));
+    assert!(ok, "psql sslmode=prefer failed: {stderr}");
+    assert!(!stdout.contains("SSL connection"), "{stdout}");
+    assert!(stdout.trim_end().ends_with("app"), "{stdout}");
+}
+
+#[test]
+fn client_tls_certificate_verifies_full_against_ca() {
+    let (_dir, files) = client_tls_files();
+    let proxy = Proxy::start(&proxy_config(
+        pg(),
+        free_port(),
+        &client_tls_config("require", &files),
+    ));
+    // host=localhost is the name checked; hostaddr keeps libpq off ::1, where nothing listens.
+    let info = format!(
+        "host=localhost hostaddr=127.0.0.1 port={} user=app dbname=app sslmode=verify-full \
+         sslrootcert={}",
+        proxy.port(),
+        files.ca.display()
+    );
+    let (ok, stdout, stderr) = psql_conninfo(&info);
+    assert!(ok, "psql verify-full failed: {stderr}");
+    assert!(stdout.contains("SSL connection"), "{stdout}");
+
+    // A different CA does not verify the proxy's certificate.
+    let other = tempfile::tempdir().expect("temp dir");
+    let other_ca = make_tls_files(other.path()).ca;
+    let info = format!(
+        "host=localhost hostaddr=127.0.0.1 port={} user=app dbname=app sslmode=verify-full \
+         sslrootcert={}",
+        proxy.port(),
+        other_ca.display()
+    );
+    let (ok, _, stderr) = psql_conninfo(&info);
+    // (The CAs share a name, so OpenSSL reports a bad signature rather than an unknown issuer.)
+    assert!(!ok, "verify-full against the wrong CA should fail");
+    assert!(stderr.contains("SSL"), "{stderr}");
+}
+
+/// Proxy in front of the private TLS PostgreSQL with `upstream_tls` as `[upstream.tls]` body.
+fn upstream_tls_proxy(upstream_tls: &str) -> Proxy {
+    let server = ssl_pg();
+    let extra = format!(
+        "[upstream]\nport = {}\n\n[upstream.tls]\n{upstream_tls}",
+        server.port
+    );
+    Proxy::start(&proxy_config(server, free_port(), &extra))
+}
+
+/// Whether the proxy's own server connection is TLS, as the upstream sees it.
+async fn upstream_ssl(proxy: &Proxy) -> bool {
+    connect(&proxy.url("app", "app", "app"))
+        .await
+        .query_one(
+            "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("query pg_stat_ssl")
+        .get(0)
+}
+
+fn toml_path(p: &Path) -> String {
+    p.display().to_string().replace('\\', "\\\\")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_verify_full_encrypts_server_connection() {
+    let ca = toml_path(&ssl_pg().ca_pem_path());
+    // The certificate names both localhost and 127.0.0.1: verify the IP (default: upstream.host)
+    // and an explicit server_name.
+    let by_ip = upstream_tls_proxy(&format!("mode = \"verify-full\"\nca_file = \"{ca}\"\n"));
+    assert!(upstream_ssl(&by_ip).await);
+    let by_name = upstream_tls_proxy(&format!(
+        "mode = \"verify-full\"\nca_file = \"{ca}\"\nserver_name = \"localhost\"\n"
+    ));
+    assert!(upstream_ssl(&by_name).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_require_and_prefer_encrypt_disable_does_not() {
+    let require = upstream_tls_proxy("mode = \"require\"\n");
+    assert!(upstream_ssl(&require).await);
+    let prefer = upstream_tls_proxy("mode = \"prefer\"\n");
+    assert!(upstream_ssl(&prefer).await);
+    let disable = upstream_tls_proxy("mode = \"disable\"\n");
+    assert!(!upstream_ssl(&disable).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_verify_full_with_wrong_ca_fails_08006() {
+    let other = tempfile::tempdir().expect("temp dir");
+    let wrong_ca = toml_path(&make_tls_files(other.path()).ca);
+    let proxy = upstream_tls_proxy(&format!(
+        "mode = \"verify-full\"\nca_file = \"{wrong_ca}\"\n"
+    ));
+    let e = match try_connect(&proxy.url("app", "app", "app")).await {
+        Ok(_) => panic!("an unverifiable upstream certificate must not be accepted"),
+        Err(e) => e,
+    };
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected an ErrorResponse, got {e:?}"));
+    assert_eq!(db.code().code(), "08006", "{db:?}");
+    assert!(db.message().contains("TLS"), "{}", db.message());
+    assert!(
+        db.message()
+            .contains(&format!("127.0.0.1:{}", ssl_pg().port)),
+        "{}",
+        db.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gssenc_request_is_refused_with_n_and_client_falls_back() {
+    let proxy = Proxy::start(&proxy_config(pg(), free_port(), ""));
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
+        .await
+        .expect("connect to proxy");
+    // GSSENCRequest: length 8, code 80877104.
+    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30])
+        .await
+        .expect("send GSSENCRequest");
+    let mut answer = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(20), tcp.read_exact(&mut answer))
+        .await
+        .expect("answer to GSSENCRequest (hang guard)")
+        .expect("read answer to GSSENCRequest");
+    assert_eq!(answer[0], b'N');
+
+    // The same socket carries on with an ordinary startup, as libpq does after 'N'.
+    let mut config: tokio_postgres::Config =
+        proxy.url("app", "app", "app").parse().expect("parse URL");
+    config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    let (client, connection) = config
+        .connect_raw(tcp, tokio_postgres::NoTls)
+        .await
+        .expect("startup after GSSENCRequest refused");
+    tokio::spawn(connection);
+    let one: i32 = client
+        .query_one("select 1", &[])
+        .await
+        .expect("select 1")
+        .get(0);
+    assert_eq!(one, 1);
+}
+
+#[test]
+fn psql_gssencmode_prefer_connects() {
+    let proxy = Proxy::start(&proxy_config(pg(), free_port(), ""));
+    let out = psql(
+        &conninfo(&proxy, "gssencmode=prefer sslmode=prefer"),
+        &["select current_user"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "app");
+}
