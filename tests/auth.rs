@@ -185,6 +185,19 @@ async fn upstream_scram_login_uses_configured_password() {
 }
 
 #[tokio::test]
+async fn upstream_cleartext_password_login() {
+    // pg_hba asks pwuser for a cleartext password; the client itself uses SCRAM with the proxy.
+    let proxy = start("[users.pwuser]\npassword = \"pwpass\"\nmethod = \"scram-sha-256\"\n");
+    assert_eq!(
+        current_user(&proxy.url("pwuser", "pwpass", "app")).await,
+        "pwuser"
+    );
+    let proxy = start("[users.pwuser]\nmethod = \"trust\"\nserver_password = \"nope\"\n");
+    let e = connect_err(&proxy.url("pwuser", "", "app")).await;
+    assert_eq!(sqlstate(&e), "28P01");
+}
+
+#[tokio::test]
 async fn upstream_md5_login_for_md5_user() {
     // md5user's server secret is md5 and pg_hba asks it for md5; the client uses SCRAM.
     assert_eq!(

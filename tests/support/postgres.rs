@@ -20,6 +20,7 @@ pub const ROLES: &[(&str, &str)] = &[
     ("md5user", "md5pass"),
     ("trustuser", ""),
     ("other", "other"),
+    ("pwuser", "pwpass"),
 ];
 
 /// The PostgreSQL shared by all tests of one binary. Do not `stop()` it: use `PgServer::start_new`.
@@ -270,10 +271,11 @@ impl PgServer {
             "CREATE ROLE app LOGIN PASSWORD 'app';\n\
              CREATE ROLE trustuser LOGIN;\n\
              CREATE ROLE other LOGIN PASSWORD 'other';\n\
+             CREATE ROLE pwuser LOGIN PASSWORD 'pwpass';\n\
              SET password_encryption = 'md5';\n\
              CREATE ROLE md5user LOGIN PASSWORD 'md5pass';\n\
              CREATE DATABASE app OWNER app;\n\
-             GRANT ALL ON DATABASE app TO app, md5user, trustuser, other;\n",
+             GRANT ALL ON DATABASE app TO app, md5user, trustuser, other, pwuser;\n",
         );
         self.psql(
             "app",
@@ -344,6 +346,7 @@ const HBA: &str = "\
 local all all trust
 host all trustuser 127.0.0.1/32 trust
 host all md5user 127.0.0.1/32 md5
+host all pwuser 127.0.0.1/32 password
 host all all 127.0.0.1/32 scram-sha-256
 ";
 
