@@ -57,6 +57,8 @@ pub struct Analysis {
     pub statements: usize,
     pub effects: Vec<SessionEffect>,
     pub pin: Option<PinReason>,
+    /// `DEALLOCATE name`: drivers (psycopg) drop protocol-level statements this way.
+    pub deallocate: Option<String>,
 }
 
 /// Session-level (not transaction-level) advisory lock functions.
@@ -81,6 +83,7 @@ pub fn analyze(sql: &str) -> Analysis {
         a.pin.get_or_insert(r);
     };
     let mut effects = Vec::new();
+    let mut deallocate = None;
     for (node, _depth, _ctx, _) in parsed.protobuf.nodes() {
         match node {
             NodeRef::VariableSetStmt(s) if !s.is_local => {
@@ -98,9 +101,11 @@ pub fn analyze(sql: &str) -> Analysis {
                 effects.push(SessionEffect::DeallocateAll);
             }
             NodeRef::DeallocateStmt(d) if d.isall => effects.push(SessionEffect::DeallocateAll),
-            NodeRef::DeallocateStmt(_) | NodeRef::PrepareStmt(_) | NodeRef::ExecuteStmt(_) => {
+            NodeRef::DeallocateStmt(d) => {
+                deallocate = Some(d.name.clone());
                 pin(PinReason::SqlPrepare)
             }
+            NodeRef::PrepareStmt(_) | NodeRef::ExecuteStmt(_) => pin(PinReason::SqlPrepare),
             NodeRef::ListenStmt(_) => pin(PinReason::Listen),
             NodeRef::LoadStmt(_) => pin(PinReason::Load),
             // CURSOR_OPT_HOLD = 0x0020
@@ -131,6 +136,7 @@ pub fn analyze(sql: &str) -> Analysis {
         }
     }
     a.effects = effects;
+    a.deallocate = deallocate;
     a
 }
 

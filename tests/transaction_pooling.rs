@@ -352,3 +352,73 @@ fn pgbench_prepared_with_many_clients_over_a_small_pool() {
     let text = run(&["-M", "prepared", "-c", "20", "-j", "2", "-t", "20"]);
     assert!(text.contains("number of failed transactions: 0"), "{text}");
 }
+
+#[tokio::test]
+async fn sql_deallocate_of_a_protocol_statement_is_honoured() {
+    use support::raw::{self, RawConn};
+    let proxy = tx_proxy("max_size = 2\n");
+    let mut c = RawConn::login_trust(proxy.port()).await;
+    let mut batch = raw::parse("mystmt", "select 11::int", &[]);
+    batch.extend(raw::sync());
+    c.send(&batch).await;
+    assert_eq!(raw::tags(&c.until_ready().await), "1Z");
+    // Drivers such as psycopg drop protocol-level statements with SQL DEALLOCATE; the server
+    // knows the statement under another name, the proxy answers.
+    assert_eq!(raw::tags(&c.simple("DEALLOCATE mystmt").await), "CZ");
+    // Afterwards the statement is gone for this client, as on PostgreSQL.
+    let mut batch = raw::bind("", "mystmt", &[], &[], &[]);
+    batch.extend(raw::execute("", 0));
+    batch.extend(raw::sync());
+    c.send(&batch).await;
+    let msgs = c.until_ready().await;
+    assert_eq!(raw::tags(&msgs), "EZ");
+    assert_eq!(raw::field(&msgs[0].1, b'C').as_deref(), Some("26000"));
+    let msgs = c.simple("DEALLOCATE no_such_statement").await;
+    assert_eq!(raw::field(&msgs[0].1, b'C').as_deref(), Some("26000"));
+}
+
+#[tokio::test]
+async fn connection_storms_leave_no_server_connections_behind() {
+    pg().psql("postgres", "create database tp_storm owner app");
+    let proxy = tx_proxy("max_size = 4\n");
+    let url = proxy.url("app", "app", "tp_storm");
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let Ok(c) = support::try_connect(&url).await else {
+                return;
+            };
+            match i % 4 {
+                0 => drop(c),
+                1 => {
+                    let _ = c.batch_execute("select 1").await;
+                }
+                // Dropped inside a transaction or mid-statement: the server side must be cleaned.
+                2 => {
+                    let _ = c.batch_execute("begin; select 1").await;
+                }
+                _ => {
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(5),
+                        c.batch_execute("select pg_sleep(0.05)"),
+                    )
+                    .await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let count = |q: &str| pg().psql("postgres", q).parse::<i32>().unwrap();
+    let total = count("select count(*) from pg_stat_activity where datname = 'tp_storm'");
+    assert!(total <= 4, "{total} server connections for a pool of 4");
+    let busy = count(
+        "select count(*) from pg_stat_activity where datname = 'tp_storm' and state <> 'idle'",
+    );
+    assert_eq!(busy, 0, "a server connection was left mid-transaction");
+    let c = support::connect(&url).await;
+    assert_eq!(show(&c, "select 1").await, "1");
+}

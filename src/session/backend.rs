@@ -37,6 +37,8 @@ pub enum Kind {
 pub enum Expect {
     /// Bytes the proxy sends the client when everything before them has been answered.
     Synthetic(Bytes),
+    /// A `ReadyForQuery` with the transaction status in force when it is sent.
+    SyntheticReady,
     Reply {
         kind: Kind,
         /// Not for the client: the proxy sent the message on its own.
@@ -273,10 +275,15 @@ impl Session {
 
     /// Send the client the proxy's own answers that are now in order.
     pub(super) fn emit_synthetic(&mut self) {
-        while let Some(Expect::Synthetic(_)) = self.queue.front() {
-            if let Some(Expect::Synthetic(bytes)) = self.queue.pop_front() {
-                self.to_client.extend_from_slice(&bytes);
+        loop {
+            match self.queue.front() {
+                Some(Expect::Synthetic(bytes)) => self.to_client.extend_from_slice(bytes),
+                Some(Expect::SyntheticReady) => {
+                    wire::ready_for_query(self.tx.status, &mut self.to_client)
+                }
+                _ => return,
             }
+            self.queue.pop_front();
         }
     }
 }

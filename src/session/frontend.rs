@@ -329,6 +329,22 @@ impl Session {
         let mut pos = 5;
         let sql = read_cstr(&msg, &mut pos).unwrap_or_default();
         let analysis = self.shared.analyzer.analyze(sql);
+        // `DEALLOCATE name` of one of the client's protocol-level statements: the server knows it
+        // under another name (and other clients may use it), so the proxy answers, as for `Close`.
+        if let Some(name) = analysis
+            .deallocate
+            .as_deref()
+            .filter(|_| analysis.statements == 1)
+        {
+            if self.stmts.remove(name).is_some() {
+                self.queue.push_back(Expect::Synthetic(Bytes::from_static(
+                    b"C\0\0\0\x0fDEALLOCATE\0",
+                )));
+                self.queue.push_back(Expect::SyntheticReady);
+                self.tx.last_activity = tokio::time::Instant::now();
+                return;
+            }
+        }
         match self.admit(&analysis) {
             Ok(()) => self.push(msg, Kind::Query),
             Err(refusal) => {

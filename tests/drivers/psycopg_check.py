@@ -31,6 +31,14 @@ def worker(n):
 with psycopg.connect(DSN, autocommit=True) as c:
     c.execute("drop table if exists drv_psycopg")
     c.execute("create table drv_psycopg (w int, v text)")
+
+# A small statement cache: psycopg drops evicted statements with SQL `DEALLOCATE name`.
+with psycopg.connect(DSN, prepare_threshold=0, autocommit=True) as c:
+    c.prepared_max = 2
+    for round in range(3):
+        for k in range(5):
+            row = c.execute(f"select %s::int + {k}", (round,)).fetchone()
+            assert row == (round + k,), row
 threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
 for t in threads:
     t.start()
