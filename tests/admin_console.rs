@@ -84,10 +84,9 @@ async fn show_commands_return_tables() {
 #[tokio::test]
 async fn only_admin_users_reach_the_console() {
     let proxy = Proxy::start(&proxy_config(pg(), free_port(), ""));
-    let e = support::try_connect(&proxy.url("app", "app", "pgcache"))
-        .await
-        .err()
-        .expect("app is not an admin user");
+    let Err(e) = support::try_connect(&proxy.url("app", "app", "pgcache")).await else {
+        panic!("app is not an admin user");
+    };
     assert_eq!(e.as_db_error().unwrap().code().code(), "28000");
 }
 

@@ -30,7 +30,11 @@ fn run_script(script: &str, db: &str) {
         !text.contains("ModuleNotFoundError"),
         "the driver is not installed; scripts/test.sh installs it:\n{text}"
     );
-    assert!(out.status.success(), "{script} failed:\n{text}\n{}", proxy.log());
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{text}\n{}",
+        proxy.log()
+    );
 }
 
 #[test]

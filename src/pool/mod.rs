@@ -57,16 +57,22 @@ impl ManageConnection for Manager {
     }
 
     async fn is_valid(&self, conn: &mut ServerConn) -> Result<(), Self::Error> {
+        if conn.readable_while_idle() {
+            // EOF, an error, or bytes nobody asked for (the FATAL of a server going away).
+            conn.broken = true;
+            return Err(Arc::new(UpstreamError::Io(
+                std::io::ErrorKind::UnexpectedEof.into(),
+            )));
+        }
         if !self.health_check || conn.last_used.elapsed() < self.health_check_delay {
             return Ok(());
         }
-        match conn.simple_query("").await {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                conn.broken = true;
-                Err(Arc::new(e))
-            }
-        }
+        // Stays set if this check is cut short (acquire timeout): the connection would go back
+        // to the pool with the check's reply still owed.
+        conn.broken = true;
+        conn.simple_query("").await.map_err(Arc::new)?;
+        conn.broken = false;
+        Ok(())
     }
 
     fn has_broken(&self, conn: &mut ServerConn) -> bool {

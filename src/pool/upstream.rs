@@ -343,6 +343,21 @@ impl ServerConn {
         }
     }
 
+    /// True when an idle connection has something to read (EOF, an error, or bytes nobody asked
+    /// for), checked without waiting.
+    pub fn readable_while_idle(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return true;
+        }
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut byte = [0u8; 1];
+        let mut rb = tokio::io::ReadBuf::new(&mut byte);
+        let poll =
+            tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut self.stream), &mut cx, &mut rb);
+        !poll.is_pending()
+    }
+
     /// A CancelRequest for whatever this connection runs, sent on a new plain TCP connection
     /// (PostgreSQL reads cancel packets before TLS and authentication).
     pub fn cancel_key(&self, target: &Target) -> CancelKey {

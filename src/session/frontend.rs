@@ -91,15 +91,26 @@ impl Session {
             format!("invalid frontend message: {e}"),
         )
         .encode(&mut self.to_client);
+        // What was walked of this input never went upstream, yet part of a message may have:
+        // the server connection is out of step.
+        if let Some(a) = &mut self.server {
+            a.conn.broken = true;
+        }
         End::Closed
     }
 
     /// Session mode: forward, counting what owes a `ReadyForQuery`; stop at `Terminate`.
     fn pass_client(&mut self) -> Result<(), End> {
         let (mut owed, mut queries) = (0, 0);
+        let mut batch_open = self.tx.batch_open;
         let next = self.cscan.next(&self.c_in, |tag| {
             if matches!(tag, b'Q' | b'S' | b'F') {
                 owed += 1;
+            }
+            match tag {
+                b'P' | b'B' | b'D' | b'E' | b'C' => batch_open = true,
+                b'S' => batch_open = false,
+                _ => {}
             }
             if matches!(tag, b'Q' | b'E') {
                 queries += 1;
@@ -107,6 +118,7 @@ impl Session {
             tag == b'X'
         });
         PoolStats::add(&self.stats.queries, queries);
+        self.tx.batch_open = batch_open;
         for _ in 0..owed {
             self.statement_sent();
         }

@@ -181,6 +181,12 @@ impl Session {
 
     async fn serve(&mut self) -> End {
         let mut shutdown = self.shutdown.clone();
+        // Bytes the client sent right behind its startup packet: no read will announce them.
+        if !self.c_in.is_empty() {
+            if let Err(end) = self.on_client_input().await {
+                return end;
+            }
+        }
         loop {
             if let Some(end) = self.check_shutdown() {
                 return end;
@@ -289,6 +295,8 @@ impl Session {
         self.registration.attach(None);
         self.detached(&a);
         let clean = end != End::ServerLost
+            && !a.conn.broken
+            && !self.tx.batch_open
             && self.queue.is_empty()
             && self.tx.in_flight == 0
             && a.to_server.is_empty()
