@@ -24,6 +24,7 @@ use crate::analysis::PinReason;
 use crate::config::PoolMode;
 use crate::error::{sqlstate, PgError, Severity};
 use crate::listener::Shared;
+use crate::pool::upstream::ServerConn;
 use crate::pool::{AcquireError, PoolKey, ServerGuard};
 use crate::shutdown::{Phase, Shutdown};
 use crate::stream::Stream;
@@ -176,6 +177,8 @@ impl Session {
     pub async fn run(mut self) {
         let end = self.serve().await;
         self.flush_client().await;
+        // The client is done with us: close its socket before cleaning up the server side.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.shutdown()).await;
         self.finish(end).await;
     }
 
@@ -278,13 +281,29 @@ impl Session {
         };
         self.registration.attach(None);
         self.detached(&a);
-        if self.settings.dirty() {
-            if let Err(e) = self.settings.capture(&mut a.conn).await {
+        self.capture_settings(&mut a.conn).await;
+        a.conn.last_used = std::time::Instant::now();
+    }
+
+    /// Read back the settings the client changed, if any; on failure the connection is closed.
+    async fn capture_settings(&mut self, conn: &mut ServerConn) {
+        if !self.settings.dirty() {
+            return;
+        }
+        let limit = self.shared.config().upstream.connect_timeout;
+        match tokio::time::timeout(limit, self.settings.capture(conn)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "reading back session settings failed; closing server connection");
-                a.conn.broken = true;
+                conn.broken = true;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "reading back session settings timed out; closing server connection"
+                );
+                conn.broken = true;
             }
         }
-        a.conn.last_used = std::time::Instant::now();
     }
 
     /// The session is over: return or close the server connection.
@@ -313,26 +332,27 @@ impl Session {
             // connection's, tracked in `applied` and the prepared-statement LRU.
             PoolMode::Transaction if self.tx.status != b'I' => Some("ROLLBACK".to_string()),
             PoolMode::Transaction if self.pinned.is_none() => {
-                if self.settings.dirty() {
-                    if let Err(e) = self.settings.capture(conn).await {
-                        tracing::warn!(error = %e, "reading back settings failed");
-                        conn.broken = true;
-                    }
-                }
+                self.capture_settings(conn).await;
                 None
             }
             // Session mode, or a pinned client: its session state is not for the next client.
             _ => Some(self.shared.config().pool.reset_query.clone()).filter(|q| !q.is_empty()),
         };
         if let Some(sql) = reset {
-            match conn.simple_query(&sql).await {
-                Ok(_) if sql == "ROLLBACK" => {}
-                Ok(_) => {
+            // Bounded: a server that does not answer is not worth keeping.
+            let limit = self.shared.config().upstream.connect_timeout;
+            match tokio::time::timeout(limit, conn.simple_query(&sql)).await {
+                Ok(Ok(_)) if sql == "ROLLBACK" => {}
+                Ok(Ok(_)) => {
                     conn.applied.clear();
                     conn.prepared.clear();
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "reset of server connection failed; closing it");
+                    conn.broken = true;
+                }
+                Err(_) => {
+                    tracing::warn!("reset of server connection timed out; closing it");
                     conn.broken = true;
                 }
             }
