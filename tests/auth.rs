@@ -5,8 +5,8 @@
 
 mod support;
 
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use support::{connect, free_port, pg, proxy_config, try_connect, Proxy};
 
@@ -43,25 +43,14 @@ async fn current_user(url: &str) -> String {
 
 /// `psql -X -A -t -w -c sql conninfo` with extra environment, under a 60 s hang guard.
 fn psql(conninfo: &str, sql: &str, env: &[(&str, &str)]) -> Output {
-    let mut child = Command::new("psql")
-        .args(["-X", "-A", "-t", "-w", "-c", sql])
-        .arg(conninfo)
-        .env_remove("PGPASSWORD")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn psql");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().expect("poll psql").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("psql {conninfo:?} -c {sql:?} hung");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("psql output")
+    support::output_within(
+        Command::new("psql")
+            .args(["-X", "-A", "-t", "-w", "-c", sql])
+            .arg(conninfo)
+            .env_remove("PGPASSWORD")
+            .envs(env.iter().copied()),
+        Duration::from_secs(60),
+    )
 }
 
 #[tokio::test]

@@ -7,7 +7,6 @@ mod support;
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt, TryStreamExt};
-use std::process::Command;
 use std::time::Duration;
 use support::raw::{self, Msg, RawConn};
 use support::{connect, free_port, pg, proxy_config, Proxy};
@@ -936,25 +935,7 @@ async fn many_rows_arrive_intact() {
 // pgbench
 
 fn pgbench(port: u16, args: &[&str]) -> String {
-    let out = Command::new(support::pg_bin("pgbench"))
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
-        .args(args)
-        .arg("bench")
-        .env("PGPASSWORD", "app")
-        .env("PGSSLMODE", "disable")
-        .output()
-        .expect("run pgbench");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "pgbench {args:?} failed ({}):\n{text}",
-        out.status
-    );
-    text
+    support::pgbench(&support::url(port, "app", "app", "bench"), args)
 }
 
 #[test]

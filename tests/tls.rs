@@ -6,9 +6,9 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::{connect, free_port, make_tls_files, pg, proxy_config, try_connect, Proxy};
 use support::{PgOptions, PgServer, TlsFiles};
@@ -43,24 +43,10 @@ fn psql(conninfo: &str, commands: &[&str]) -> Output {
     for c in commands {
         cmd.args(["-c", c]);
     }
-    let mut child = cmd
-        .arg(conninfo)
+    cmd.arg(conninfo)
         .env("PGPASSWORD", "app")
-        .env("PGCONNECT_TIMEOUT", "30")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn psql");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().expect("poll psql").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("psql {conninfo:?} hung");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("psql output")
+        .env("PGCONNECT_TIMEOUT", "30");
+    support::output_within(&mut cmd, Duration::from_secs(60))
 }
 
 fn conninfo(proxy: &Proxy, extra: &str) -> String {

@@ -326,21 +326,7 @@ fn pgbench_prepared_with_many_clients_over_a_small_pool() {
     pg.psql("postgres", "create database tp_bench owner app");
     let proxy = tx_proxy("max_size = 5\n");
     let url = proxy.url("app", "app", "tp_bench");
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(support::pg_bin("pgbench"))
-            .args(args)
-            .arg(&url)
-            .env("PGPASSWORD", "app")
-            .output()
-            .expect("run pgbench");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
-        text
-    };
+    let run = |args: &[&str]| support::pgbench(&url, args);
     run(&["-i", "-s", "1", "-q"]);
     for mode in ["prepared", "extended", "simple"] {
         let text = run(&["-S", "-M", mode, "-c", "50", "-j", "2", "-t", "40"]);

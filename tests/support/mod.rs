@@ -56,6 +56,56 @@ pub fn url(port: u16, user: &str, password: &str, db: &str) -> String {
     }
 }
 
+/// Run a spawned-ready `cmd` (stdin closed, output captured) under a hang guard of `limit`.
+pub fn output_within(cmd: &mut Command, limit: std::time::Duration) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().expect("poll child").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{cmd:?} hung for {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("child output")
+}
+
+/// stdout then stderr, as text.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Run pgbench with `args` against `url` (password `app`); panics unless it exits 0. Returns its
+/// output.
+pub fn pgbench(url: &str, args: &[&str]) -> String {
+    let out = output_within(
+        Command::new(pg_bin("pgbench"))
+            .args(args)
+            .arg(url)
+            .env("PGPASSWORD", "app")
+            .env("PGSSLMODE", "disable"),
+        std::time::Duration::from_secs(300),
+    );
+    let text = output_text(&out);
+    assert!(
+        out.status.success(),
+        "pgbench {args:?} failed ({}):
+{text}",
+        out.status
+    );
+    text
+}
+
 fn run(cmd: &mut Command) {
     let out = cmd
         .output()
