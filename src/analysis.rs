@@ -144,9 +144,10 @@ fn is_temp(rel: Option<&pg_query::protobuf::RangeVar>) -> bool {
     rel.is_some_and(|r| r.relpersistence == "t" || r.schemaname.starts_with("pg_temp"))
 }
 
-/// Words without which a statement can have no session effect or pin. Checking for them is a
-/// scan with no allocation; statements with none (most, and all of pgbench's) skip the parser.
-const SESSION_WORDS: [&str; 11] = [
+/// Keywords that start a statement with a session effect or pin (`SET`, `LISTEN`...), and words
+/// that matter anywhere (`TEMP` tables, advisory lock functions). A statement with none of them
+/// skips the parser: the scan allocates nothing, and `UPDATE ... SET` (all of pgbench) passes it.
+const LEADING_WORDS: [&str; 9] = [
     "set",
     "reset",
     "discard",
@@ -155,20 +156,93 @@ const SESSION_WORDS: [&str; 11] = [
     "prepare",
     "execute",
     "declare",
-    "temp",
-    "temporary",
     "load",
 ];
+const ANYWHERE_WORDS: [&str; 2] = ["temp", "temporary"];
 
+fn word_matters(w: &str, leading: bool) -> bool {
+    let starts = |p: &str| w.len() >= p.len() && w[..p.len()].eq_ignore_ascii_case(p);
+    (leading && LEADING_WORDS.iter().any(|k| w.eq_ignore_ascii_case(k)))
+        || ANYWHERE_WORDS.iter().any(|k| w.eq_ignore_ascii_case(k))
+        || starts("pg_temp")
+        || starts("pg_advisory_")
+        || starts("pg_try_advisory_")
+}
+
+/// Whether `sql` may have a session effect or pin. Skips comments and quoted text; when in doubt
+/// (an unterminated quote or comment) says yes.
 fn may_touch_session(sql: &str) -> bool {
-    sql.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .any(|w| {
-            w.len() >= 3
-                && (SESSION_WORDS.iter().any(|k| w.eq_ignore_ascii_case(k))
-                    || (w.len() >= 7 && w[..7].eq_ignore_ascii_case("pg_temp"))
-                    || (w.len() > 12 && w[..12].eq_ignore_ascii_case("pg_advisory_"))
-                    || (w.len() > 16 && w[..16].eq_ignore_ascii_case("pg_try_advisory_")))
-        })
+    let b = sql.as_bytes();
+    let mut i = 0;
+    let mut leading = true;
+    let find = |from: usize, pat: &[u8]| {
+        b.get(from..)?
+            .windows(pat.len())
+            .position(|w| w == pat)
+            .map(|p| from + p + pat.len())
+    };
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b';' => {
+                leading = true;
+                i += 1;
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                i = match find(i, b"\n") {
+                    Some(e) => e,
+                    None => return false,
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => match find(i + 2, b"*/") {
+                Some(e) => i = e,
+                None => return true,
+            },
+            b'\'' | b'"' => {
+                // Closing quote; a doubled quote inside reads as close-and-reopen, same result.
+                match b[i + 1..].iter().position(|&x| x == c) {
+                    Some(p) => i += p + 2,
+                    None => return true,
+                }
+                leading = false;
+            }
+            b'$' => {
+                // Dollar quoting: $tag$ ... $tag$ (a parameter like $1 is not a tag).
+                let tag_end = b[i + 1..]
+                    .iter()
+                    .position(|&x| !(x.is_ascii_alphanumeric() || x == b'_'))
+                    .map(|p| i + 1 + p);
+                match tag_end {
+                    Some(e)
+                        if b[e] == b'$' && !b[i + 1..e].first().is_some_and(u8::is_ascii_digit) =>
+                    {
+                        match find(e + 1, &b[i..=e]) {
+                            Some(end) => i = end,
+                            None => return true,
+                        }
+                        leading = false;
+                    }
+                    _ => i += 1,
+                }
+            }
+            c if c.is_ascii_alphanumeric() || c == b'_' => {
+                let start = i;
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                    i += 1;
+                }
+                if word_matters(&sql[start..i], leading) {
+                    return true;
+                }
+                leading = false;
+            }
+            c if c.is_ascii_whitespace() || c == b'(' => i += 1,
+            _ => {
+                leading = false;
+                i += 1;
+            }
+        }
+    }
+    false
 }
 
 /// The memo: one parse per distinct statement text, bounded.
@@ -292,7 +366,6 @@ mod tests {
             "SELECT abalance FROM pgbench_accounts WHERE aid = 5"
         ));
         assert!(!may_touch_session("DELETE FROM t WHERE a = 1"));
-        assert!(may_touch_session("update t SET a = 1"));
         assert!(may_touch_session("LiStEn x"));
         assert!(may_touch_session("select PG_ADVISORY_LOCK(1)"));
         assert!(may_touch_session("select pg_try_advisory_lock_shared(1)"));

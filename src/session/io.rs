@@ -15,8 +15,6 @@ use tokio_util::io::poll_read_buf;
 const HIGH_WATER: usize = 256 * 1024;
 /// Room to make in a read buffer before reading.
 const READ_CHUNK: usize = 16 * 1024;
-/// An empty write buffer larger than this is freed.
-const KEEP_CAPACITY: usize = 64 * 1024;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
@@ -49,8 +47,9 @@ fn poll_drain<W: AsyncWrite + Unpin>(
             Poll::Pending => return Ok(()),
         }
     }
-    if buf.capacity() > KEEP_CAPACITY {
-        // A large result went through: give the memory back rather than keep it per client.
+    if buf.capacity() > 0 {
+        // Written out: let go of the memory. Forwarded bytes are usually a slice of the other
+        // side's read buffer, which an idle client must not keep alive.
         *buf = BytesMut::new();
     }
     if *needs_flush {
