@@ -89,7 +89,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         let _ = tcp.set_nodelay(true);
         METRICS.clients_accepted.inc();
         let shared = shared.clone();
-        tokio::spawn(async move {
+        let task = async move {
             let permit = shared.clients.clone().try_acquire_owned();
             let Ok(_permit) = permit else {
                 refuse(
@@ -103,7 +103,8 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 return;
             };
             handle(shared, tcp, peer).await;
-        });
+        };
+        tokio::spawn(task);
     }
 }
 
@@ -132,7 +133,9 @@ struct Login {
 async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let timeout = shared.config().proxy.client_login_timeout;
     let logging_in = ClientGauge::enter("login");
-    let login = match tokio::time::timeout(timeout, login(&shared, tcp)).await {
+    // Boxed futures here and in the session: a task is as large as its largest state, and an
+    // idle client should not carry the size of login or of waiting for a connection.
+    let login = match tokio::time::timeout(timeout, Box::pin(login(&shared, tcp))).await {
         Ok(Some(l)) => l,
         Ok(None) => return,
         Err(_) => {
@@ -167,8 +170,17 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         Err(e) => return send_error(&mut stream, &e).await,
     };
     let settings = Settings::new(settings);
-    let Some(session) =
-        Session::start(shared.clone(), stream, buf, key.clone(), settings, peer).await
+    // Not needed any more: an idle client should not keep its startup packet around.
+    drop(params);
+    let Some(session) = Box::pin(Session::start(
+        shared.clone(),
+        stream,
+        buf,
+        key.clone(),
+        settings,
+        peer,
+    ))
+    .await
     else {
         tracing::info!(%peer, pool = %key, "client session could not start");
         return;

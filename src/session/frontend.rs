@@ -182,7 +182,9 @@ impl Session {
             return Ok(());
         }
         if self.server.is_none() {
-            if let Err(e) = self.attach().await {
+            // Boxed: the acquire future is large and only lives while waiting for a connection;
+            // inline, every idle client's task would carry its size.
+            if let Err(e) = Box::pin(self.attach()).await {
                 tracing::info!(pool = %self.key, error = ?e, "no server connection for client");
                 let fatal = e.refused_by_upstream();
                 e.to_client(Severity::Error, &mut self.to_client);

@@ -160,7 +160,7 @@ impl Session {
                 return Some(s);
             }
         }
-        if let Err(e) = s.attach().await {
+        if let Err(e) = Box::pin(s.attach()).await {
             e.to_client(Severity::Fatal, &mut s.to_client);
             s.flush_client().await;
             return None;
@@ -169,17 +169,20 @@ impl Session {
         startup::reply(&params, s.registration.key, &mut s.to_client);
         if s.mode == PoolMode::Transaction {
             s.shared.pools.note_login_params(&s.key, startup, params);
-            s.release().await;
+            Box::pin(s.release()).await;
         }
         Some(s)
     }
 
     pub async fn run(mut self) {
         let end = self.serve().await;
-        self.flush_client().await;
-        // The client is done with us: close its socket before cleaning up the server side.
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.shutdown()).await;
-        self.finish(end).await;
+        Box::pin(async {
+            self.flush_client().await;
+            // The client is done with us: close its socket before cleaning up the server side.
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.client.shutdown()).await;
+            self.finish(end).await;
+        })
+        .await;
     }
 
     async fn serve(&mut self) -> End {
@@ -205,13 +208,13 @@ impl Session {
                 io::Event::ClientGone => Err(End::ClientLeft),
                 io::Event::Server => self.on_server_input().await,
                 io::Event::ServerGone => Err(self.server_lost()),
-                io::Event::Timer => self.on_timer().await,
+                io::Event::Timer => Box::pin(self.on_timer()).await,
             };
             if let Err(end) = step {
                 return end;
             }
             if self.releasable() {
-                self.release().await;
+                Box::pin(self.release()).await;
             }
             if self.server.is_none() && self.c_in.is_empty() {
                 // Between transactions a client keeps no read buffer (10,000 idle clients).
@@ -281,6 +284,8 @@ impl Session {
         };
         self.registration.attach(None);
         self.detached(&a);
+        // Empty now; between transactions a client keeps no queue memory either.
+        self.queue = VecDeque::new();
         self.capture_settings(&mut a.conn).await;
         a.conn.last_used = std::time::Instant::now();
     }

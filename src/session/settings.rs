@@ -16,12 +16,49 @@ enum Touch {
     Reset,
 }
 
+/// A few settings by name, in a sorted `Vec`: a client usually has two or three, and a
+/// `BTreeMap` node costs half a kilobyte per idle client.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SettingMap(Vec<(String, String)>);
+
+impl SettingMap {
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.as_str().cmp(name))
+    }
+    pub fn get(&self, name: &str) -> Option<&String> {
+        self.find(name).ok().map(|i| &self.0[i].1)
+    }
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.find(name).is_ok()
+    }
+    pub fn insert(&mut self, name: String, value: String) {
+        match self.find(&name) {
+            Ok(i) => self.0[i].1 = value,
+            Err(i) => self.0.insert(i, (name, value)),
+        }
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl FromIterator<(String, String)> for SettingMap {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(it: I) -> Self {
+        let mut m = SettingMap::default();
+        for (k, v) in it {
+            m.insert(k, v);
+        }
+        m.0.shrink_to_fit();
+        m
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Settings {
     /// From the startup packet; `RESET` returns to these, as in PostgreSQL.
-    startup: BTreeMap<String, String>,
+    startup: SettingMap,
     /// What the client's session has now.
-    pub wanted: BTreeMap<String, String>,
+    pub wanted: SettingMap,
     /// Changed by statements since the last capture.
     touched: BTreeMap<String, Touch>,
     reset_all: bool,
@@ -37,7 +74,7 @@ fn quote_ident(v: &str) -> String {
 
 impl Settings {
     pub fn new(startup: Vec<(String, String)>) -> Self {
-        let startup: BTreeMap<String, String> = startup.into_iter().collect();
+        let startup: SettingMap = startup.into_iter().collect();
         Settings {
             wanted: startup.clone(),
             startup,
@@ -47,10 +84,7 @@ impl Settings {
 
     /// The startup settings, in a stable order.
     pub fn startup(&self) -> Vec<(String, String)> {
-        self.startup
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+        self.startup.0.clone()
     }
 
     /// Note what a statement about to run does to session settings.
@@ -85,7 +119,7 @@ impl Settings {
         reported: &BTreeMap<String, String>,
     ) -> Option<String> {
         let mut sql = String::new();
-        for name in applied.keys().filter(|k| !self.wanted.contains_key(*k)) {
+        for name in applied.keys().filter(|k| !self.wanted.contains_key(k)) {
             sql.push_str(&format!("RESET {};", quote_ident(name)));
         }
         let sets: Vec<String> = self
@@ -107,7 +141,11 @@ impl Settings {
     pub async fn apply(&self, conn: &mut ServerConn) -> Result<(), UpstreamError> {
         if let Some(sql) = self.sync_sql(&conn.applied, &conn.params) {
             conn.simple_query(&sql).await?;
-            conn.applied = self.wanted.clone();
+            conn.applied = self
+                .wanted
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
         }
         Ok(())
     }
