@@ -9,8 +9,10 @@
 //! - here: ports, URLs, and `tokio_postgres` clients.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod failure;
 pub mod http;
 mod postgres;
+pub mod protocol;
 mod proxy;
 pub mod raw;
 mod tls;
