@@ -92,26 +92,17 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         let task = async move {
             let permit = shared.clients.clone().try_acquire_owned();
             let Ok(_permit) = permit else {
-                refuse(
-                    tcp,
-                    PgError::fatal(
-                        sqlstate::TOO_MANY_CONNECTIONS,
-                        "sorry, too many clients already",
-                    ),
-                )
-                .await;
+                let err = PgError::fatal(
+                    sqlstate::TOO_MANY_CONNECTIONS,
+                    "sorry, too many clients already",
+                );
+                send_error(&mut Stream::Plain(tcp), &err).await;
                 return;
             };
             handle(shared, tcp, peer).await;
         };
         tokio::spawn(task);
     }
-}
-
-async fn refuse(mut tcp: TcpStream, err: PgError) {
-    let mut out = BytesMut::new();
-    err.encode(&mut out);
-    let _ = tcp.write_all(&out).await;
 }
 
 async fn send_error(stream: &mut Stream, err: &PgError) {

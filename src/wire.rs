@@ -191,6 +191,19 @@ pub fn read_cstr<'a>(body: &'a [u8], pos: &mut usize) -> Option<&'a str> {
     Some(s)
 }
 
+/// Name and value of a `ParameterStatus` body.
+pub fn parameter_status(body: &[u8]) -> Option<(&str, &str)> {
+    let mut pos = 0;
+    Some((read_cstr(body, &mut pos)?, read_cstr(body, &mut pos)?))
+}
+
+/// An `ErrorResponse` body whose severity ends the session (`FATAL` or `PANIC`).
+pub fn is_fatal(body: &[u8]) -> bool {
+    fields(body)
+        .iter()
+        .any(|(k, v)| *k == b'V' && (v == "FATAL" || v == "PANIC"))
+}
+
 /// Fields of an `ErrorResponse`/`NoticeResponse` body, as (code, value) pairs.
 pub fn fields(body: &[u8]) -> Vec<(u8, String)> {
     let mut out = Vec::new();
@@ -331,6 +344,14 @@ mod tests {
         let rest = &buf[f.end()..];
         let g = s.next(rest, |_| true).unwrap().unwrap();
         assert_eq!(g.body(rest), b"T");
+    }
+
+    #[test]
+    fn reads_parameter_status_and_fatal_severity() {
+        assert_eq!(parameter_status(b"TimeZone\0UTC\0"), Some(("TimeZone", "UTC")));
+        assert_eq!(parameter_status(b"TimeZone\0UTC"), None);
+        assert!(is_fatal(b"SFATAL\0VFATAL\0C28P01\0\0"));
+        assert!(!is_fatal(b"SERROR\0VERROR\0C42P01\0\0"));
     }
 
     #[test]

@@ -99,12 +99,7 @@ impl UpstreamError {
     /// the client's session cannot go on.
     pub fn is_fatal_refusal(&self) -> bool {
         match self {
-            UpstreamError::Server { frame, .. } => {
-                frame.len() > 5
-                    && super::super::wire::fields(&frame[5..])
-                        .iter()
-                        .any(|(k, v)| *k == b'V' && v == "FATAL")
-            }
+            UpstreamError::Server { frame, .. } => frame.len() > 5 && wire::is_fatal(&frame[5..]),
             _ => false,
         }
     }
@@ -291,15 +286,7 @@ impl ServerConn {
                     self.send(&out).await?;
                 }
                 b'E' => return Err(server_error(&body)),
-                b'S' => {
-                    let mut pos = 0;
-                    if let (Some(k), Some(v)) = (
-                        wire::read_cstr(&body, &mut pos),
-                        wire::read_cstr(&body, &mut pos),
-                    ) {
-                        self.params.insert(k.to_string(), v.to_string());
-                    }
-                }
+                b'S' => self.note_parameter(&body),
                 b'K' if body.len() >= 8 => {
                     self.pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
                     self.secret = pgwire::messages::startup::SecretKey::Bytes(body.slice(4..));
@@ -308,6 +295,13 @@ impl ServerConn {
                 // NoticeResponse, NegotiateProtocolVersion: nothing to act on.
                 _ => {}
             }
+        }
+    }
+
+    /// Keep a `ParameterStatus` the server sent.
+    pub fn note_parameter(&mut self, body: &[u8]) {
+        if let Some((k, v)) = wire::parameter_status(body) {
+            self.params.insert(k.to_string(), v.to_string());
         }
     }
 
@@ -325,13 +319,7 @@ impl ServerConn {
                 b'Z' => break,
                 b'E' => error = Some(server_error(&body)),
                 b'S' => {
-                    let mut pos = 0;
-                    if let (Some(k), Some(v)) = (
-                        wire::read_cstr(&body, &mut pos),
-                        wire::read_cstr(&body, &mut pos),
-                    ) {
-                        self.params.insert(k.to_string(), v.to_string());
-                    }
+                    self.note_parameter(&body);
                     replies.push((tag, body));
                 }
                 _ => replies.push((tag, body)),
@@ -406,9 +394,7 @@ fn server_error(body: &Bytes) -> UpstreamError {
             .unwrap_or_default()
     };
     let mut frame = BytesMut::with_capacity(body.len() + 5);
-    frame.extend_from_slice(b"E");
-    frame.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-    frame.extend_from_slice(body);
+    wire::frame(b'E', &[body], &mut frame);
     UpstreamError::Server {
         code: get(b'C'),
         message: get(b'M'),

@@ -84,12 +84,6 @@ fn completes(kind: &Kind, tag: u8) -> bool {
     }
 }
 
-fn is_fatal(body: &[u8]) -> bool {
-    wire::fields(body)
-        .iter()
-        .any(|(k, v)| *k == b'V' && (v == "FATAL" || v == "PANIC"))
-}
-
 impl Session {
     pub(super) async fn on_server_input(&mut self) -> Result<(), End> {
         let pooled = self.mode == PoolMode::Transaction;
@@ -140,7 +134,7 @@ impl Session {
     fn on_session_reply(&mut self, msg: BytesMut) {
         match msg[0] {
             b'Z' => self.statement_done(msg.get(5).copied().unwrap_or(b'I')),
-            _ if is_fatal(&msg[5..]) => {
+            _ if wire::is_fatal(&msg[5..]) => {
                 if let Some(a) = &mut self.server {
                     a.fatal = true;
                 }
@@ -157,14 +151,8 @@ impl Session {
             // Asynchronous: notices, notifications, parameter changes.
             b'N' | b'A' => return forward(msg, &mut self.to_client),
             b'S' => {
-                let mut pos = 5;
-                if let (Some(k), Some(v)) = (
-                    wire::read_cstr(&msg, &mut pos),
-                    wire::read_cstr(&msg, &mut pos),
-                ) {
-                    if let Some(a) = &mut self.server {
-                        a.conn.params.insert(k.to_string(), v.to_string());
-                    }
+                if let Some(a) = &mut self.server {
+                    a.conn.note_parameter(&msg[5..]);
                 }
                 return forward(msg, &mut self.to_client);
             }
@@ -209,7 +197,7 @@ impl Session {
     /// An `ErrorResponse`: the failed message's reply, and every reply up to the next Sync, will
     /// not come (a simple query still ends with its `ReadyForQuery`).
     fn on_error(&mut self, msg: BytesMut) {
-        if is_fatal(&msg[5..]) {
+        if wire::is_fatal(&msg[5..]) {
             if let Some(a) = &mut self.server {
                 a.fatal = true;
             }
