@@ -348,7 +348,10 @@ mod tests {
 
     #[test]
     fn reads_parameter_status_and_fatal_severity() {
-        assert_eq!(parameter_status(b"TimeZone\0UTC\0"), Some(("TimeZone", "UTC")));
+        assert_eq!(
+            parameter_status(b"TimeZone\0UTC\0"),
+            Some(("TimeZone", "UTC"))
+        );
         assert_eq!(parameter_status(b"TimeZone\0UTC"), None);
         assert!(is_fatal(b"SFATAL\0VFATAL\0C28P01\0\0"));
         assert!(!is_fatal(b"SERROR\0VERROR\0C42P01\0\0"));

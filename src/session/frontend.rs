@@ -25,6 +25,10 @@ use bytes::{Bytes, BytesMut};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
+/// The replies the proxy gives for the server: `ParseComplete` and `CloseComplete`.
+const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
+const CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
+
 /// A client's named statement.
 #[derive(Debug)]
 pub struct Prepared {
@@ -241,7 +245,7 @@ impl Session {
                     self.stmts.remove(name);
                 }
                 self.tx.batch_open = true;
-                self.to_client.extend_from_slice(b"3\0\0\0\x04");
+                self.to_client.extend_from_slice(CLOSE_COMPLETE);
                 true
             }
             b'P' => {
@@ -269,7 +273,7 @@ impl Session {
                 }
                 self.stmts.insert(name.to_string(), prepared);
                 self.tx.batch_open = true;
-                self.to_client.extend_from_slice(b"1\0\0\0\x04");
+                self.to_client.extend_from_slice(PARSE_COMPLETE);
                 true
             }
             _ => false,
@@ -426,7 +430,7 @@ impl Session {
         self.stmts.insert(name.clone(), prepared.clone());
         if self.ensure_prepared(&prepared, Some(name)) {
             self.queue
-                .push_back(Expect::Synthetic(Bytes::from_static(b"1\0\0\0\x04")));
+                .push_back(Expect::Synthetic(Bytes::from_static(PARSE_COMPLETE)));
         }
     }
 
@@ -546,7 +550,7 @@ impl Session {
             // The statement stays on the server for other clients; the client's name is gone.
             self.stmts.remove(name);
             self.queue
-                .push_back(Expect::Synthetic(Bytes::from_static(b"3\0\0\0\x04")));
+                .push_back(Expect::Synthetic(Bytes::from_static(CLOSE_COMPLETE)));
             return;
         }
         self.push(msg, Kind::Close);
