@@ -40,6 +40,7 @@ pub struct Shared {
     pub config: ArcSwap<Config>,
     pub users: ArcSwap<Users>,
     pub analyzer: Analyzer,
+    pub cache: crate::cache::Cache,
     pub pools: Pools,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub cancels: Arc<CancelRegistry>,

@@ -7,6 +7,7 @@
 mod admin;
 mod analysis;
 mod auth;
+mod cache;
 mod config;
 mod error;
 mod listener;
@@ -50,6 +51,9 @@ struct Cli {
     /// Server connections per pool; overrides pool.max_size.
     #[arg(long)]
     pool_size: Option<u32>,
+    /// Turn the result cache on with one rule caching every table (default TTL).
+    #[arg(long)]
+    cache_all: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -89,6 +93,7 @@ fn main() -> ExitCode {
                 CliPoolMode::Transaction => PoolMode::Transaction,
             }),
             pool_size: cli.pool_size,
+            cache_all: cli.cache_all,
         },
     };
     let config = match source.load() {
@@ -167,6 +172,7 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
     let shared = Arc::new(listener::Shared {
         users: arc_swap::ArcSwap::from_pointee(auth::Users::from_config(&config)),
         analyzer: analysis::Analyzer::new(10_000),
+        cache: cache::Cache::new(&config.cache),
         pools: pool::Pools::new(config.clone(), target, registry.clone()),
         tls,
         cancels: Default::default(),

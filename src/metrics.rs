@@ -26,6 +26,24 @@ pub struct Metrics {
     pub cancels_forwarded: IntCounter,
     /// 1 while the proxy is draining for shutdown.
     pub draining: IntGauge,
+    /// Reads answered from the cache.
+    pub cache_hits: IntCounter,
+    /// Cacheable reads that went upstream.
+    pub cache_misses: IntCounter,
+    /// Results stored.
+    pub cache_fills: IntCounter,
+    /// Results not stored, by reason (`too_large`, `error`, `notice`, `disconnect`).
+    pub cache_fill_skips: IntCounterVec,
+    /// Entries pushed out by the entry or byte bound.
+    pub cache_evictions: IntCounter,
+    /// Entries found stale (a relation they read was written) or expired, and dropped.
+    pub cache_stale_dropped: IntCounter,
+    /// Entries held now.
+    pub cache_entries: IntGauge,
+    /// Bytes held now.
+    pub cache_bytes: IntGauge,
+    /// Invalidations by source (`write`, `ddl`, `explicit`).
+    pub cache_invalidations: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -40,6 +58,12 @@ fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCoun
     c
 }
 
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
     r.register(Box::new(g.clone())).expect("unique metric");
@@ -48,14 +72,51 @@ fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeV
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let r = Registry::new();
-    let draining = IntGauge::new(
-        "pgcache_draining",
-        "1 while the proxy is draining for shutdown",
-    )
-    .expect("valid metric");
-    r.register(Box::new(draining.clone()))
-        .expect("unique metric");
     Metrics {
+        draining: gauge(
+            &r,
+            "pgcache_draining",
+            "1 while the proxy is draining for shutdown",
+        ),
+        cache_hits: counter(
+            &r,
+            "pgcache_cache_hits_total",
+            "Reads answered from the cache",
+        ),
+        cache_misses: counter(
+            &r,
+            "pgcache_cache_misses_total",
+            "Cacheable reads that went upstream",
+        ),
+        cache_fills: counter(
+            &r,
+            "pgcache_cache_fills_total",
+            "Results stored in the cache",
+        ),
+        cache_fill_skips: counter_vec(
+            &r,
+            "pgcache_cache_fill_skips_total",
+            "Cacheable results not stored, by reason",
+            &["reason"],
+        ),
+        cache_evictions: counter(
+            &r,
+            "pgcache_cache_evictions_total",
+            "Entries pushed out by cache.max_entries or cache.max_bytes",
+        ),
+        cache_stale_dropped: counter(
+            &r,
+            "pgcache_cache_stale_dropped_total",
+            "Entries found stale or expired at lookup and dropped",
+        ),
+        cache_entries: gauge(&r, "pgcache_cache_entries", "Entries in the cache"),
+        cache_bytes: gauge(&r, "pgcache_cache_bytes", "Bytes held by the cache"),
+        cache_invalidations: counter_vec(
+            &r,
+            "pgcache_cache_invalidations_total",
+            "Version bumps and explicit invalidations, by source",
+            &["source"],
+        ),
         clients_accepted: counter(
             &r,
             "pgcache_clients_accepted_total",
@@ -105,7 +166,6 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "pgcache_cancel_requests_total",
             "Cancel requests forwarded upstream",
         ),
-        draining,
         registry: r,
     }
 });

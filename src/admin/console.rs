@@ -179,6 +179,22 @@ async fn run(shared: &Shared, sql: &str, out: &mut BytesMut) -> bool {
             Some(t) => t.encode(out),
             None => unknown(sql, out),
         },
+        ["INVALIDATE", ..] => {
+            let mut raw = sql
+                .trim()
+                .trim_end_matches(';')
+                .splitn(3, char::is_whitespace);
+            raw.next();
+            let kind = raw.next().unwrap_or("");
+            match super::cache::Target::parse(kind, raw.next()) {
+                Ok(t) => {
+                    let n = super::cache::invalidate(shared, &t);
+                    command_complete(&format!("INVALIDATE {n}"), out);
+                }
+                Err(e) => PgError::error("42601", e).encode(out),
+            }
+        }
+        ["SHOW", "CACHE", "ENTRIES"] => cache_entries(shared).encode(out),
         ["RELOAD"] => match control::reload(shared) {
             Ok(notes) => {
                 for n in notes {
@@ -248,6 +264,15 @@ fn show(shared: &Shared, what: &str) -> Option<Table> {
                 ),
                 ("SHOW CONFIG", "the configuration in force"),
                 ("SHOW STATS", "counters per pool"),
+                ("SHOW CACHE", "result cache figures"),
+                (
+                    "SHOW CACHE ENTRIES",
+                    "the 100 most recently used cache entries",
+                ),
+                (
+                    "INVALIDATE TABLE|PATTERN|KEY|FINGERPRINT 'x' / INVALIDATE ALL",
+                    "drop cached results",
+                ),
                 ("RELOAD", "re-read proxy.toml"),
                 ("PAUSE", "hold new transactions until RESUME"),
                 ("RESUME", "let held clients go on"),
@@ -383,6 +408,13 @@ fn show(shared: &Shared, what: &str) -> Option<Table> {
             }
             t
         }
+        "CACHE" => {
+            let mut t = Table::new(&["key", "value"]);
+            for (k, v) in super::cache::figures(shared) {
+                t.row(vec![k.to_string(), v]);
+            }
+            t
+        }
         "STATS" => {
             let mut t = Table::new(&[
                 "database",
@@ -411,6 +443,26 @@ fn show(shared: &Shared, what: &str) -> Option<Table> {
 }
 
 /// `section.key = value` rows; secrets are masked.
+fn cache_entries(shared: &Shared) -> Table {
+    let mut t = Table::new(&["name", "fingerprint", "bytes", "hits", "expires_in_ms"]);
+    let now = std::time::Instant::now();
+    for e in shared.cache.entries(100) {
+        t.row(vec![
+            e.name.clone(),
+            e.fingerprint.clone(),
+            e.bytes.len().to_string(),
+            e.hits
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .to_string(),
+            e.expires
+                .saturating_duration_since(now)
+                .as_millis()
+                .to_string(),
+        ]);
+    }
+    t
+}
+
 fn flatten(prefix: &str, v: &toml::Value, t: &mut Table) {
     match v {
         toml::Value::Table(m) => {

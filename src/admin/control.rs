@@ -32,6 +32,7 @@ pub fn reload(shared: &Shared) -> Result<Vec<String>, ConfigError> {
         "proxy.max_clients",
         new.proxy.max_clients != old.proxy.max_clients,
     );
+    keep("cache.enabled", new.cache.enabled != old.cache.enabled);
     keep(
         "pool.max_prepared_statements",
         new.pool.max_prepared_statements != old.pool.max_prepared_statements,
@@ -45,6 +46,7 @@ pub fn reload(shared: &Shared) -> Result<Vec<String>, ConfigError> {
     new.upstream.port = old.upstream.port;
     new.upstream.tls = old.upstream.tls.clone();
     new.pool.max_prepared_statements = old.pool.max_prepared_statements;
+    new.cache.enabled = old.cache.enabled;
     apply(shared, Arc::new(new));
     for n in &notes {
         tracing::warn!("reload: {n}");
@@ -56,6 +58,7 @@ pub fn reload(shared: &Shared) -> Result<Vec<String>, ConfigError> {
 fn apply(shared: &Shared, config: Arc<Config>) {
     shared.users.store(Arc::new(Users::from_config(&config)));
     shared.pools.reload(config.clone());
+    shared.cache.reload(&config.cache);
     shared.config.store(config);
 }
 

@@ -42,8 +42,14 @@ async fn handle(mut tcp: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> 
     let line = String::from_utf8_lossy(&req);
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
     let (status, ctype, body) = match (method, path) {
+        ("GET", "/cache") => (
+            "200 OK",
+            "application/json",
+            super::cache::figures_json(&shared),
+        ),
+        ("POST", "/cache/invalidate") => invalidate(&shared, query),
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics_text(&shared)),
         ("GET", "/health") => {
             let (ok, body) = health(&shared).await;
@@ -72,7 +78,7 @@ async fn handle(mut tcp: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> 
         _ => (
             "405 Method Not Allowed",
             "text/plain",
-            "only GET\n".to_string(),
+            "only GET, and POST to /cache/invalidate\n".to_string(),
         ),
     };
     let head = format!(
@@ -82,6 +88,33 @@ async fn handle(mut tcp: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> 
     tcp.write_all(head.as_bytes()).await?;
     tcp.write_all(body.as_bytes()).await?;
     tcp.shutdown().await
+}
+
+/// `POST /cache/invalidate?table=orders` (or `pattern=`, `key=`, `fingerprint=`, `all=1`).
+fn invalidate(shared: &Shared, query: &str) -> (&'static str, &'static str, String) {
+    let mut pairs = url::form_urlencoded::parse(query.as_bytes());
+    let target = match pairs.next() {
+        Some((k, _)) if k == "all" => super::cache::Target::parse("ALL", None),
+        Some((k, v)) => super::cache::Target::parse(&k, Some(&v)),
+        None => {
+            Err("say what to invalidate: ?table=, ?pattern=, ?key=, ?fingerprint= or ?all=1".into())
+        }
+    };
+    match target {
+        Ok(t) => {
+            let n = super::cache::invalidate(shared, &t);
+            (
+                "200 OK",
+                "application/json",
+                format!("{{\"invalidated\":{n}}}\n"),
+            )
+        }
+        Err(e) => (
+            "400 Bad Request",
+            "application/json",
+            format!("{{\"error\":{}}}\n", json_string(&e)),
+        ),
+    }
 }
 
 fn metrics_text(shared: &Shared) -> String {

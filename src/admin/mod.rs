@@ -1,6 +1,7 @@
 //! Operating the proxy from outside: the admin console, the HTTP endpoint (metrics, health,
 //! readiness), the controls both use, and the registry of who is connected.
 
+pub mod cache;
 pub mod console;
 pub mod control;
 pub mod http;

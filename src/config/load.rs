@@ -92,8 +92,8 @@ pub fn load_str(
     }
 }
 
-const SECTIONS: [&str; 7] = [
-    "proxy", "upstream", "pool", "auth", "tls", "metrics", "admin",
+const SECTIONS: [&str; 8] = [
+    "proxy", "upstream", "pool", "auth", "tls", "metrics", "admin", "cache",
 ];
 
 /// `PGCACHE_UPSTREAM_PASSWORD=x` sets `upstream.password`; `PGCACHE_UPSTREAM_TLS_MODE` sets
@@ -316,6 +316,7 @@ pub fn validate(c: &Config) -> Vec<Problem> {
             }
         }
     }
+    validate_cache(&c.cache, &mut bad);
     if let Some(a) = &c.metrics.listen {
         if a.parse::<SocketAddr>().is_err() {
             bad(
@@ -325,6 +326,44 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         }
     }
     out
+}
+
+fn validate_cache(c: &super::CacheConfig, bad: &mut impl FnMut(&str, String)) {
+    if c.enabled && c.rules.is_empty() {
+        bad(
+            "cache.enabled",
+            "no [[cache.rules]]: nothing would be cached; add a rule or set enabled = false".into(),
+        );
+    }
+    if c.max_entries == 0 {
+        bad("cache.max_entries", "must be at least 1".into());
+    }
+    if c.max_entry_bytes > c.max_bytes {
+        bad(
+            "cache.max_entry_bytes",
+            format!(
+                "{} is larger than cache.max_bytes ({})",
+                c.max_entry_bytes, c.max_bytes
+            ),
+        );
+    }
+    if c.default_ttl.is_zero() {
+        bad("cache.default_ttl", "must be more than 0".into());
+    }
+    for (i, r) in c.rules.iter().enumerate() {
+        if r.tables.is_empty() || r.tables.iter().any(|t| t.trim().is_empty()) {
+            bad(
+                &format!("cache.rules.{i}.tables"),
+                "list at least one table name or glob, none empty".into(),
+            );
+        }
+        if r.ttl.is_some_and(|t| t.is_zero()) {
+            bad(
+                &format!("cache.rules.{i}.ttl"),
+                "must be more than 0".into(),
+            );
+        }
+    }
 }
 
 fn check_readable(bad: &mut impl FnMut(&str, String), key: &str, file: &str) {
@@ -343,12 +382,28 @@ pub fn line_of(src: &str, key: &str) -> Option<usize> {
     let doc = toml_edit::Document::parse(src).ok()?;
     let mut table: &dyn toml_edit::TableLike = doc.as_table();
     let mut found = None;
-    for part in key.split('.') {
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
         let Some((k, item)) = table.get_key_value(part) else {
             break;
         };
         if let Some(span) = k.span().or_else(|| item.span()) {
             found = Some(line_at(src, span.start));
+        }
+        // `cache.rules.1.ttl`: the second `[[cache.rules]]` table.
+        if let Some(tables) = item.as_array_of_tables() {
+            let Some(t) = parts
+                .next()
+                .and_then(|i| i.parse().ok())
+                .and_then(|i| tables.get(i))
+            else {
+                break;
+            };
+            if let Some(span) = t.span() {
+                found = Some(line_at(src, span.start));
+            }
+            table = t;
+            continue;
         }
         match item.as_table_like() {
             Some(t) => table = t,

@@ -34,6 +34,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The admin console (`psql -d pgcache`).
     pub admin: AdminConfig,
+    /// The result cache.
+    pub cache: CacheConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -335,6 +337,78 @@ impl Default for AdminConfig {
 pub struct MetricsConfig {
     /// Address of the HTTP endpoint (`/metrics`, `/health`); none when unset.
     pub listen: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Cache reads at all; nothing outside a rule is cached either way.
+    pub enabled: bool,
+    /// How long an entry lives when its rule sets no `ttl`.
+    #[serde(with = "duration")]
+    pub default_ttl: Duration,
+    /// Most entries held in memory.
+    pub max_entries: usize,
+    /// Most bytes of results held in memory.
+    pub max_bytes: usize,
+    /// A larger result is streamed to the client and not stored.
+    pub max_entry_bytes: usize,
+    /// Which reads may be cached.
+    pub rules: Vec<CacheRule>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: false,
+            default_ttl: Duration::from_secs(60),
+            max_entries: 100_000,
+            max_bytes: 256 << 20,
+            max_entry_bytes: 1 << 20,
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// A read is cached when every relation it names matches a rule.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheRule {
+    /// Globs (`*`, `?`) on table or view names; `schema.name` globs match names written with a
+    /// schema, and unqualified names as `public.name`.
+    pub tables: Vec<String>,
+    /// Time to live of entries from this rule; `cache.default_ttl` when unset.
+    #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Duration>,
+    /// Share results across roles (only for tables every role may read in full; never applies
+    /// to tables with row-level security).
+    pub shared: bool,
+    /// Also serve and fill inside read-only read-committed transactions.
+    pub in_transaction: bool,
+}
+
+/// Parse a duration as the configuration writes it.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    duration::parse(s)
+}
+
+mod opt_duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = String::deserialize(d)?;
+        super::duration::parse(&s)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// Durations are written as `"30s"`, `"250ms"`, `"5m"`, `"1h"`; `"0"` or `"0s"` means none.

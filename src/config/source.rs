@@ -15,6 +15,8 @@ pub struct Overrides {
     pub metrics_listen: Option<String>,
     pub pool_mode: Option<PoolMode>,
     pub pool_size: Option<u32>,
+    /// `--cache-all`: caching on, plus a rule for every table.
+    pub cache_all: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -42,6 +44,13 @@ impl Source {
         }
         if let Some(n) = o.pool_size {
             config.pool.max_size = n;
+        }
+        if o.cache_all {
+            config.cache.enabled = true;
+            config.cache.rules.push(super::CacheRule {
+                tables: vec!["*".into()],
+                ..super::CacheRule::default()
+            });
         }
         if let Some(u) = &o.upstream {
             apply_upstream_url(&mut config, u).map_err(|message| ConfigError {

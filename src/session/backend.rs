@@ -11,7 +11,6 @@
 
 use super::frontend::forward;
 use super::{End, Session};
-use crate::config::PoolMode;
 use crate::error::PgError;
 use crate::wire;
 use bytes::{Bytes, BytesMut};
@@ -86,7 +85,7 @@ fn completes(kind: &Kind, tag: u8) -> bool {
 
 impl Session {
     pub(super) async fn on_server_input(&mut self) -> Result<(), End> {
-        let pooled = self.mode == PoolMode::Transaction;
+        let pooled = self.tracked();
         loop {
             let Some(a) = &mut self.server else {
                 return Ok(());
@@ -114,14 +113,18 @@ impl Session {
                 Some(f) => (f.start, Some(f)),
                 None => (a.scan.walked(), None),
             };
-            if streamed > 0 {
-                let bytes = a.conn.buf.split_to(streamed);
+            let bytes = (streamed > 0).then(|| {
                 a.scan.consumed(streamed);
-                forward(bytes, &mut self.to_client);
+                a.conn.buf.split_to(streamed)
+            });
+            let msg = frame.map(|f| {
+                a.scan.consumed(f.len);
+                a.conn.buf.split_to(f.len)
+            });
+            if let Some(bytes) = bytes {
+                self.deliver(bytes);
             }
-            let Some(f) = frame else { return Ok(()) };
-            let msg = a.conn.buf.split_to(f.len);
-            a.scan.consumed(f.len);
+            let Some(msg) = msg else { return Ok(()) };
             if pooled {
                 self.on_reply(msg);
             } else {
@@ -148,9 +151,14 @@ impl Session {
     fn on_reply(&mut self, msg: BytesMut) {
         let tag = msg[0];
         match tag {
-            // Asynchronous: notices, notifications, parameter changes.
-            b'N' | b'A' => return forward(msg, &mut self.to_client),
+            // Asynchronous: notices, notifications, parameter changes. Not part of a result:
+            // a result that came with one is not cached.
+            b'N' | b'A' => {
+                self.spoil_fill("notice");
+                return forward(msg, &mut self.to_client);
+            }
             b'S' => {
+                self.spoil_fill("notice");
                 if let Some(a) = &mut self.server {
                     a.conn.note_parameter(&msg[5..]);
                 }
@@ -169,6 +177,7 @@ impl Session {
         }
         let Some(Expect::Reply { kind, swallow, .. }) = self.queue.front() else {
             // Nothing expected (a server going away says so): pass it on.
+            self.spoil_fill("error");
             return forward(msg, &mut self.to_client);
         };
         let swallow = *swallow;
@@ -185,11 +194,18 @@ impl Session {
         if completes(kind, tag) {
             self.queue.pop_front();
             if tag == b'Z' {
-                self.statement_done(msg.get(5).copied().unwrap_or(b'I'));
+                let status = msg.get(5).copied().unwrap_or(b'I');
+                self.statement_done(status);
+                self.cache_ready(status);
+                if !swallow {
+                    forward(msg, &mut self.to_client);
+                }
+                self.emit_synthetic();
+                return;
             }
         }
         if !swallow {
-            forward(msg, &mut self.to_client);
+            self.deliver(msg);
         }
         self.emit_synthetic();
     }
@@ -197,6 +213,7 @@ impl Session {
     /// An `ErrorResponse`: the failed message's reply, and every reply up to the next Sync, will
     /// not come (a simple query still ends with its `ReadyForQuery`).
     fn on_error(&mut self, msg: BytesMut) {
+        self.spoil_fill("error");
         if wire::is_fatal(&msg[5..]) {
             if let Some(a) = &mut self.server {
                 a.fatal = true;
@@ -261,11 +278,30 @@ impl Session {
         }
     }
 
+    /// Server bytes for the client, captured when a result is being cached.
+    fn deliver(&mut self, bytes: BytesMut) {
+        if let Some(c) = self.cache.as_deref_mut() {
+            c.capture(&bytes, self.shared.cache.config().max_entry_bytes);
+        }
+        forward(bytes, &mut self.to_client);
+    }
+
+    fn spoil_fill(&mut self, reason: &'static str) {
+        if let Some(c) = self.cache.as_deref_mut() {
+            c.spoil(reason);
+        }
+    }
+
     /// Send the client the proxy's own answers that are now in order.
     pub(super) fn emit_synthetic(&mut self) {
         loop {
             match self.queue.front() {
-                Some(Expect::Synthetic(bytes)) => self.to_client.extend_from_slice(bytes),
+                Some(Expect::Synthetic(bytes)) => {
+                    if let Some(c) = self.cache.as_deref_mut() {
+                        c.capture(bytes, self.shared.cache.config().max_entry_bytes);
+                    }
+                    self.to_client.extend_from_slice(bytes)
+                }
                 Some(Expect::SyntheticReady) => {
                     wire::ready_for_query(self.tx.status, &mut self.to_client)
                 }

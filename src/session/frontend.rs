@@ -82,9 +82,10 @@ fn abort_probe(out: &mut BytesMut) {
 impl Session {
     pub(super) async fn on_client_input(&mut self) -> Result<(), End> {
         self.tx.last_activity = tokio::time::Instant::now();
-        match self.mode {
-            PoolMode::Session => self.pass_client(),
-            PoolMode::Transaction => self.pooled_client().await,
+        if self.tracked() {
+            self.pooled_client().await
+        } else {
+            self.pass_client()
         }
     }
 
@@ -173,6 +174,25 @@ impl Session {
         if tag == b'X' {
             return Err(End::ClientLeft);
         }
+        if self.cache.is_some() && !self.skipping {
+            if tag == b'Q' {
+                self.release_held().await?;
+                if self.cache_query(&msg).await {
+                    return Ok(());
+                }
+            } else {
+                match self.cache_hold(tag, msg).await? {
+                    Some(m) => return self.dispatch(m).await,
+                    None => return Ok(()),
+                }
+            }
+        }
+        self.dispatch(msg).await
+    }
+
+    /// Handle one message as it stands (the cache having had its say).
+    pub(super) async fn dispatch(&mut self, msg: BytesMut) -> Result<(), End> {
+        let tag = msg[0];
         if self.skipping {
             // After an error with no server to report it: skip to the Sync, as PostgreSQL does.
             if tag == b'S' {
@@ -201,7 +221,12 @@ impl Session {
         match tag {
             b'Q' => self.on_query(msg),
             b'P' => self.on_parse(msg),
-            b'B' => self.on_bind(msg),
+            b'B' => {
+                if self.cache.is_some() {
+                    self.cache_note_bind(&msg).await;
+                }
+                self.on_bind(msg)
+            }
             b'D' => self.on_describe(msg),
             b'C' => self.on_close(msg),
             b'E' => {
@@ -306,6 +331,12 @@ impl Session {
 
     /// Pins and settings effects of a statement; `Err` with the refusal when it may not run.
     fn admit(&mut self, a: &Analysis) -> Result<(), PgError> {
+        self.cache_note_pin(a.pin);
+        if self.mode == PoolMode::Session {
+            // The client has its server connection for good: nothing to pin or refuse.
+            self.settings.record(&a.effects);
+            return Ok(());
+        }
         let policy = &self.shared.config().pool;
         if let Some(reason) = a.pin {
             if self.pinned.is_none() {
@@ -432,6 +463,26 @@ impl Session {
             self.queue
                 .push_back(Expect::Synthetic(Bytes::from_static(PARSE_COMPLETE)));
         }
+    }
+
+    /// A held batch was answered from the cache: its `Parse` takes effect for the client as if it
+    /// had run; the server gets it when the statement is next used.
+    pub(super) fn note_parse_served(&mut self, msg: BytesMut) {
+        let body = &msg[5..];
+        let mut pos = 0;
+        let (Some(name), Some(query)) = (read_cstr(body, &mut pos), read_cstr(body, &mut pos))
+        else {
+            return;
+        };
+        if name.is_empty() {
+            self.unnamed = Some(msg.freeze());
+            if let Some(a) = &mut self.server {
+                a.unnamed_valid = false;
+            }
+            return;
+        }
+        let prepared = Arc::new(Prepared::new(query, &body[pos..]));
+        self.stmts.insert(name.to_string(), prepared);
     }
 
     /// Make sure the attached connection has `p`, parsing it there if not. Returns true when it

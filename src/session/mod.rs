@@ -12,6 +12,7 @@
 //! between messages with nothing in flight; otherwise it is closed.
 
 mod backend;
+mod cached;
 pub mod cancel;
 mod frontend;
 mod io;
@@ -103,6 +104,8 @@ pub struct Session {
     /// This client in the admin registry.
     ticket: ClientTicket,
     stats: Arc<PoolStats>,
+    /// The result cache's state for this client; none when caching is off.
+    cache: Option<Box<cached::SessionCache>>,
 }
 
 impl Session {
@@ -150,7 +153,11 @@ impl Session {
             shutdown,
             ticket,
             stats,
+            cache: None,
         };
+        if s.shared.cache.enabled() {
+            s.cache = Some(Box::new(cached::SessionCache::new()));
+        }
         // Transaction mode answers a login like one it has seen without borrowing a connection:
         // a busy pool must not keep clients from connecting.
         let startup = s.settings.startup();
@@ -262,10 +269,17 @@ impl Session {
         Ok(())
     }
 
+    /// Every message is looked at whole (transaction pooling, or the cache is on); otherwise
+    /// bytes pass through with only their headers read.
+    fn tracked(&self) -> bool {
+        self.mode == PoolMode::Transaction || self.cache.is_some()
+    }
+
     /// Transaction mode: the server connection can go back to its pool now.
     fn releasable(&self) -> bool {
         let Some(a) = &self.server else { return false };
         self.mode == PoolMode::Transaction
+            && !self.cache.as_ref().is_some_and(|c| c.holding())
             && self.pinned.is_none()
             && self.queue.is_empty()
             && self.tx.in_flight == 0
@@ -295,6 +309,9 @@ impl Session {
         if !self.settings.dirty() {
             return;
         }
+        if let Some(c) = self.cache.as_deref_mut() {
+            c.settings_changed();
+        }
         let limit = self.shared.config().upstream.connect_timeout;
         match tokio::time::timeout(limit, self.settings.capture(conn)).await {
             Ok(Ok(())) => {}
@@ -313,6 +330,7 @@ impl Session {
 
     /// The session is over: return or close the server connection.
     async fn finish(&mut self, end: End) {
+        self.cache_session_end();
         let Some(mut a) = self.server.take() else {
             return;
         };
@@ -376,6 +394,7 @@ impl Session {
 
     /// The upstream went away: tell the client unless the server already did.
     fn server_lost(&mut self) -> End {
+        self.cache_session_end();
         let told = self.server.as_ref().is_some_and(|a| a.fatal);
         if let Some(a) = &mut self.server {
             a.conn.broken = true;

@@ -6,13 +6,18 @@ use std::time::Duration;
 
 /// Status code and body of `GET path` on `addr` (e.g. `"127.0.0.1:9930"`); panics on I/O errors.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path)
+}
+
+/// Status code and body of `method path` (no request body) on `addr`.
+pub fn http_request(addr: &str, method: &str, path: &str) -> (u16, String) {
     let mut tcp = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
     // Hang guards only: the endpoint answers and closes at once.
     tcp.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("set read timeout");
     write!(
         tcp,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .expect("send HTTP request");
     let mut raw = Vec::new();

@@ -6,9 +6,11 @@
 //!   (restartable, optionally TLS). Each runs under a watchdog that stops it when the test process ends.
 //! - `proxy.rs`: `Proxy` runs the `pgcache` binary with a config (`proxy_config`) or CLI flags.
 //! - `tls.rs`: a throwaway CA and server certificate.
+//! - `cache.rs`: a proxy with the result cache on, tables, direct writes, cache figures.
 //! - here: ports, URLs, and `tokio_postgres` clients.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod cache;
 pub mod failure;
 pub mod http;
 mod postgres;

@@ -1,0 +1,278 @@
+//! The result cache (DESIGN §2): entries hold the exact bytes the server sent for a read, keyed by
+//! everything that can change them, and are served only while the versions of the relations they
+//! read are those read *before* the query went upstream. A write bumps versions; an entry that
+//! raced a write carries an old version and is never served.
+//!
+//! `sql` says what a statement text reads and writes, `catalog` what those names are upstream,
+//! `plan` joins both with the rules of `proxy.toml`, `store` is the bounded L1, `glob` matches
+//! rule and invalidation patterns. The session (`session::cached`) decides when to look up and
+//! what to capture.
+
+pub mod catalog;
+mod glob;
+pub mod plan;
+pub mod sql;
+mod store;
+
+pub use glob::glob_match;
+pub use plan::Plan;
+pub use store::{Entry, StoreStats};
+
+use crate::config::CacheConfig;
+use crate::metrics::METRICS;
+use arc_swap::ArcSwapOption;
+use catalog::Catalog;
+use lru::LruCache;
+use sql::SqlFacts;
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use store::Store;
+
+/// Versions of relations, as read before a query went upstream.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub epoch: u64,
+    pub versions: Box<[(Arc<str>, u64)]>,
+}
+
+/// One upstream database: its catalog, relation versions and statement plans.
+pub struct Db {
+    pub name: String,
+    catalog: ArcSwapOption<Catalog>,
+    /// Bumped when the catalog or the rules change: plans made before are stale.
+    generation: AtomicU64,
+    versions: RwLock<HashMap<Arc<str>, u64>>,
+    /// Bumped by writes whose relations cannot be known: every entry of the database.
+    epoch: AtomicU64,
+    plans: Mutex<LruCache<Box<str>, Arc<Plan>>>,
+}
+
+impl Db {
+    fn new(name: &str) -> Self {
+        Db {
+            name: name.to_string(),
+            catalog: ArcSwapOption::empty(),
+            generation: AtomicU64::new(1),
+            versions: RwLock::new(HashMap::new()),
+            epoch: AtomicU64::new(0),
+            plans: Mutex::new(LruCache::new(
+                NonZeroUsize::new(4096).unwrap_or(NonZeroUsize::MIN),
+            )),
+        }
+    }
+
+    pub fn catalog(&self) -> Option<Arc<Catalog>> {
+        self.catalog.load_full()
+    }
+
+    /// A freshly read catalog is in force.
+    pub fn set_catalog(&self, c: Option<Catalog>) {
+        self.catalog.store(c.map(Arc::new));
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The catalog is out of date (DDL through the proxy): nothing is cacheable until it is read
+    /// again.
+    pub fn catalog_stale(&self) {
+        self.set_catalog(None);
+    }
+
+    pub fn snapshot(&self, rels: &[Arc<str>]) -> Snapshot {
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let v = self.versions.read().unwrap_or_else(|p| p.into_inner());
+        Snapshot {
+            epoch,
+            versions: rels
+                .iter()
+                .map(|r| (r.clone(), v.get(r).copied().unwrap_or(0)))
+                .collect(),
+        }
+    }
+
+    /// The snapshot is still what a query sent now would read.
+    pub fn current(&self, s: &Snapshot) -> bool {
+        if self.epoch.load(Ordering::SeqCst) != s.epoch {
+            return false;
+        }
+        let v = self.versions.read().unwrap_or_else(|p| p.into_inner());
+        s.versions
+            .iter()
+            .all(|(r, n)| v.get(r).copied().unwrap_or(0) == *n)
+    }
+
+    /// Relations were (or may have been) written.
+    pub fn bump(&self, rels: &[Arc<str>], source: &str) {
+        if rels.is_empty() {
+            return;
+        }
+        let mut v = self.versions.write().unwrap_or_else(|p| p.into_inner());
+        for r in rels {
+            *v.entry(r.clone()).or_insert(0) += 1;
+        }
+        drop(v);
+        METRICS
+            .cache_invalidations
+            .with_label_values(&[source])
+            .inc();
+    }
+
+    /// Anything in this database may have changed.
+    pub fn bump_all(&self, source: &str) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        METRICS
+            .cache_invalidations
+            .with_label_values(&[source])
+            .inc();
+    }
+
+    /// Bump every relation whose name matches `pattern`; returns how many.
+    pub fn bump_matching(&self, pattern: &str, source: &str) -> usize {
+        let mut names: Vec<Arc<str>> = self
+            .catalog()
+            .map(|c| {
+                c.rels
+                    .keys()
+                    .filter(|n| glob_match(pattern, n))
+                    .map(|n| Arc::from(n.as_str()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        {
+            let v = self.versions.read().unwrap_or_else(|p| p.into_inner());
+            for n in v.keys() {
+                if glob_match(pattern, n) && !names.contains(n) {
+                    names.push(n.clone());
+                }
+            }
+        }
+        if !names.is_empty() {
+            self.bump(&names, source);
+        }
+        names.len()
+    }
+
+    fn lock_plans(&self) -> std::sync::MutexGuard<'_, LruCache<Box<str>, Arc<Plan>>> {
+        self.plans.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The whole cache: settings, databases, the L1 store and the statement memo.
+pub struct Cache {
+    config: arc_swap::ArcSwap<CacheConfig>,
+    dbs: RwLock<HashMap<String, Arc<Db>>>,
+    store: Store,
+    facts: Mutex<LruCache<Box<str>, Arc<SqlFacts>>>,
+}
+
+impl Cache {
+    pub fn new(config: &CacheConfig) -> Self {
+        Cache {
+            config: arc_swap::ArcSwap::from_pointee(config.clone()),
+            dbs: RwLock::new(HashMap::new()),
+            store: Store::new(),
+            facts: Mutex::new(LruCache::new(
+                NonZeroUsize::new(8192).unwrap_or(NonZeroUsize::MIN),
+            )),
+        }
+    }
+
+    pub fn config(&self) -> Arc<CacheConfig> {
+        self.config.load_full()
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.config.load().enabled
+    }
+
+    /// New settings (reload): the catalog is read again, plans are remade, entries over the
+    /// new bounds leave. (`enabled` itself needs a restart: sessions started without the cache
+    /// do not report their writes.)
+    pub fn reload(&self, config: &CacheConfig) {
+        self.config.store(Arc::new(config.clone()));
+        for db in self.dbs() {
+            db.catalog_stale();
+        }
+        self.store.trim(config);
+    }
+
+    pub fn db(&self, name: &str) -> Arc<Db> {
+        if let Some(d) = self.dbs.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+            return d.clone();
+        }
+        let mut w = self.dbs.write().unwrap_or_else(|p| p.into_inner());
+        w.entry(name.to_string())
+            .or_insert_with(|| Arc::new(Db::new(name)))
+            .clone()
+    }
+
+    pub fn dbs(&self) -> Vec<Arc<Db>> {
+        self.dbs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// What the statement text says, memoized.
+    pub fn facts(&self, sql: &str) -> Arc<SqlFacts> {
+        let lock = || self.facts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = lock().get(sql) {
+            return f.clone();
+        }
+        let f = Arc::new(sql::facts(sql));
+        lock().put(sql.into(), f.clone());
+        f
+    }
+
+    /// The plan for `sql` in `db`, made again when the catalog or rules changed.
+    pub fn plan(&self, db: &Db, sql: &str) -> Arc<Plan> {
+        let generation = db.generation.load(Ordering::SeqCst);
+        if let Some(p) = db.lock_plans().get(sql) {
+            if p.generation == generation {
+                return p.clone();
+            }
+        }
+        let facts = self.facts(sql);
+        let catalog = db.catalog();
+        let p = Arc::new(Plan::new(
+            &facts,
+            catalog.as_deref(),
+            &self.config(),
+            generation,
+        ));
+        db.lock_plans().put(sql.into(), p.clone());
+        p
+    }
+
+    pub fn get(&self, key: &[u8], db: &Db) -> Option<Arc<Entry>> {
+        self.store.get(key, db)
+    }
+
+    pub fn put(&self, key: Box<[u8]>, entry: Entry) {
+        self.store.put(key, entry, &self.config.load());
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        self.store.stats()
+    }
+
+    pub fn entries(&self, limit: usize) -> Vec<Arc<Entry>> {
+        self.store.entries(limit)
+    }
+
+    /// Entries by readable name; returns how many were removed.
+    pub fn invalidate_names(&self, pred: impl Fn(&Entry) -> bool) -> usize {
+        self.store.remove_where(pred)
+    }
+
+    /// Every entry, every database.
+    pub fn invalidate_all(&self) -> usize {
+        for db in self.dbs() {
+            db.bump_all("explicit");
+        }
+        self.store.clear()
+    }
+}
