@@ -72,8 +72,7 @@ const POLICIES: &str = "SELECT c.relname, coalesce(pg_get_expr(p.polqual, p.polr
  coalesce(pg_get_expr(p.polwithcheck, p.polrelid), 'true') \
  FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid";
 const FUNCTIONS: &str = "SELECT p.proname, p.provolatile, (n.nspname = 'pg_catalog')::text, l.lanname, \
- CASE WHEN n.nspname <> 'pg_catalog' AND p.prokind IN ('f', 'p') AND l.lanname = 'plpgsql' \
- THEN pg_get_functiondef(p.oid) WHEN l.lanname = 'sql' THEN p.prosrc END \
+ CASE WHEN n.nspname <> 'pg_catalog' AND l.lanname IN ('sql', 'plpgsql') THEN p.prosrc END \
  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_language l ON l.oid = p.prolang";
 const VOLATILE_OPS: &str = "SELECT DISTINCT o.oprname FROM pg_operator o \
  JOIN pg_proc p ON p.oid = o.oprcode WHERE p.provolatile = 'v'";
@@ -255,8 +254,15 @@ fn functions(rows: &Rows) -> HashMap<String, FuncInfo> {
             continue;
         }
         match (col(r, 3), r.get(4).and_then(|c| c.as_deref())) {
-            ("sql", Some(body)) if !body.trim().is_empty() => bodies.push((name, sql::facts(body))),
-            ("plpgsql", Some(def)) => match plpgsql_facts(def) {
+            ("sql", Some(body)) if !body.trim().is_empty() => {
+                let f = sql::facts(body);
+                match (f.parsed, body_facts(body)) {
+                    (true, _) => bodies.push((name, f)),
+                    (false, Some(t)) => bodies.push((name, t)),
+                    (false, None) => e.writes_all = true,
+                }
+            }
+            ("plpgsql", Some(def)) => match body_facts(def) {
                 Some(f) => bodies.push((name, f)),
                 None => e.writes_all = true,
             },
@@ -286,7 +292,7 @@ fn functions(rows: &Rows) -> HashMap<String, FuncInfo> {
             let body = r.get(4).and_then(|c| c.as_deref())?;
             let f = match col(r, 3) {
                 "sql" => sql::facts(body),
-                _ => plpgsql_facts(body)?,
+                _ => body_facts(body)?,
             };
             Some((col(r, 0).to_string(), f.functions))
         })
@@ -325,56 +331,77 @@ fn functions(rows: &Rows) -> HashMap<String, FuncInfo> {
     out
 }
 
-/// The SQL inside a PL/pgSQL function definition, as one set of facts; `None` when it runs
-/// dynamic SQL or cannot be read.
-fn plpgsql_facts(def: &str) -> Option<SqlFacts> {
-    let json = pg_query::parse_plpgsql(def).ok()?;
-    let mut queries = Vec::new();
-    if !collect_queries(&json, &mut queries) {
-        return None;
-    }
-    let mut all = SqlFacts::default();
-    for q in queries {
-        let mut f = sql::facts(&q);
-        if !f.parsed {
-            // Assignments and bare expressions: `x := expr`, `NEW`.
-            let expr = q.split_once(":=").map_or(q.as_str(), |(_, e)| e);
-            f = sql::facts(&format!("SELECT {expr}"));
-            if !f.parsed {
-                return None;
+/// What a procedural (PL/pgSQL) body may do, read from its tokens: relations after `INSERT
+/// INTO`, `UPDATE`, `DELETE FROM`, `MERGE INTO`, `TRUNCATE`, `COPY`, `REFRESH MATERIALIZED VIEW`;
+/// functions called; `SET`/`RESET` statements. Dynamic SQL (`EXECUTE`) and DDL write anything.
+/// `None` when the body cannot even be tokenized.
+fn body_facts(body: &str) -> Option<SqlFacts> {
+    let scanned = pg_query::scan(body).ok()?;
+    let toks: Vec<String> = scanned
+        .tokens
+        .iter()
+        .map(|t| {
+            let text = body.get(t.start as usize..t.end as usize).unwrap_or("");
+            match text.strip_prefix('"').and_then(|x| x.strip_suffix('"')) {
+                Some(quoted) => quoted.replace("\"\"", "\""),
+                None => text.to_ascii_lowercase(),
             }
+        })
+        .collect();
+    let mut f = SqlFacts::default();
+    let at = |i: usize| toks.get(i).map(String::as_str).unwrap_or("");
+    // The relation name starting at `i` (schema-qualified names give their last part).
+    let name_at = |mut i: usize| {
+        while at(i) == "only" || at(i) == "table" {
+            i += 1;
         }
-        all.writes.all |= f.writes.all;
-        all.writes.rels.extend(f.writes.rels);
-        all.sets |= f.sets;
-        all.functions.extend(f.functions);
-    }
-    Some(all)
-}
-
-/// Every `"query"` string in the PL/pgSQL tree; false on dynamic SQL.
-fn collect_queries(v: &serde_json::Value, out: &mut Vec<String>) -> bool {
-    match v {
-        serde_json::Value::Object(m) => {
-            for (k, v) in m {
-                if k.starts_with("PLpgSQL_stmt_dyn") {
-                    return false;
-                }
-                if k == "query" {
-                    if let Some(s) = v.as_str() {
-                        out.push(s.to_string());
-                        continue;
+        while at(i + 1) == "." {
+            i += 2;
+        }
+        at(i).to_string()
+    };
+    let push = |f: &mut SqlFacts, name: String| {
+        if !name.is_empty() {
+            f.writes.rels.push(sql::Rel { schema: None, name });
+        }
+    };
+    for i in 0..toks.len() {
+        let starts_statement =
+            i == 0 || matches!(at(i - 1), ";" | "begin" | "then" | "else" | "loop");
+        match (at(i), at(i + 1)) {
+            ("insert", "into") | ("merge", "into") | ("delete", "from") => {
+                push(&mut f, name_at(i + 2))
+            }
+            ("update", _) | ("copy", _) => push(&mut f, name_at(i + 1)),
+            ("truncate", _) => {
+                let mut j = i + 1;
+                loop {
+                    while matches!(at(j), "only" | "table") {
+                        j += 1;
                     }
-                }
-                if !collect_queries(v, out) {
-                    return false;
+                    push(&mut f, name_at(j));
+                    while at(j + 1) == "." {
+                        j += 2;
+                    }
+                    if at(j + 1) != "," {
+                        break;
+                    }
+                    j += 2;
                 }
             }
-            true
+            ("refresh", "materialized") => push(&mut f, name_at(i + 3)),
+            ("execute", _)
+            | ("create", _)
+            | ("alter", _)
+            | ("drop", _)
+            | ("grant", _)
+            | ("revoke", _) => f.writes.all = true,
+            ("set", _) | ("reset", _) if starts_statement => f.sets = true,
+            (name, "(") if !name.is_empty() && name != "(" => f.functions.push(name.to_string()),
+            _ => {}
         }
-        serde_json::Value::Array(a) => a.iter().all(|v| collect_queries(v, out)),
-        _ => true,
     }
+    Some(f)
 }
 
 /// Read and write closures of one relation name.
@@ -443,4 +470,37 @@ fn resolve(name: &str, nodes: &HashMap<String, Node>, cat: &Catalog) -> RelInfo 
 /// depend on the role and settings, which are part of every key.
 fn policy_function(name: &str) -> bool {
     matches!(name, "current_setting" | "current_user" | "session_user")
+}
+
+/// A catalog from rows shaped like the catalog queries' results (for tests).
+#[cfg(test)]
+pub fn from_rows(
+    relations: &[[&str; 5]],
+    links: [&[[&str; 2]]; 3],
+    rules: &[&str],
+    policies: &[[&str; 3]],
+    functions: &[[&str; 5]],
+) -> Catalog {
+    let rows = |v: Vec<Vec<&str>>| -> Rows {
+        v.into_iter()
+            .map(|r| {
+                r.into_iter()
+                    .map(|c| (!c.is_empty()).then(|| c.to_string()))
+                    .collect()
+            })
+            .collect()
+    };
+    let [inherits, cascades, triggers] = links;
+    Raw {
+        relations: rows(relations.iter().map(|r| r.to_vec()).collect()),
+        inherits: rows(inherits.iter().map(|r| r.to_vec()).collect()),
+        cascades: rows(cascades.iter().map(|r| r.to_vec()).collect()),
+        triggers: rows(triggers.iter().map(|r| r.to_vec()).collect()),
+        rules: rows(rules.iter().map(|r| vec![*r]).collect()),
+        policies: rows(policies.iter().map(|r| r.to_vec()).collect()),
+        functions: rows(functions.iter().map(|r| r.to_vec()).collect()),
+        volatile_ops: rows(vec![vec!["=%="]]),
+        isolation: rows(vec![vec!["read committed"]]),
+    }
+    .build()
 }

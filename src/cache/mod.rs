@@ -9,6 +9,8 @@
 //! what to capture.
 
 pub mod catalog;
+#[cfg(test)]
+mod decisions;
 mod glob;
 pub mod plan;
 pub mod sql;

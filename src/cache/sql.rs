@@ -147,7 +147,9 @@ pub fn facts(sql: &str) -> SqlFacts {
                     f.operators.push(name);
                 }
             }
-            NodeRef::SelectStmt(s) if s.into_clause.is_some() => shape = false,
+            NodeRef::SelectStmt(s) if s.into_clause.is_some() || !s.locking_clause.is_empty() => {
+                shape = false
+            }
             NodeRef::LockingClause(_)
             | NodeRef::SqlvalueFunction(_)
             | NodeRef::RangeTableSample(_)
