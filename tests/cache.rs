@@ -75,3 +75,190 @@ async fn prepared_reads_hit_per_parameter_and_see_writes() {
         assert_eq!(r, "two!", "{mode}: prepared statement keyed the same text");
     }
 }
+
+#[tokio::test]
+async fn row_level_security_and_roles_never_share_rows() {
+    let t = table("rls_docs", "owner text, body text");
+    direct(&format!(
+        "insert into {t} values ('app', 'app secret'), ('other', 'other secret');
+         alter table {t} enable row level security; alter table {t} force row level security;
+         create policy own on {t} using (owner = current_user);
+         grant select on {t} to other;"
+    ));
+    for mode in MODES {
+        // Even a rule that asks to share results across roles does not share RLS tables.
+        let extra = "[users.other]\npassword = \"other\"\n[[cache.rules]]\ntables = [\"*\"]\nshared = true\n";
+        let proxy = cache_proxy(mode, extra);
+        let app = connect(&app_url(&proxy)).await;
+        let other = connect(&proxy.url("other", "other", "app")).await;
+        let q = format!("select body from {t}");
+        for _ in 0..3 {
+            assert_eq!(column(&app, &q).await, ["app secret"], "{mode}");
+            assert_eq!(column(&other, &q).await, ["other secret"], "{mode}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn search_path_and_settings_are_part_of_the_key() {
+    direct(
+        "drop schema if exists sa cascade; drop schema if exists sb cascade;
+         create schema sa authorization app; create schema sb authorization app;
+         create table sa.sp (v text); create table sb.sp (v text);
+         alter table sa.sp owner to app; alter table sb.sp owner to app;
+         insert into sa.sp values ('a'); insert into sb.sp values ('b');",
+    );
+    for mode in MODES {
+        let proxy = cache_proxy(mode, "");
+        let c = connect(&app_url(&proxy)).await;
+        let d = connect(&app_url(&proxy)).await;
+        for _ in 0..2 {
+            c.simple_query("set search_path = sa").await.unwrap();
+            d.simple_query("set search_path = sb").await.unwrap();
+            assert_eq!(value(&c, "select v from sp").await, "a", "{mode}");
+            assert_eq!(value(&d, "select v from sp").await, "b", "{mode}");
+            c.simple_query("set search_path = sb").await.unwrap();
+            assert_eq!(value(&c, "select v from sp").await, "b", "{mode}");
+        }
+        // Output formats follow settings too.
+        let t = table(&format!("ts_{mode}"), "at timestamptz");
+        direct(&format!("insert into {t} values ('2020-01-01 12:00+00')"));
+        let q = format!("select at from public.{t}");
+        c.simple_query("set timezone = 'UTC'").await.unwrap();
+        assert_eq!(value(&c, &q).await, "2020-01-01 12:00:00+00");
+        c.simple_query("set timezone = 'Asia/Tokyo'").await.unwrap();
+        assert_eq!(value(&c, &q).await, "2020-01-01 21:00:00+09", "{mode}");
+    }
+}
+
+#[tokio::test]
+async fn errors_and_results_over_max_entry_bytes_are_not_stored() {
+    for mode in MODES {
+        let t = table(&format!("big_{mode}"), "id int, v int, pad text");
+        direct(&format!(
+            "insert into {t} select g, 1, repeat('x', 100) from generate_series(1, 100) g"
+        ));
+        let proxy = cache_proxy(mode, "[cache]\nmax_entry_bytes = 2000\n");
+        let c = connect(&app_url(&proxy)).await;
+        let bad = format!("select 1 / (v - v) from {t} where id = 1");
+        for _ in 0..2 {
+            let e = c.simple_query(&bad).await.unwrap_err();
+            assert_eq!(e.as_db_error().unwrap().code().code(), "22012", "{mode}");
+        }
+        let big = format!("select pad from {t}");
+        assert_eq!(column(&c, &big).await.len(), 100);
+        direct(&format!("delete from {t}"));
+        assert_eq!(
+            column(&c, &big).await.len(),
+            0,
+            "{mode}: not stored, read again"
+        );
+        // Only the (small) empty result after the delete was stored.
+        let f = cache_figures(&proxy).await;
+        assert_eq!(f["fills"], "1", "{mode}: {f:?}");
+        assert_eq!(f["entries"], "1", "{mode}: {f:?}");
+        let metrics = support::http::http_get(&proxy_metrics(&proxy), "/metrics").1;
+        let metrics: String = metrics
+            .lines()
+            .filter(|l| l.starts_with("pgcache_cache"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(
+            metrics.contains("pgcache_cache_fill_skips_total{reason=\"too_large\"} 1"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("pgcache_cache_fill_skips_total{reason=\"error\"} 2"),
+            "{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn hints_override_rules() {
+    let t = table("hinted", "v text");
+    direct(&format!("insert into {t} values ('one')"));
+    let proxy = cache_proxy("transaction", "");
+    let c = connect(&app_url(&proxy)).await;
+    let nocache = format!("/* pgcache: nocache */ select v from {t}");
+    let short = format!("/* pgcache: ttl=1s */ select v from {t}");
+    assert_eq!(value(&c, &nocache).await, "one");
+    assert_eq!(value(&c, &short).await, "one");
+    direct(&format!("update {t} set v = 'two'"));
+    assert_eq!(value(&c, &nocache).await, "two", "nocache goes upstream");
+    assert_eq!(value(&c, &short).await, "one", "cached for a second");
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert_eq!(value(&c, &short).await, "two", "expired");
+}
+
+#[tokio::test]
+async fn explicit_invalidation_from_the_console_and_http() {
+    let t = table("explicit_t", "v text");
+    direct(&format!("insert into {t} values ('one')"));
+    let proxy = cache_proxy("transaction", "");
+    let c = connect(&app_url(&proxy)).await;
+    let admin = admin(&proxy).await;
+    let q = format!("select v from {t}");
+    let warm_then_change = |to: &'static str| {
+        let (c, q, t) = (&c, q.clone(), t.clone());
+        async move {
+            value(c, &q).await;
+            direct(&format!("update {t} set v = '{to}'"));
+            assert_ne!(
+                value(c, &q).await,
+                to,
+                "served from the cache before invalidation"
+            );
+        }
+    };
+    warm_then_change("two").await;
+    admin
+        .simple_query("INVALIDATE TABLE 'explicit_*'")
+        .await
+        .unwrap();
+    assert_eq!(value(&c, &q).await, "two");
+    warm_then_change("three").await;
+    admin
+        .simple_query("INVALIDATE PATTERN 'app/app/*'")
+        .await
+        .unwrap();
+    assert_eq!(value(&c, &q).await, "three");
+    warm_then_change("four").await;
+    admin.simple_query("invalidate all").await.unwrap();
+    assert_eq!(value(&c, &q).await, "four");
+    warm_then_change("five").await;
+    let (status, body) = support::http::http_request(
+        &proxy_metrics(&proxy),
+        "POST",
+        "/cache/invalidate?table=explicit_t",
+    );
+    assert_eq!((status, body.trim()), (200, "{\"invalidated\":1}"));
+    assert_eq!(value(&c, &q).await, "five");
+    let (status, _) =
+        support::http::http_request(&proxy_metrics(&proxy), "POST", "/cache/invalidate?rows=1");
+    assert_eq!(status, 400);
+    let e = admin.simple_query("INVALIDATE ROWS x").await.unwrap_err();
+    assert_eq!(e.as_db_error().unwrap().code().code(), "42601");
+    let entries = column(&admin, "SHOW CACHE ENTRIES").await;
+    assert!(
+        entries.iter().all(|n| n.starts_with("app/app/")),
+        "{entries:?}"
+    );
+}
+
+#[tokio::test]
+async fn quick_mode_cache_all_flag() {
+    let t = table("quick_t", "v text");
+    direct(&format!("insert into {t} values ('one')"));
+    let port = support::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let upstream = pg().url("app", "app", "app");
+    let proxy =
+        support::Proxy::start_args(&["--listen", &listen, "--upstream", &upstream, "--cache-all"]);
+    let c = connect(&support::url(port, "app", "app", "app")).await;
+    let q = format!("select v from {t}");
+    assert_eq!(value(&c, &q).await, "one");
+    direct(&format!("update {t} set v = 'two'"));
+    assert_eq!(value(&c, &q).await, "one", "cached");
+    drop(proxy);
+}

@@ -14,8 +14,15 @@ pub fn cache_proxy(mode: &str, extra: &str) -> Proxy {
     } else {
         "[[cache.rules]]\ntables = [\"*\"]\n"
     };
+    let metrics = free_port();
+    let cache_keys = if extra.contains("[cache]") {
+        ""
+    } else {
+        "[cache]\n"
+    };
     let toml = format!(
-        "{extra}\n[pool]\nmode = \"{mode}\"\nmax_size = 4\n[cache]\nenabled = true\n{rules}"
+        "{extra}\n{cache_keys}enabled = true\n{rules}[pool]\nmode = \"{mode}\"\nmax_size = 4\n\
+         [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"
     );
     Proxy::start_env(
         &proxy_config(pg(), free_port(), &toml),
@@ -87,4 +94,16 @@ pub async fn cache_figures(proxy: &Proxy) -> HashMap<String, String> {
             _ => None,
         })
         .collect()
+}
+
+/// The address of the proxy's HTTP endpoint (`cache_proxy` always sets one).
+pub fn proxy_metrics(proxy: &Proxy) -> String {
+    let text = std::fs::read_to_string(proxy.config_path()).expect("read proxy config");
+    let table: toml::Table = text.parse().expect("proxy config");
+    let addr = table["metrics"]["listen"]
+        .as_str()
+        .expect("metrics.listen")
+        .to_string();
+    super::http::wait_http(&addr);
+    addr
 }

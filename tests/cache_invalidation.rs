@@ -1,0 +1,158 @@
+//! Writes through the proxy invalidate what they can change, found in the catalog: foreign-key
+//! cascades, triggers, views, functions that write, DDL (which also makes the proxy read the
+//! catalog again). Each test warms the cache, writes through the proxy, and reads back.
+
+mod support;
+
+use support::cache::*;
+use support::connect;
+
+#[tokio::test]
+async fn cascades_and_triggers_invalidate_their_targets() {
+    for mode in MODES {
+        let parent = table(&format!("parent_{mode}"), "id int primary key");
+        let child = table(
+            &format!("child_{mode}"),
+            &format!("id int, parent_id int references {parent} on delete cascade"),
+        );
+        let audit = table(&format!("audit_{mode}"), "n int");
+        direct(&format!(
+            "insert into {parent} values (1), (2); insert into {child} values (1, 1), (2, 2);
+             create function log_{mode}() returns trigger language plpgsql as $$
+             begin insert into {audit} values (new.id); return new; end $$;
+             alter function log_{mode}() owner to app;
+             create trigger t_{mode} after insert on {parent} for each row execute function log_{mode}();"
+        ));
+        let proxy = cache_proxy(mode, "");
+        let c = connect(&app_url(&proxy)).await;
+        let count_child = format!("select count(*) from {child}");
+        let count_audit = format!("select count(*) from {audit}");
+        assert_eq!(value(&c, &count_child).await, "2");
+        assert_eq!(value(&c, &count_audit).await, "0");
+        assert_eq!(value(&c, &count_child).await, "2");
+        assert_eq!(value(&c, &count_audit).await, "0");
+        c.simple_query(&format!("delete from {parent} where id = 1"))
+            .await
+            .unwrap();
+        assert_eq!(value(&c, &count_child).await, "1", "{mode}: cascade");
+        c.simple_query(&format!("insert into {parent} values (3)"))
+            .await
+            .unwrap();
+        assert_eq!(value(&c, &count_audit).await, "1", "{mode}: trigger");
+        let f = cache_figures(&proxy).await;
+        assert!(f["hits"].parse::<u32>().unwrap() >= 2, "{mode}: {f:?}");
+    }
+}
+
+#[tokio::test]
+async fn views_and_writing_functions() {
+    for mode in MODES {
+        let base = table(&format!("vbase_{mode}"), "id int, v text");
+        let counter = table(&format!("counter_{mode}"), "n int");
+        direct(&format!(
+            "insert into {base} values (1, 'a'); insert into {counter} values (0);
+             create view vv_{mode} as select id, upper(v) as v from {base};
+             alter view vv_{mode} owner to app;
+             create function bump_{mode}() returns int language sql as
+               'update {counter} set n = n + 1 returning n';
+             alter function bump_{mode}() owner to app;"
+        ));
+        let proxy = cache_proxy(mode, "");
+        let c = connect(&app_url(&proxy)).await;
+        let view_q = format!("select v from vv_{mode} where id = 1");
+        let counter_q = format!("select n from {counter}");
+        assert_eq!(value(&c, &view_q).await, "A");
+        assert_eq!(value(&c, &counter_q).await, "0");
+        direct(&format!("update {base} set v = 'direct'"));
+        assert_eq!(value(&c, &view_q).await, "A", "{mode}: the view is cached");
+        c.simple_query(&format!("update {base} set v = 'b'"))
+            .await
+            .unwrap();
+        assert_eq!(
+            value(&c, &view_q).await,
+            "B",
+            "{mode}: base write bumps the view"
+        );
+        assert_eq!(value(&c, &format!("select bump_{mode}()")).await, "1");
+        assert_eq!(value(&c, &counter_q).await, "1", "{mode}: function write");
+    }
+}
+
+#[tokio::test]
+async fn a_commit_invalidates_what_other_clients_cached_during_the_transaction() {
+    for mode in MODES {
+        let t = table(&format!("txw_{mode}"), "id int, v text");
+        direct(&format!("insert into {t} values (1, 'old')"));
+        let proxy = cache_proxy(mode, "");
+        let writer = connect(&app_url(&proxy)).await;
+        let reader = connect(&app_url(&proxy)).await;
+        let q = format!("select v from {t} where id = 1");
+        assert_eq!(value(&reader, &q).await, "old");
+        writer.simple_query("begin").await.unwrap();
+        writer
+            .simple_query(&format!("update {t} set v = 'new' where id = 1"))
+            .await
+            .unwrap();
+        assert_eq!(
+            value(&writer, &q).await,
+            "new",
+            "{mode}: own uncommitted write"
+        );
+        // The reader sees (and may cache) the committed value meanwhile.
+        assert_eq!(value(&reader, &q).await, "old");
+        assert_eq!(value(&reader, &q).await, "old");
+        writer.simple_query("commit").await.unwrap();
+        assert_eq!(value(&reader, &q).await, "new", "{mode}: after commit");
+        // A rolled-back write leaves the committed value.
+        writer.simple_query("begin").await.unwrap();
+        writer
+            .simple_query(&format!("update {t} set v = 'rolled back'"))
+            .await
+            .unwrap();
+        writer.simple_query("rollback").await.unwrap();
+        assert_eq!(value(&reader, &q).await, "new", "{mode}");
+        assert_eq!(value(&writer, &q).await, "new", "{mode}");
+    }
+}
+
+#[tokio::test]
+async fn ddl_through_the_proxy_invalidates_and_rereads_the_catalog() {
+    for mode in MODES {
+        let t = table(&format!("ddl_{mode}"), "id int");
+        let audit = table(&format!("ddl_audit_{mode}"), "id int");
+        direct(&format!("insert into {t} values (1)"));
+        let proxy = cache_proxy(mode, "");
+        let c = connect(&app_url(&proxy)).await;
+        let q = format!("select * from {t}");
+        let audit_q = format!("select count(*) from {audit}");
+        assert_eq!(column(&c, &q).await, ["1"]);
+        assert_eq!(value(&c, &audit_q).await, "0");
+        c.simple_query(&format!("alter table {t} add column z int default 5"))
+            .await
+            .unwrap();
+        let rows = c.simple_query(&q).await.unwrap();
+        let width = rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.len()),
+            _ => None,
+        });
+        assert_eq!(width, Some(2), "{mode}: the new column shows");
+        // A trigger created through the proxy is known to the next write.
+        c.batch_execute(&format!(
+            "create function ddl_log_{mode}() returns trigger language plpgsql as $$
+             begin insert into {audit} values (new.id); return new; end $$;
+             create trigger ddl_t_{mode} after insert on {t} for each row execute function ddl_log_{mode}();"
+        ))
+        .await
+        .unwrap();
+        assert_eq!(value(&c, &audit_q).await, "0");
+        assert_eq!(value(&c, &audit_q).await, "0");
+        c.simple_query(&format!("insert into {t} values (2)"))
+            .await
+            .unwrap();
+        assert_eq!(
+            value(&c, &audit_q).await,
+            "1",
+            "{mode}: new trigger's target bumped"
+        );
+    }
+}
