@@ -262,3 +262,39 @@ async fn quick_mode_cache_all_flag() {
     assert_eq!(value(&c, &q).await, "one", "cached");
     drop(proxy);
 }
+
+#[tokio::test]
+async fn reads_in_read_only_transactions_only_when_the_rule_allows() {
+    let t = table("in_tx", "v text");
+    direct(&format!("insert into {t} values ('one')"));
+    let q = format!("select v from {t}");
+    for (allowed, mode) in [(true, "transaction"), (false, "session")] {
+        let extra = format!("[[cache.rules]]\ntables = [\"*\"]\nin_transaction = {allowed}\n");
+        let proxy = cache_proxy(mode, &extra);
+        let c = connect(&app_url(&proxy)).await;
+        direct(&format!("update {t} set v = 'one'"));
+        assert_eq!(value(&c, &q).await, "one");
+        direct(&format!("update {t} set v = 'two'"));
+        c.simple_query("begin").await.unwrap();
+        let expect = if allowed { "one" } else { "two" };
+        assert_eq!(
+            value(&c, &q).await,
+            expect,
+            "plain BEGIN, rule in_transaction = {allowed}"
+        );
+        c.simple_query("commit").await.unwrap();
+        // Never in repeatable read: the snapshot is the transaction's, not the cache's.
+        c.simple_query("begin isolation level repeatable read")
+            .await
+            .unwrap();
+        assert_eq!(value(&c, &q).await, "two");
+        c.simple_query("commit").await.unwrap();
+        // A transaction that wrote reads from PostgreSQL.
+        c.simple_query("begin").await.unwrap();
+        c.simple_query(&format!("update {t} set v = 'three'"))
+            .await
+            .unwrap();
+        assert_eq!(value(&c, &q).await, "three");
+        c.simple_query("rollback").await.unwrap();
+    }
+}

@@ -111,7 +111,9 @@ impl Db {
         }
         let mut v = self.versions.write().unwrap_or_else(|p| p.into_inner());
         for r in rels {
-            *v.entry(r.clone()).or_insert(0) += 1;
+            let n = v.entry(r.clone()).or_insert(0);
+            *n += 1;
+            tracing::trace!(relation = %r, version = *n, "bump");
         }
         drop(v);
         METRICS

@@ -279,6 +279,11 @@ impl Session {
         if !plan.cacheable || c.off || self.pinned.is_some() || self.settings.dirty() {
             return false;
         }
+        // A write still in flight (its bump comes with its ReadyForQuery): the client must not
+        // get an answer from before it.
+        if !c.written.is_empty() || c.written_all || c.ddl {
+            return false;
+        }
         match self.tx.status {
             b'I' => true,
             b'T' => {
@@ -339,6 +344,7 @@ impl Session {
         let (key, name) = self.cache_key(db, plan, parts);
         tracing::debug!(%name, "cache lookup");
         if let Some(e) = self.shared.cache.get(&key, db) {
+            tracing::trace!(%name, snapshot = ?e.snapshot, "hit");
             e.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             METRICS.cache_hits.inc();
             // In order behind whatever the server still owes.
@@ -554,6 +560,13 @@ impl Session {
         Ok(None)
     }
 
+    /// The statement a fill was armed for was not sent (no server connection could be had).
+    pub(super) fn cache_drop_fill(&mut self) {
+        if let Some(c) = self.cache.as_deref_mut() {
+            c.fill = None;
+        }
+    }
+
     /// After a record of the session's writes is no longer needed.
     fn cache_clear_writes(&mut self) {
         if let Some(c) = self.cache.as_deref_mut() {
@@ -592,6 +605,7 @@ impl Session {
             match f.skip {
                 Some(reason) => METRICS.cache_fill_skips.with_label_values(&[reason]).inc(),
                 None if max_ok && !f.buf.is_empty() => {
+                    tracing::trace!(name = %f.name, snapshot = ?f.snapshot, "fill");
                     METRICS.cache_fills.inc();
                     self.shared.cache.put(
                         f.key,

@@ -210,6 +210,7 @@ impl Session {
             // inline, every idle client's task would carry its size.
             if let Err(e) = Box::pin(self.attach()).await {
                 tracing::info!(pool = %self.key, error = ?e, "no server connection for client");
+                self.cache_drop_fill();
                 let fatal = e.refused_by_upstream();
                 e.to_client(Severity::Error, &mut self.to_client);
                 if fatal {

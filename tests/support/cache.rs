@@ -7,26 +7,25 @@ use tokio_postgres::SimpleQueryMessage;
 
 pub const MODES: [&str; 2] = ["transaction", "session"];
 
-/// A proxy caching every table (`--cache-all` equivalent) in `mode`; `extra` is more TOML.
+/// A proxy caching every table (`--cache-all` equivalent) in `mode`, with its HTTP endpoint on;
+/// `extra` is TOML merged over that (a `[[cache.rules]]` there replaces the catch-all rule).
 pub fn cache_proxy(mode: &str, extra: &str) -> Proxy {
-    let rules = if extra.contains("[[cache.rules]]") {
-        ""
-    } else {
-        "[[cache.rules]]\ntables = [\"*\"]\n"
-    };
-    let metrics = free_port();
-    let cache_keys = if extra.contains("[cache]") {
-        ""
-    } else {
-        "[cache]\n"
-    };
-    let toml = format!(
-        "{extra}\n{cache_keys}enabled = true\n{rules}[pool]\nmode = \"{mode}\"\nmax_size = 4\n\
-         [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"
+    let defaults = format!(
+        "[pool]\nmode = \"{mode}\"\nmax_size = 4\n[cache]\nenabled = true\n\
+         [[cache.rules]]\ntables = [\"*\"]\n[metrics]\nlisten = \"127.0.0.1:{}\"\n",
+        free_port()
     );
+    let mut table: toml::Table = defaults.parse().expect("cache proxy defaults");
+    super::merge(&mut table, extra.parse().expect("extra TOML"));
+    let toml = toml::to_string(&table).expect("render");
     Proxy::start_env(
         &proxy_config(pg(), free_port(), &toml),
-        &[("RUST_LOG", "info,pgcache=debug")],
+        &[(
+            "RUST_LOG",
+            std::env::var("PGCACHE_TEST_LOG")
+                .as_deref()
+                .unwrap_or("info,pgcache=debug"),
+        )],
     )
 }
 

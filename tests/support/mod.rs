@@ -22,7 +22,7 @@ mod tls;
 #[allow(unused_imports)]
 pub use postgres::{pg, pg_bin, PgOptions, PgServer, ROLES};
 #[allow(unused_imports)]
-pub use proxy::{proxy_config, run_check, Proxy};
+pub use proxy::{merge, proxy_config, run_check, Proxy};
 #[allow(unused_imports)]
 pub use tls::{make_tls_files, TlsFiles};
 

@@ -44,7 +44,7 @@ method = "scram-sha-256"
     toml::to_string(&table).expect("render proxy config")
 }
 
-fn merge(into: &mut toml::Table, from: toml::Table) {
+pub fn merge(into: &mut toml::Table, from: toml::Table) {
     for (key, value) in from {
         match (into.get_mut(&key), value) {
             (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
