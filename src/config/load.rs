@@ -548,6 +548,25 @@ mod tests {
     }
 
     #[test]
+    fn cache_rule_problems_name_the_rule_and_line() {
+        let src = "[cache]\nenabled = true\nmax_entry_bytes = 10\nmax_bytes = 5\n\n\
+                   [[cache.rules]]\ntables = [\"a\"]\n\n[[cache.rules]]\ntables = []\nttl = \"0s\"\n";
+        let e = load(src, &[]).unwrap_err();
+        let keys: Vec<_> = e
+            .problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.line))
+            .collect();
+        assert!(keys.contains(&("cache.max_entry_bytes", Some(3))), "{e}");
+        assert!(keys.contains(&("cache.rules.1.tables", Some(10))), "{e}");
+        assert!(keys.contains(&("cache.rules.1.ttl", Some(11))), "{e}");
+        let e = load("[cache]\nenabled = true\n", &[]).unwrap_err();
+        assert_eq!(e.problems[0].key, "cache.enabled");
+        let e = load("[[cache.rules]]\ntables = [\"a\"]\nttl = \"soon\"\n", &[]).unwrap_err();
+        assert_eq!(e.problems[0].line, Some(3), "{e}");
+    }
+
+    #[test]
     fn env_overrides_keys() {
         let c = load(
             "[upstream]\npassword = \"file\"\n",
