@@ -188,6 +188,7 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
         tracing::info!(addr = ?l.local_addr().ok(), "serving /metrics and /health");
         tokio::spawn(admin::http::serve(l, shared.clone()));
     }
+    tokio::spawn(cache::warm::run(shared.clone()));
     tracing::info!(upstream = %shared.pools.target().addr(), "pgcache started");
     let serving = tokio::spawn(listener::serve(shared.clone(), listeners));
 

@@ -156,3 +156,48 @@ async fn ddl_through_the_proxy_invalidates_and_rereads_the_catalog() {
         );
     }
 }
+
+#[tokio::test]
+async fn warm_queries_are_cached_at_start_and_after_invalidation() {
+    let t = table("warm_t", "v text");
+    direct(&format!("insert into {t} values ('one')"));
+    let q = format!("select v from {t}");
+    let extra = format!(
+        "[[cache.warm]]\nsql = \"{q}\"\ndatabase = \"app\"\nuser = \"app\"\n\
+         [[cache.warm]]\nsql = \"select now()\"\ndatabase = \"app\"\nuser = \"app\"\n"
+    );
+    let proxy = cache_proxy("transaction", &extra);
+    let c = connect(&app_url(&proxy)).await;
+    // Warmed before any client asked: a direct change is not seen.
+    let mut warmed = false;
+    for _ in 0..100 {
+        if cache_figures(&proxy).await["fills"] == "1" {
+            warmed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(warmed, "the warm query was not stored:\n{}", proxy.log());
+    direct(&format!("update {t} set v = 'two'"));
+    assert_eq!(value(&c, &q).await, "one", "served from the warmed entry");
+    assert_eq!(cache_figures(&proxy).await["misses"], "0");
+    // A write through the proxy invalidates it; within a second or two it is warm again.
+    c.simple_query(&format!("update {t} set v = 'three'"))
+        .await
+        .unwrap();
+    let mut rewarmed = false;
+    for _ in 0..50 {
+        if cache_figures(&proxy).await["fills"] == "2" {
+            rewarmed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(rewarmed, "not warmed again:\n{}", proxy.log());
+    direct(&format!("update {t} set v = 'four'"));
+    assert_eq!(value(&c, &q).await, "three");
+    assert!(
+        proxy.log().contains("not cacheable"),
+        "select now() is refused"
+    );
+}

@@ -15,6 +15,7 @@ mod glob;
 pub mod plan;
 pub mod sql;
 mod store;
+pub mod warm;
 
 pub use glob::glob_match;
 pub use plan::Plan;
@@ -23,14 +24,54 @@ pub use store::{Entry, StoreStats};
 use crate::config::CacheConfig;
 use crate::metrics::METRICS;
 use arc_swap::ArcSwapOption;
+use bytes::Bytes;
 use catalog::Catalog;
 use lru::LruCache;
 use sql::SqlFacts;
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use store::Store;
+
+/// The part of a key that stands for a session's settings: every setting but `application_name`,
+/// in the map's (sorted) order.
+pub fn settings_sig<'a>(settings: impl IntoIterator<Item = (&'a String, &'a String)>) -> Bytes {
+    let mut s = Vec::new();
+    for (k, v) in settings {
+        if k != "application_name" {
+            s.extend_from_slice(k.as_bytes());
+            s.push(b'=');
+            s.extend_from_slice(v.as_bytes());
+            s.push(0);
+        }
+    }
+    Bytes::from(s)
+}
+
+/// An entry's key (every part, length-prefixed: no two different inputs give the same bytes) and
+/// its readable name `database/role/fingerprint/params-hash`.
+pub fn entry_key(
+    db: &str,
+    role: &str,
+    sig: &[u8],
+    fingerprint: &str,
+    parts: &[&[u8]],
+) -> (Box<[u8]>, String) {
+    let mut key = Vec::with_capacity(64 + parts.iter().map(|p| p.len() + 4).sum::<usize>());
+    for p in [db.as_bytes(), role.as_bytes(), sig]
+        .into_iter()
+        .chain(parts.iter().copied())
+    {
+        key.extend_from_slice(&(p.len() as u32).to_be_bytes());
+        key.extend_from_slice(p);
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parts.hash(&mut h);
+    let name = format!("{db}/{role}/{fingerprint}/{:016x}", h.finish());
+    (key.into_boxed_slice(), name)
+}
 
 /// Versions of relations, as read before a query went upstream.
 #[derive(Debug, Clone)]

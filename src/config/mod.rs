@@ -355,6 +355,8 @@ pub struct CacheConfig {
     pub max_entry_bytes: usize,
     /// Which reads may be cached.
     pub rules: Vec<CacheRule>,
+    /// Queries run at start so clients find them cached.
+    pub warm: Vec<CacheWarm>,
 }
 
 impl Default for CacheConfig {
@@ -366,6 +368,7 @@ impl Default for CacheConfig {
             max_bytes: 256 << 20,
             max_entry_bytes: 1 << 20,
             rules: Vec::new(),
+            warm: Vec::new(),
         }
     }
 }
@@ -385,6 +388,34 @@ pub struct CacheRule {
     pub shared: bool,
     /// Also serve and fill inside read-only read-committed transactions.
     pub in_transaction: bool,
+}
+
+/// A query to run at start (and again when its result is invalidated, with `refresh`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheWarm {
+    /// One read, written exactly as the clients send it (the text is part of the key).
+    pub sql: String,
+    /// Client-facing database and user of the clients it is for.
+    pub database: String,
+    pub user: String,
+    /// Session settings of those clients (what their driver sends at startup, minus
+    /// `application_name`).
+    pub settings: BTreeMap<String, String>,
+    /// Run again whenever the entry is invalidated or expires.
+    pub refresh: bool,
+}
+
+impl Default for CacheWarm {
+    fn default() -> Self {
+        CacheWarm {
+            sql: String::new(),
+            database: String::new(),
+            user: String::new(),
+            settings: [("client_encoding".to_string(), "UTF8".to_string())].into(),
+            refresh: true,
+        }
+    }
 }
 
 /// Parse a duration as the configuration writes it.

@@ -18,7 +18,6 @@ use crate::cache::{catalog, Db, Entry, Plan, Snapshot};
 use crate::metrics::METRICS;
 use crate::wire::read_cstr;
 use bytes::{Bytes, BytesMut};
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -154,12 +153,6 @@ fn read_parse(msg: &[u8]) -> Option<(&str, &str, &[u8])> {
     let name = read_cstr(body, &mut pos)?;
     let sql = read_cstr(body, &mut pos)?;
     Some((name, sql, &body[pos..]))
-}
-
-fn hash_hex(parts: &[&[u8]]) -> String {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    parts.hash(&mut h);
-    format!("{:016x}", h.finish())
 }
 
 impl Session {
@@ -309,34 +302,10 @@ impl Session {
             self.key.user.as_str()
         };
         let c = self.cache.as_deref_mut().expect("cache on");
-        let sig = c.sig.get_or_insert_with(|| {
-            let mut s = Vec::new();
-            for (k, v) in self.settings.wanted.iter() {
-                if k != "application_name" {
-                    s.extend_from_slice(k.as_bytes());
-                    s.push(b'=');
-                    s.extend_from_slice(v.as_bytes());
-                    s.push(0);
-                }
-            }
-            Bytes::from(s)
-        });
-        let mut key = Vec::with_capacity(64 + parts.iter().map(|p| p.len() + 4).sum::<usize>());
-        for p in [db.name.as_bytes(), role.as_bytes(), &sig[..]]
-            .into_iter()
-            .chain(parts.iter().copied())
-        {
-            key.extend_from_slice(&(p.len() as u32).to_be_bytes());
-            key.extend_from_slice(p);
-        }
-        let name = format!(
-            "{}/{}/{}/{}",
-            db.name,
-            role,
-            plan.fingerprint,
-            hash_hex(parts)
-        );
-        (key.into_boxed_slice(), name)
+        let sig = c
+            .sig
+            .get_or_insert_with(|| crate::cache::settings_sig(self.settings.wanted.iter()));
+        crate::cache::entry_key(&db.name, role, sig, &plan.fingerprint, parts)
     }
 
     /// Answer from the cache, or arm a fill for the statement about to go upstream.
