@@ -70,4 +70,11 @@ log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 log "cargo test $*"
 cargo test "$@"
+if [ "$#" -eq 0 ]; then
+    # The protocol suites again with the result cache in the data path of every proxy.
+    log "PGCACHE_TEST_WITH_CACHE=1 cargo test (protocol suites, cache on)"
+    PGCACHE_TEST_WITH_CACHE=1 cargo test --test protocol --test transparency \
+        --test transaction_pooling --test pooling --test cancel --test drivers --test failures \
+        --test shutdown
+fi
 log "all checks passed"

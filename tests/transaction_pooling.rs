@@ -408,3 +408,44 @@ async fn connection_storms_leave_no_server_connections_behind() {
     let c = support::connect(&url).await;
     assert_eq!(show(&c, "select 1").await, "1");
 }
+
+#[tokio::test]
+async fn copy_in_over_the_extended_protocol_keeps_replies_in_step() {
+    // tokio-postgres sends Bind, Execute, Sync before the data: the server ignores that Sync in
+    // copy mode, so the proxy must not wait for its ReadyForQuery.
+    let proxy = tx_proxy("max_size = 2\n");
+    let client = support::connect(&proxy.url("app", "app", "app")).await;
+    table("tx_copy_in", "id int, v text");
+    client.batch_execute("truncate tx_copy_in").await.unwrap();
+    for round in 0..3 {
+        let sink = client
+            .copy_in("copy tx_copy_in (id, v) from stdin")
+            .await
+            .expect("copy in");
+        futures::pin_mut!(sink);
+        use futures::SinkExt;
+        sink.send(bytes::Bytes::from(format!("{round}\tr{round}\n")))
+            .await
+            .unwrap();
+        assert_eq!(sink.finish().await.expect("copy finish"), 1);
+        let n: i64 = client
+            .query_one("select count(*) from tx_copy_in", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, round + 1);
+    }
+    // A failing copy reports its error and the client goes on.
+    let sink = client
+        .copy_in("copy tx_copy_in (id, v) from stdin")
+        .await
+        .unwrap();
+    futures::pin_mut!(sink);
+    use futures::SinkExt;
+    sink.send(bytes::Bytes::from_static(b"not a number\tx\n"))
+        .await
+        .unwrap();
+    let e = sink.finish().await.unwrap_err();
+    assert_eq!(code(&e), "22P02");
+    assert_eq!(show(&client, "select 'after'").await, "after");
+}

@@ -73,6 +73,9 @@ pub fn entry_key(
     (key.into_boxed_slice(), name)
 }
 
+/// After a failed catalog read, the next one waits this long (until then nothing is cached).
+pub const CATALOG_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Versions of relations, as read before a query went upstream.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -87,6 +90,9 @@ pub struct Db {
     /// Bumped when the catalog or the rules change: plans made before are stale.
     generation: AtomicU64,
     versions: RwLock<HashMap<Arc<str>, u64>>,
+    /// Held while the catalog is being read: one reader at a time; holds when the last read
+    /// failed (the next waits `CATALOG_RETRY`).
+    pub load_lock: tokio::sync::Mutex<Option<std::time::Instant>>,
     /// Bumped by writes whose relations cannot be known: every entry of the database.
     epoch: AtomicU64,
     plans: Mutex<LruCache<Box<str>, Arc<Plan>>>,
@@ -99,6 +105,7 @@ impl Db {
             catalog: ArcSwapOption::empty(),
             generation: AtomicU64::new(1),
             versions: RwLock::new(HashMap::new()),
+            load_lock: tokio::sync::Mutex::new(None),
             epoch: AtomicU64::new(0),
             plans: Mutex::new(LruCache::new(
                 NonZeroUsize::new(4096).unwrap_or(NonZeroUsize::MIN),

@@ -218,6 +218,12 @@ impl Pools {
         entry
     }
 
+    /// A connection outside every pool, logged in as `key`'s pool would be: the proxy's own reads
+    /// (the catalog) never take a connection a client is waiting for. Close it with `terminate`.
+    pub async fn connect_unpooled(&self, key: &PoolKey) -> Result<ServerConn, UpstreamError> {
+        ServerConn::connect(&self.target, &self.login_for(key)).await
+    }
+
     /// Lend a server connection for `key`, waiting up to `pool.acquire_timeout`.
     pub async fn acquire(&self, key: &PoolKey) -> Result<ServerGuard, AcquireError> {
         let entry = self.entry(key);

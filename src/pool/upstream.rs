@@ -166,6 +166,12 @@ impl ServerConn {
         Ok(conn)
     }
 
+    /// Say goodbye (`Terminate`) and close: the server logs no lost connection.
+    pub async fn terminate(mut self) {
+        let _ = self.send(b"X\0\0\0\x04").await;
+        let _ = self.stream.shutdown().await;
+    }
+
     async fn send(&mut self, out: &[u8]) -> Result<(), UpstreamError> {
         self.stream.write_all(out).await?;
         self.stream.flush().await?;

@@ -38,6 +38,10 @@ pub enum Expect {
     Synthetic(Bytes),
     /// A `ReadyForQuery` with the transaction status in force when it is sent.
     SyntheticReady,
+    /// Where the client ended a COPY FROM STDIN (`CopyDone`/`CopyFail`) before the server said
+    /// it started one: a `Sync` queued before this mark reaches the server in copy mode and is
+    /// ignored there. Not a reply; dropped when it reaches the front.
+    CopyEnd,
     Reply {
         kind: Kind,
         /// Not for the client: the proxy sent the message on its own.
@@ -167,6 +171,9 @@ impl Session {
             _ => {}
         }
         self.emit_synthetic();
+        if tag == b'G' {
+            self.copy_in_started();
+        }
         if tag == b'E' {
             self.on_error(msg);
             self.emit_synthetic();
@@ -214,6 +221,8 @@ impl Session {
     /// not come (a simple query still ends with its `ReadyForQuery`).
     fn on_error(&mut self, msg: BytesMut) {
         self.spoil_fill("error");
+        // An error ends COPY FROM STDIN on the server's side.
+        self.tx.copy_in = false;
         if wire::is_fatal(&msg[5..]) {
             if let Some(a) = &mut self.server {
                 a.fatal = true;
@@ -292,10 +301,35 @@ impl Session {
         }
     }
 
+    /// `CopyInResponse`: the server now ignores `Sync` until the copy ends. Syncs the client
+    /// pipelined after the COPY's Execute (and before its CopyDone) get no reply: forget them.
+    fn copy_in_started(&mut self) {
+        let mut i = 0;
+        let mut ended = false;
+        while i < self.queue.len() {
+            match &self.queue[i] {
+                Expect::CopyEnd => {
+                    self.queue.remove(i);
+                    ended = true;
+                    break;
+                }
+                Expect::Reply {
+                    kind: Kind::Sync, ..
+                } => {
+                    self.queue.remove(i);
+                    self.tx.in_flight = self.tx.in_flight.saturating_sub(1);
+                }
+                _ => i += 1,
+            }
+        }
+        self.tx.copy_in = !ended;
+    }
+
     /// Send the client the proxy's own answers that are now in order.
     pub(super) fn emit_synthetic(&mut self) {
         loop {
             match self.queue.front() {
+                Some(Expect::CopyEnd) => {}
                 Some(Expect::Synthetic(bytes)) => {
                     if let Some(c) = self.cache.as_deref_mut() {
                         c.capture(bytes, self.shared.cache.config().max_entry_bytes);

@@ -181,6 +181,7 @@ impl Session {
         !self.tx.batch_open
             && self.queue.iter().all(|e| match e {
                 Expect::Synthetic(_) | Expect::SyntheticReady => true,
+                Expect::CopyEnd => false,
                 Expect::Reply { kind, .. } => matches!(
                     kind,
                     Kind::Sync | Kind::Close | Kind::Parse { .. } | Kind::DescribeStatement
@@ -188,45 +189,62 @@ impl Session {
             })
     }
 
-    /// Read the catalog (first use, or after DDL) and the client's changed settings, on the
-    /// session's server connection while it is idle outside a transaction. Failures only mean
-    /// this statement is not cached.
+    /// Read the catalog (first use, or after DDL: on a connection of its own, never the
+    /// client's) and, while the session is idle outside a transaction, the settings the client
+    /// changed. Failures only mean this statement is not cached.
     async fn cache_prepare(&mut self, db: &Db) {
-        if self.tx.status != b'I' || !self.idle() {
+        if db.catalog().is_none() {
+            self.load_catalog(db).await;
+        }
+        if !self.settings.dirty() || self.tx.status != b'I' || !self.idle() {
             return;
         }
-        let catalog_missing = db.catalog().is_none();
-        if !catalog_missing && !self.settings.dirty() {
+        let Some(mut a) = self.server.take() else {
+            return; // transaction mode: captured when the connection goes back
+        };
+        if a.to_server.is_empty() && a.conn.buf.is_empty() {
+            self.capture_settings(&mut a.conn).await;
+        }
+        self.server = Some(a);
+    }
+
+    async fn load_catalog(&self, db: &Db) {
+        let mut failed_at = db.load_lock.lock().await;
+        if db.catalog().is_some()
+            || failed_at.is_some_and(|t| t.elapsed() < crate::cache::CATALOG_RETRY)
+        {
             return;
         }
-        if self.server.is_none() && Box::pin(self.attach()).await.is_err() {
-            return;
-        }
-        let Some(a) = &mut self.server else { return };
-        if !a.to_server.is_empty() || !a.conn.buf.is_empty() {
-            return;
-        }
-        let limit = self.shared.config().upstream.connect_timeout;
-        if catalog_missing {
-            match tokio::time::timeout(limit, catalog::load(&mut a.conn)).await {
-                Ok(Ok(c)) => {
-                    tracing::debug!(db = %db.name, relations = c.rels.len(), "catalog read");
-                    db.set_catalog(Some(c));
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(db = %db.name, error = %e, "reading the catalog failed; not caching")
-                }
-                Err(_) => {
-                    tracing::warn!(db = %db.name, "reading the catalog timed out; not caching")
+        let limit = self.shared.config().upstream.connect_timeout * 2;
+        // Concurrent DDL can make a catalog function fail (a view dropped between two reads):
+        // a few quick attempts.
+        let load = async {
+            let mut last = None;
+            for _ in 0..3 {
+                let mut conn = self.shared.pools.connect_unpooled(&self.key).await?;
+                let c = catalog::load(&mut conn).await;
+                conn.terminate().await;
+                match c {
+                    Ok(c) => return Ok(c),
+                    Err(e) => last = Some(e),
                 }
             }
-        }
-        if self.settings.dirty() {
-            let Some(mut a) = self.server.take() else {
-                return;
-            };
-            self.capture_settings(&mut a.conn).await;
-            self.server = Some(a);
+            Err(last.expect("three attempts"))
+        };
+        match tokio::time::timeout(limit, load).await {
+            Ok(Ok(c)) => {
+                tracing::debug!(db = %db.name, relations = c.rels.len(), "catalog read");
+                db.set_catalog(Some(c));
+                *failed_at = None;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(db = %db.name, error = %e, "reading the catalog failed; not caching");
+                *failed_at = Some(std::time::Instant::now());
+            }
+            Err(_) => {
+                tracing::warn!(db = %db.name, "reading the catalog timed out; not caching");
+                *failed_at = Some(std::time::Instant::now());
+            }
         }
     }
 
@@ -353,6 +371,7 @@ impl Session {
         };
         self.cache_note_sent(&plan);
         if !self.quiet() || !self.cache_eligible(&db, &plan) {
+            tracing::trace!(cacheable = plan.cacheable, quiet = self.quiet(), status = %(self.tx.status as char), queue = ?self.queue, batch_open = self.tx.batch_open, in_flight = self.tx.in_flight, "simple query not looked up");
             return false;
         }
         self.cache_lookup(&db, &plan, &[b"Q", sql.as_bytes()])

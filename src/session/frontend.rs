@@ -38,9 +38,14 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// `param_types` is the rest of the client's `Parse` after the query text.
-    fn new(query: &str, param_types: &[u8]) -> Self {
-        let server_name = server_name(query, param_types);
+    /// `param_types` is the rest of the client's `Parse` after the query text. `own_name`: the
+    /// name to use on the server (session mode keeps the client's); otherwise one derived from
+    /// text and types, shared by clients.
+    fn new(query: &str, param_types: &[u8], own_name: Option<&str>) -> Self {
+        let server_name = match own_name {
+            Some(n) => n.to_string(),
+            None => server_name(query, param_types),
+        };
         let mut parse = BytesMut::new();
         wire::frame(
             b'P',
@@ -235,10 +240,19 @@ impl Session {
                 self.push(msg, Kind::Execute);
                 self.tx.batch_open = true;
             }
+            b'S' if self.tx.copy_in => self.send(msg), // ignored by the server in copy mode
             b'S' => {
                 self.push(msg, Kind::Sync);
                 self.tx.batch_open = false;
                 self.statement_sent();
+            }
+            b'c' | b'f' => {
+                if self.tx.copy_in {
+                    self.tx.copy_in = false;
+                } else {
+                    self.queue.push_back(Expect::CopyEnd);
+                }
+                self.send(msg);
             }
             b'F' => {
                 self.push(msg, Kind::Query);
@@ -289,7 +303,7 @@ impl Session {
                 if analysis.pin.is_some() || !analysis.effects.is_empty() {
                     return false;
                 }
-                let prepared = Arc::new(Prepared::new(query, &body[pos..]));
+                let prepared = Arc::new(Prepared::new(query, &body[pos..], None));
                 if !self
                     .shared
                     .pools
@@ -386,7 +400,12 @@ impl Session {
             .as_deref()
             .filter(|_| analysis.statements == 1)
         {
-            if self.stmts.remove(name).is_some() {
+            let on_server = self.mode == PoolMode::Session
+                && self
+                    .server
+                    .as_mut()
+                    .is_some_and(|a| a.conn.prepared.pop(name).is_some());
+            if self.stmts.remove(name).is_some() && !on_server {
                 self.queue.push_back(Expect::Synthetic(Bytes::from_static(
                     b"C\0\0\0\x0fDEALLOCATE\0",
                 )));
@@ -457,13 +476,19 @@ impl Session {
             );
             return self.refuse_extended(refusal);
         }
-        let prepared = Arc::new(Prepared::new(query, &body[pos..]));
+        let prepared = Arc::new(Prepared::new(query, &body[pos..], self.own_name(name)));
         let name = name.to_string();
         self.stmts.insert(name.clone(), prepared.clone());
         if self.ensure_prepared(&prepared, Some(name)) {
             self.queue
                 .push_back(Expect::Synthetic(Bytes::from_static(PARSE_COMPLETE)));
         }
+    }
+
+    /// Session mode: statements keep the client's names on its own server connection (what
+    /// `pg_prepared_statements` shows stays the client's).
+    fn own_name<'a>(&self, name: &'a str) -> Option<&'a str> {
+        (self.mode == PoolMode::Session).then_some(name)
     }
 
     /// A held batch was answered from the cache: its `Parse` takes effect for the client as if it
@@ -482,7 +507,7 @@ impl Session {
             }
             return;
         }
-        let prepared = Arc::new(Prepared::new(query, &body[pos..]));
+        let prepared = Arc::new(Prepared::new(query, &body[pos..], self.own_name(name)));
         self.stmts.insert(name.to_string(), prepared);
     }
 
@@ -598,6 +623,14 @@ impl Session {
         let (Some(&what), Some(name)) = (body.first(), read_cstr(body, &mut pos)) else {
             return self.push(msg, Kind::Close);
         };
+        if what == b'S' && !name.is_empty() && self.mode == PoolMode::Session {
+            // The client's own statement: closed on the server too (if it was ever parsed there).
+            self.stmts.remove(name);
+            if let Some(a) = &mut self.server {
+                a.conn.prepared.pop(name);
+            }
+            return self.push(msg, Kind::Close);
+        }
         if what == b'S' && !name.is_empty() {
             // The statement stays on the server for other clients; the client's name is gone.
             self.stmts.remove(name);

@@ -66,6 +66,9 @@ struct Tx {
     last_activity: Instant,
     /// The current statement is cancelled at this time (`query_timeout`).
     query_deadline: Option<Instant>,
+    /// The server is in COPY FROM STDIN mode and the client has not ended it: a `Sync` now is
+    /// ignored by the server and gets no `ReadyForQuery`.
+    copy_in: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +145,7 @@ impl Session {
                 batch_open: false,
                 last_activity: Instant::now(),
                 query_deadline: None,
+                copy_in: false,
             },
             queue: VecDeque::new(),
             stmts: HashMap::new(),

@@ -37,6 +37,14 @@ method = "scram-sha-256"
         pg_port = pg.port
     );
     let mut table: toml::Table = base.parse().expect("base proxy config parses");
+    // PGCACHE_TEST_WITH_CACHE=1: every proxy caches every table (the whole suite can run with
+    // the cache in the data path); a test's own [cache] still wins.
+    if std::env::var("PGCACHE_TEST_WITH_CACHE").is_ok_and(|v| v == "1") {
+        let cache: toml::Table = "[cache]\nenabled = true\n[[cache.rules]]\ntables = [\"*\"]\n"
+            .parse()
+            .expect("cache TOML");
+        merge(&mut table, cache);
+    }
     let extra: toml::Table = extra
         .parse()
         .unwrap_or_else(|e| panic!("extra proxy config is not TOML: {e}\n{extra}"));
@@ -117,7 +125,10 @@ impl Proxy {
         let log = fs::File::create(dir.path().join("proxy.log")).expect("create proxy.log");
         let child = Command::new(env!("CARGO_BIN_EXE_pgcache"))
             .args(args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("PGCACHE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1") // plain log lines that tests can search
             .envs(env.iter().copied())
             .current_dir(dir.path())
