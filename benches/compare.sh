@@ -5,16 +5,19 @@
 #   1. builds pgcache (`cargo build --release`) and the idle-clients bench (`cargo bench --no-run`);
 #   2. starts a throwaway PostgreSQL in a temp dir (initdb as `postgres`, free port, fsync=off,
 #      max_connections=300), creates role app/app (SCRAM) and database bench, `pgbench -i -s 10`;
-#   3. starts PgBouncer (transaction mode, pool 20) and pgcache (transaction mode, pool 20) on free
-#      ports, both authenticating clients with SCRAM against app's secret copied from pg_authid;
-#   4. runs the same pgbench workloads against each target, interleaved A B C A B C over ROUNDS rounds
+#   3. starts PgBouncer (transaction mode, pool 20), pgcache (transaction mode, pool 20) and a
+#      second pgcache with the result cache on for the pgbench tables ("cached", warmed with -S in
+#      each protocol mode) on free ports, all authenticating clients with SCRAM against app's
+#      secret copied from pg_authid;
+#   4. runs the same pgbench workloads against each target, interleaved A B C D over ROUNDS rounds
 #      so that machine drift shows: select-only (-S) with -M simple/extended/prepared at 32 clients,
 #      TPC-B-like (default script) at 16 clients, and a connection storm (-C -S) at 16 clients;
 #   5. measures idle client connections (benches/idle_clients.rs) through fresh instances of each
 #      proxy: RSS per client and the server connection count;
 #   6. per run records TPS, mean/p99 latency, proxy CPU and peak RSS, and the CPU used by anything
 #      else on the machine (so a disturbed run shows);
-#   7. prints a table and the ratios pgcache/PgBouncer and pgcache/direct, and writes
+#   7. prints a table, the ratios pgcache/PgBouncer and pgcache/direct, the cache-on figures (hit
+#      ratio, cached/direct, cached/cache-off), and writes
 #      benches/results/<date>-<hostname>.csv and .md (`-smoke` added under SMOKE=1).
 # Everything it started is stopped and its temp dir removed on exit.
 #
@@ -28,6 +31,7 @@
 #   PGBOUNCER          pgbouncer binary (default: /usr/sbin/pgbouncer or on PATH)
 #   RESULTS_DIR        where result files go (default: benches/results)
 #   WARMUP=3           seconds of unrecorded -S per target before the rounds
+#   CACHE_WARMUP=20    seconds of unrecorded -S per protocol mode through the cache-on pgcache
 #   KEEP_TMP=1         keep the temp dir (logs) after the run
 # Exit status: non-zero only when something is broken (a server does not start, pgbench fails against
 # PostgreSQL or pgcache, a proxy dies, an idle client fails, a proxy exceeds its pool) — never
@@ -43,7 +47,7 @@ cd "$ROOT"
 SMOKE="${SMOKE:-0}"
 if [ "$SMOKE" = 1 ]; then
     DURATION="${DURATION:-2}"; ROUNDS="${ROUNDS:-1}"; IDLE_CLIENTS="${IDLE_CLIENTS:-200}"
-    IDLE_CLIENTS_MAX="${IDLE_CLIENTS_MAX:-0}"; WARMUP="${WARMUP:-1}"
+    IDLE_CLIENTS_MAX="${IDLE_CLIENTS_MAX:-0}"; WARMUP="${WARMUP:-1}"; CACHE_WARMUP="${CACHE_WARMUP:-1}"
 fi
 DURATION="${DURATION:-10}"
 ROUNDS="${ROUNDS:-3}"
@@ -52,6 +56,7 @@ SCALE="${SCALE:-10}"
 IDLE_CLIENTS="${IDLE_CLIENTS:-5000}"
 IDLE_CLIENTS_MAX="${IDLE_CLIENTS_MAX:-10000}"
 WARMUP="${WARMUP:-3}"
+CACHE_WARMUP="${CACHE_WARMUP:-20}"
 THREADS=2
 RESULTS_DIR="${RESULTS_DIR:-$ROOT/benches/results}"
 PG_BIN="${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}"
@@ -65,7 +70,7 @@ WORKLOADS=(
     "tpcb|16|-M simple"
     "connect-storm|16|-C -S -M simple"
 )
-TARGETS=(direct pgbouncer pgcache)
+TARGETS=(direct pgbouncer pgcache cached)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'compare.sh: %s\n' "$*" >&2; exit 1; }
@@ -96,17 +101,18 @@ TMP="$(mktemp -d /tmp/pgcache-bench.XXXXXX)"
 chmod 755 "$TMP"
 PG_DATA="$TMP/pg/data"
 PGCACHE_PID=""
+CACHED_PID=""
 BOUNCER_PIDFILE=""
 PG_STARTED=0
 
-stop_pgcache() {
-    [ -n "$PGCACHE_PID" ] || return 0
-    kill -TERM "$PGCACHE_PID" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$PGCACHE_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$PGCACHE_PID" 2>/dev/null || true
-    wait "$PGCACHE_PID" 2>/dev/null || true
-    PGCACHE_PID=""
+stop_pid() {
+    [ -n "$1" ] || return 0
+    kill -TERM "$1" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
 }
+stop_pgcache() { stop_pid "$PGCACHE_PID"; PGCACHE_PID=""; stop_pid "$CACHED_PID"; CACHED_PID=""; }
 stop_pgbouncer() {
     [ -n "$BOUNCER_PIDFILE" ] || return 0
     local pid
@@ -272,14 +278,26 @@ EOF
     BOUNCER_PID="$(cat "$BOUNCER_PIDFILE")"
 }
 
-# start_pgcache MAX_CLIENTS: pgcache in transaction mode, pool POOL_SIZE, SCRAM.
+# start_pgcache MAX_CLIENTS [cached]: pgcache in transaction mode, pool POOL_SIZE, SCRAM; with
+# `cached`, a second instance with the result cache on for the pgbench tables (CACHED_*).
 start_pgcache() {
-    local max_clients=$1 dir="$TMP/pgcache.$RANDOM"
-    PGCACHE_PORT="$(free_port)"
+    local max_clients=$1 cached=${2:-} dir="$TMP/pgcache.$RANDOM" port metrics="" cache_toml=""
+    port="$(free_port)"
     mkdir -p "$dir"
+    if [ -n "$cached" ]; then
+        metrics="$(free_port)"
+        cache_toml="[metrics]
+listen = \"127.0.0.1:$metrics\"
+[cache]
+enabled = true
+max_entries = 5000000
+max_bytes = 4294967296
+[[cache.rules]]
+tables = [\"pgbench_*\"]"
+    fi
     cat >"$dir/proxy.toml" <<EOF
 [proxy]
-listen = ["127.0.0.1:$PGCACHE_PORT"]
+listen = ["127.0.0.1:$port"]
 max_clients = $max_clients
 shutdown_timeout = "2s"
 [upstream]
@@ -295,19 +313,33 @@ method = "scram-sha-256"
 [users.app]
 password = "$APP_SECRET"
 method = "scram-sha-256"
+$cache_toml
 EOF
     "$PGCACHE_BIN" --config "$dir/proxy.toml" >"$dir/pgcache.log" 2>&1 &
-    PGCACHE_PID=$!
-    PGCACHE_LOG="$dir/pgcache.log"
-    wait_until 30 "pgcache (127.0.0.1:$PGCACHE_PORT)" psql_app "$PGCACHE_PORT" \
-        || { show "$dir/pgcache.log"; die "pgcache does not answer on port $PGCACHE_PORT"; }
+    if [ -n "$cached" ]; then
+        CACHED_PID=$!; CACHED_PORT=$port; CACHED_LOG="$dir/pgcache.log"; CACHED_METRICS=$metrics
+    else
+        PGCACHE_PID=$!; PGCACHE_PORT=$port; PGCACHE_LOG="$dir/pgcache.log"
+    fi
+    wait_until 30 "pgcache ${cached:+(cache on) }(127.0.0.1:$port)" psql_app "$port" \
+        || { show "$dir/pgcache.log"; die "pgcache does not answer on port $port"; }
 }
 
-port_of() { case $1 in direct) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_PORT";; pgcache) echo "$PGCACHE_PORT";; esac; }
-pid_of() { case $1 in direct) echo "";; pgbouncer) echo "$BOUNCER_PID";; pgcache) echo "$PGCACHE_PID";; esac; }
+port_of() { case $1 in direct) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_PORT";; pgcache) echo "$PGCACHE_PORT";; cached) echo "$CACHED_PORT";; esac; }
+pid_of() { case $1 in direct) echo "";; pgbouncer) echo "$BOUNCER_PID";; pgcache) echo "$PGCACHE_PID";; cached) echo "$CACHED_PID";; esac; }
+
+# The cache-on instance's hit and miss counters, "hits misses", from its /metrics.
+cache_counters() {
+    local text
+    text="$(exec 3<>"/dev/tcp/127.0.0.1/$CACHED_METRICS" && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && cat <&3)" \
+        || { echo "NA NA"; return 0; }
+    awk '$1 == "pgcache_cache_hits_total" { h = $2 } $1 == "pgcache_cache_misses_total" { m = $2 }
+         END { print (h == "" ? "NA" : h), (m == "" ? "NA" : m) }' <<<"$text"
+}
 
 start_pgbouncer 1000
 start_pgcache 1000
+start_pgcache 1000 cached
 
 # ---------------------------------------------------------------------------------------------
 # 4. pgbench, interleaved. One line per run in $RUNS (tab-separated):
@@ -315,6 +347,9 @@ start_pgcache 1000
 #    other_cpu_pct note
 RUNS="$TMP/runs.tsv"
 : >"$RUNS"
+# Cache-on runs: round, workload, "hits misses" before, "hits misses" after.
+HITS="$TMP/hits.tsv"
+: >"$HITS"
 BROKEN=()
 
 # Latency: every transaction is logged (pgbench -l, one file per thread; third field = latency in
@@ -340,7 +375,7 @@ own_ticks() {
     mapfile -t kids < <(pgrep -P "$pm" || true)
     {
         sed 's/.*) //' "/proc/$pm/stat" | awk '{ print $12 + $13 + $14 + $15 }'
-        for p in "${kids[@]}" "$PGCACHE_PID" "${BOUNCER_PID:-}"; do
+        for p in "${kids[@]}" "$PGCACHE_PID" "${CACHED_PID:-}" "${BOUNCER_PID:-}"; do
             [ -r "/proc/$p/stat" ] || continue
             sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }' || true
         done
@@ -357,6 +392,7 @@ times_ticks() {
 alive() {
     kill -0 "$2" 2>/dev/null && [ -r "/proc/$2/stat" ] && return 0
     [ "$1" = pgcache ] && show "$PGCACHE_LOG"
+    [ "$1" = cached ] && show "$CACHED_LOG"
     [ "$1" = pgbouncer ] && show "$(dirname "$BOUNCER_PIDFILE")/pgbouncer.log"
     die "$1 (pid $2) exited $3"
 }
@@ -370,12 +406,16 @@ run_pgbench() {
     if [ -n "$pid" ]; then
         alive "$target" "$pid" "before $name"; reset_hwm "$pid"; cpu0="$(cpu_ticks "$pid")"
     fi
-    local own0 own1 mach0 mach1 other
+    local own0 own1 mach0 mach1 other hm0=""
+    [ "$target" = cached ] && hm0="$(cache_counters)"
     own0="$(own_ticks)"; times >"$dir/times0"; mach0="$(machine_ticks)"
     # shellcheck disable=SC2086  # $args is a list of pgbench flags
     PGPASSWORD=app "$PG_BIN/pgbench" -n -h 127.0.0.1 -p "$port" -U app -c "$clients" -j "$THREADS" \
         -T "$DURATION" $args -l --log-prefix="$dir/tx" bench >"$out" 2>&1 || rc=$?
     mach1="$(machine_ticks)"; times >"$dir/times1"; own1="$(own_ticks)"
+    if [ "$target" = cached ]; then
+        printf '%s\t%s\t%s\t%s\n' "$round" "$name" "$hm0" "$(cache_counters)" >>"$HITS"
+    fi
     other="$(awk -v m0="$mach0" -v m1="$mach1" -v o0="$own0" -v o1="$own1" \
         -v p0="$(times_ticks "$dir/times0")" -v p1="$(times_ticks "$dir/times1")" 'BEGIN {
             split(m0, a, " "); split(m1, b, " ")
@@ -421,6 +461,16 @@ for target in "${TARGETS[@]}"; do
         -j "$THREADS" -T "$WARMUP" bench >"$TMP/warmup-$target.out" 2>&1 \
         || { show "$TMP/warmup-$target.out"; die "warm-up against $target failed"; }
 done
+
+# The cache-on instance starts warm: every -S mode has its own keys (simple and extended batches
+# differ), so each runs for CACHE_WARMUP seconds first.
+log "cache warm-up: ${CACHE_WARMUP}s of -S per protocol mode through the cache-on pgcache (not recorded)"
+for mode in simple extended prepared; do
+    PGPASSWORD=app "$PG_BIN/pgbench" -n -S -M "$mode" -h 127.0.0.1 -p "$CACHED_PORT" -U app -c 32 \
+        -j "$THREADS" -T "$CACHE_WARMUP" bench >"$TMP/cache-warmup-$mode.out" 2>&1 \
+        || { show "$TMP/cache-warmup-$mode.out"; die "cache warm-up ($mode) failed"; }
+done
+log "cache after warm-up (hits misses): $(cache_counters)"
 
 START_TIME=$SECONDS
 for round in $(seq "$ROUNDS"); do
@@ -473,162 +523,6 @@ for n in "${idle_sizes[@]}"; do
 done
 
 # ---------------------------------------------------------------------------------------------
-# 6. Summary: medians over rounds; table, ratios, CSV and Markdown.
-for w in "${WORKLOADS[@]}"; do
-    IFS='|' read -r name _ _ <<<"$w"
-    for target in "${TARGETS[@]}"; do
-        if awk -F'\t' -v w="$name" -v t="$target" '$2 == w && $3 == t && $4 != "ok" { f = 1 } END { exit !f }' "$RUNS"; then
-            if expected_failure "$target" "$name"; then
-                sed -i "s/\t$name\t$target\tfailed\t/\t$name\t$target\tfailed (expected)\t/" "$RUNS"
-            elif [ "$target" != pgbouncer ]; then
-                BROKEN+=("pgbench $name against $target failed: $(awk -F'\t' -v w="$name" -v t="$target" '$2 == w && $3 == t && $4 != "ok" { print $13; exit }' "$RUNS")")
-            fi
-        fi
-    done
-done
-
-HOST="$(hostname -s 2>/dev/null || hostname)"
-DATE="$(date +%Y-%m-%d)"
-SUFFIX=""; [ "$SMOKE" = 1 ] && SUFFIX="-smoke"
-mkdir -p "$RESULTS_DIR"
-CSV="$RESULTS_DIR/$DATE-$HOST$SUFFIX.csv"
-MD="$RESULTS_DIR/$DATE-$HOST$SUFFIX.md"
-GIT_REV="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-git diff --quiet HEAD 2>/dev/null || GIT_REV="$GIT_REV+dirty"
-CPU_MODEL="$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
-MEM_GIB="$(awk '/^MemTotal/ { printf "%.0f", $2 / 1048576 }' /proc/meminfo)"
-PG_VERSION="$("$PG_BIN/postgres" --version | awk '{ print $3 }')"
-
-SUMMARY="$TMP/summary.tsv"
-# One row per (workload, target): status, rounds ok, median tps, median mean latency, median p99,
-# median CPU s per 10k transactions, max peak RSS, all tps values, median connect ms (-C), max other
-# CPU %, first failure note.
-awk -F'\t' -v OFS='\t' '
-    function median(list,   a, n, i, j, t) {
-        n = split(list, a, " ")
-        for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > t + 0; j--) a[j + 1] = a[j]; a[j + 1] = t }
-        if (n == 0) return "NA"
-        return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-    }
-    {
-        k = $2 SUBSEP $3
-        if ($12 != "NA" && (!(k in oth) || $12 + 0 > oth[k])) oth[k] = $12 + 0
-        if (!(k in seen)) { seen[k] = 1; order[++nk] = k }
-        runs[k]++
-        if ($4 == "ok") {
-            ok[k]++; tps[k] = tps[k] " " $5; mean[k] = mean[k] " " $7; p99[k] = p99[k] " " $8
-            alltps[k] = alltps[k] (alltps[k] == "" ? "" : ";") sprintf("%.0f", $5)
-            if ($9 != "NA" && $6 > 0) cpu[k] = cpu[k] " " ($9 / $6 * 10000)
-            if ($10 != "NA" && $10 > rss[k]) rss[k] = $10
-            if ($11 != "NA") conn[k] = conn[k] " " $11
-        } else {
-            status[k] = $4; alltps[k] = alltps[k] (alltps[k] == "" ? "" : ";") "failed"
-            if (note[k] == "") note[k] = $13
-        }
-    }
-    END {
-        for (i = 1; i <= nk; i++) {
-            k = order[i]; split(k, p, SUBSEP)
-            st = (ok[k] == runs[k]) ? "ok" : status[k]
-            c = (cpu[k] == "") ? "NA" : sprintf("%.3f", median(cpu[k]))
-            t = (ok[k] > 0) ? sprintf("%.0f", median(tps[k])) : "NA"
-            m = (ok[k] > 0) ? sprintf("%.3f", median(mean[k])) : "NA"
-            q = (ok[k] > 0) ? sprintf("%.3f", median(p99[k])) : "NA"
-            r = (rss[k] == "") ? "NA" : rss[k]
-            cm = (conn[k] == "") ? "NA" : sprintf("%.3f", median(conn[k]))
-            o = (k in oth) ? sprintf("%.1f", oth[k]) : "NA"
-            print p[1], p[2], st, ok[k] + 0 "/" runs[k], t, m, q, c, r, alltps[k], cm, o, note[k]
-        }
-    }' "$RUNS" >"$SUMMARY"
-
-# field WORKLOAD TARGET COLUMN -> value from the summary
-field() { awk -F'\t' -v w="$1" -v t="$2" -v c="$3" '$1 == w && $2 == t { print $c }' "$SUMMARY"; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "NA" || b == "NA" || a == "" || b == "" || b + 0 == 0) print "—"; else printf "%.2f", a / b }'; }
-mib() { awk -v k="$1" 'BEGIN { if (k == "NA" || k == "") print "—"; else printf "%.1f", k / 1024 }'; }
-dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
-
-{
-    echo "# pgcache vs PgBouncer vs PostgreSQL direct — $DATE on $HOST$([ "$SMOKE" = 1 ] && echo ' (smoke run: timings meaningless)')"
-    echo
-    echo "- Machine: $(nproc) cores ($CPU_MODEL), $MEM_GIB GiB RAM, $(uname -sr)"
-    echo "- pgcache $GIT_REV (release build), PgBouncer $BOUNCER_VERSION, PostgreSQL $PG_VERSION"
-    echo "- PostgreSQL: throwaway cluster, **fsync=off, synchronous_commit=off, full_page_writes=off**, shared_buffers=256MB, max_connections=300; pgbench scale $SCALE"
-    echo "- Proxies: transaction pooling, $POOL_SIZE server connections each, SCRAM-SHA-256 for clients (both given the SCRAM secret from pg_authid) and to the server; all on 127.0.0.1 (pgbench, proxies and PostgreSQL share the cores)"
-    echo "- pgbench $THREADS threads, ${DURATION}s per run, $ROUNDS round(s) interleaved direct → PgBouncer → pgcache per workload; ${WARMUP}s warm-up per target first; pgbench phase ${PGBENCH_SECS}s. 1-minute load average before the script started: $LOAD_START (other work on the machine; ideally ~0)"
-    echo "- TPS: median over rounds of pgbench's \`tps\` (with \`-C\`: including reconnection times). Latency: every transaction logged (\`pgbench -l\`); mean and p99 (nearest rank) per run, median over rounds. pgbench logs a transaction's latency without connection set-up; for \`-C\` its mean connection time is the *connect ms* column."
-    echo "- Other CPU: CPU time used during a run by anything but pgbench, PostgreSQL and the proxies (from /proc/stat, plus hypervisor steal), as % of the machine; max over rounds. Within ±5% is accounting noise; more means other work disturbed the run."
-    echo "- Proxy CPU: utime+stime of the proxy process (/proc/<pid>/stat) over the run, per 10k transactions, median over rounds. Peak RSS: VmHWM, reset before each run (clear_refs), max over rounds."
-    echo
-    echo "## Throughput and latency"
-    echo
-    echo "| workload | target | TPS (median) | mean latency ms | p99 latency ms | connect ms | proxy CPU s / 10k tx | proxy peak RSS MiB | TPS per round | other CPU % (max) | status |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|"
-    while IFS=$'\t' read -r w t st okr tps mean p99 cpu rss all conn oth note; do
-        s="$st"; [ "$st" = ok ] || s="**$st** ($okr ok): ${note//|/\\|}"
-        echo "| $w | $t | $(dash "$tps") | $(dash "$mean") | $(dash "$p99") | $(dash "$conn") | $(dash "$cpu") | $(mib "$rss") | $all | $(dash "$oth") | $s |"
-    done <"$SUMMARY"
-    disturbed="$(awk -F'\t' '$12 != "NA" && $12 + 0 > 5 { n++ } END { print n + 0 }' "$RUNS")"
-    if [ "$disturbed" -gt 0 ]; then
-        echo
-        echo "**Warning:** $disturbed of $(wc -l <"$RUNS") runs had more than 5% of the machine's CPU used by other work; compare rounds before trusting a figure."
-    fi
-    echo
-    echo "## Ratios"
-    echo
-    echo "A TPS ratio above 1, and latency and CPU ratios below 1, favour pgcache."
-    echo
-    echo "| workload | TPS pgcache/PgBouncer | p99 pgcache/PgBouncer | CPU per tx pgcache/PgBouncer | TPS pgcache/direct | p99 pgcache/direct |"
-    echo "|---|---:|---:|---:|---:|---:|"
-    for w in "${WORKLOADS[@]}"; do
-        IFS='|' read -r name _ _ <<<"$w"
-        echo "| $name | $(ratio "$(field "$name" pgcache 5)" "$(field "$name" pgbouncer 5)") | $(ratio "$(field "$name" pgcache 7)" "$(field "$name" pgbouncer 7)") | $(ratio "$(field "$name" pgcache 8)" "$(field "$name" pgbouncer 8)") | $(ratio "$(field "$name" pgcache 5)" "$(field "$name" direct 5)") | $(ratio "$(field "$name" pgcache 7)" "$(field "$name" direct 7)") |"
-    done
-    if [ -s "$IDLE" ]; then
-        echo
-        echo "## Idle clients"
-        echo
-        echo "Each proxy started fresh; one warm-up client, then N clients log in (SCRAM), run \`select 1\` and stay idle. RSS per client = (VmRSS after − VmRSS before) / N. Server connections: max seen in pg_stat_activity (polled every 100 ms) while clients connected and idled; must be ≤ $POOL_SIZE."
-        echo
-        echo "| proxy | idle clients | connected | RSS before MiB | RSS after MiB | RSS per client KiB | peak RSS MiB | max server conns | RSS after close MiB | connect time s | status |"
-        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
-        while IFS=$'\t' read -r t n kv; do
-            if [ "$kv" = failed ]; then echo "| $t | $n | | | | | | | | | **failed** |"; continue; fi
-            get() { tr ' ' '\n' <<<"$kv" | awk -F= -v k="$1" '$1 == k { print $2 }'; }
-            echo "| $t | $n | $(get connected) | $(mib "$(get rss_before_kb)") | $(mib "$(get rss_after_kb)") | $(awk -v b="$(get per_client_bytes)" 'BEGIN { printf "%.1f", b / 1024 }') | $(mib "$(get hwm_kb)") | $(get max_server_conns) | $(mib "$(get rss_closed_kb)") | $(get connect_secs) | $( [ "$(get ok)" = true ] && echo ok || echo '**failed**') |"
-        done <"$IDLE"
-        p5="$(awk -F'\t' -v n="$IDLE_CLIENTS" '$1 == "pgcache" && $2 == n' "$IDLE" | grep -o 'per_client_bytes=[0-9]*' | cut -d= -f2 || true)"
-        b5="$(awk -F'\t' -v n="$IDLE_CLIENTS" '$1 == "pgbouncer" && $2 == n' "$IDLE" | grep -o 'per_client_bytes=[0-9]*' | cut -d= -f2 || true)"
-        echo
-        echo "RSS per idle client, pgcache/PgBouncer at $IDLE_CLIENTS clients: $(ratio "${p5:-NA}" "${b5:-NA}")"
-    fi
-    if [ ${#BROKEN[@]} -gt 0 ]; then
-        echo
-        echo "## Broken"
-        echo
-        for b in "${BROKEN[@]}"; do echo "- $b"; done
-    fi
-} >"$MD"
-
-{
-    echo "section,round,workload,target,status,runs_ok,tps,transactions,lat_mean_ms,lat_p99_ms,proxy_cpu_s,proxy_cpu_s_per_10k_tx,proxy_peak_rss_kb,connect_ms,other_cpu_pct,tps_per_round,idle_clients,rss_before_kb,rss_after_kb,rss_per_client_bytes,max_server_conns,rss_closed_kb,note"
-    while IFS=$'\t' read -r w t st okr tps mean p99 cpu rss all conn oth note; do
-        echo "summary,,$w,$t,$st,$okr,$tps,,$mean,$p99,,$cpu,$rss,$conn,$oth,$all,,,,,,,\"${note//\"/\'}\""
-    done <"$SUMMARY"
-    while IFS=$'\t' read -r round w t st tps tx mean p99 cpu rss conn oth note; do
-        per10k="$(awk -v c="$cpu" -v n="$tx" 'BEGIN { if (c == "NA" || n == "NA" || n + 0 == 0) print "NA"; else printf "%.3f", c / n * 10000 }')"
-        echo "run,$round,$w,$t,$st,,$tps,$tx,$mean,$p99,$cpu,$per10k,$rss,$conn,$oth,,,,,,,,\"${note//\"/\'}\""
-    done <"$RUNS"
-    while IFS=$'\t' read -r t n kv; do
-        get() { tr ' ' '\n' <<<"$kv" | awk -F= -v k="$1" '$1 == k { print $2 }'; }
-        echo "idle,,,$t,$( [ "$(get ok)" = true ] && echo ok || echo failed),,,,,,,,$(get hwm_kb),,,,$n,$(get rss_before_kb),$(get rss_after_kb),$(get per_client_bytes),$(get max_server_conns),$(get rss_closed_kb),"
-    done <"$IDLE"
-} >"$CSV"
-
-echo
-cat "$MD"
-echo
-log "wrote $CSV and $MD"
-if [ ${#BROKEN[@]} -gt 0 ]; then
-    log "BROKEN:"; printf '  %s\n' "${BROKEN[@]}" >&2
-    exit 1
-fi
+# 6. Summary, Markdown and CSV (benches/report.sh, sourced: it reads this script's variables).
+# shellcheck source=benches/report.sh
+. "$ROOT/benches/report.sh"

@@ -145,6 +145,9 @@ async fn errors_and_results_over_max_entry_bytes_are_not_stored() {
             let e = c.simple_query(&bad).await.unwrap_err();
             assert_eq!(e.as_db_error().unwrap().code().code(), "22012", "{mode}");
         }
+        // A fresh client: tokio-postgres sends its next query before the failed one's
+        // ReadyForQuery, and a query behind an unanswered one is not looked up.
+        let c = connect(&app_url(&proxy)).await;
         let big = format!("select pad from {t}");
         assert_eq!(column(&c, &big).await.len(), 100);
         direct(&format!("delete from {t}"));
@@ -298,5 +301,144 @@ async fn reads_in_read_only_transactions_only_when_the_rule_allows() {
             .unwrap();
         assert_eq!(value(&c, &q).await, "three");
         c.simple_query("rollback").await.unwrap();
+    }
+}
+
+#[test]
+fn pgbench_through_the_cache_hits_and_stays_consistent() {
+    pg().psql("postgres", "drop database if exists cache_bench");
+    pg().psql("postgres", "create database cache_bench owner app");
+    for mode in MODES {
+        let proxy = cache_proxy(mode, "");
+        let url = proxy.url("app", "app", "cache_bench");
+        if mode == MODES[0] {
+            support::pgbench(&url, &["-i", "-s", "1", "-q"]);
+        }
+        // Ten hot accounts: read-only, most reads repeat and hit.
+        let dir = tempfile::tempdir().unwrap();
+        let hot = dir.path().join("hot.sql");
+        let write = dir.path().join("write.sql");
+        std::fs::write(
+            &hot,
+            "\\set aid random(1, 10)\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &write,
+            "\\set aid random(1, 10)\n\\set delta random(-5000, 5000)\nBEGIN;\n\
+             UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;\n\
+             SELECT abalance FROM pgbench_accounts WHERE aid = :aid;\nEND;\n",
+        )
+        .unwrap();
+        let (hot, write) = (hot.to_str().unwrap(), write.to_str().unwrap());
+        for m in ["simple", "extended", "prepared"] {
+            let args = ["-n", "-M", m, "-f", hot, "-c", "4", "-j", "2", "-t", "200"];
+            let out = support::pgbench(&url, &args);
+            assert!(
+                out.contains("number of failed transactions: 0"),
+                "{mode} -M {m}:\n{out}"
+            );
+        }
+        let figures = |proxy: &support::Proxy| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(cache_figures(proxy))
+        };
+        let f = figures(&proxy);
+        let hits: u64 = f["hits"].parse().unwrap();
+        assert!(
+            hits > 2000,
+            "{mode}: 2,400 reads of 10 keys in 3 protocols: {f:?}"
+        );
+        // Reads and writes (in transactions) of the same accounts at once: writes keep
+        // invalidating, and what is read must stay PostgreSQL's.
+        for m in ["simple", "extended", "prepared"] {
+            let args = [
+                "-n",
+                "-M",
+                m,
+                "-f",
+                &format!("{hot}@4"),
+                "-f",
+                &format!("{write}@1"),
+                "-c",
+                "4",
+                "-j",
+                "2",
+                "-t",
+                "300",
+            ];
+            let out = support::pgbench(&url, &args);
+            assert!(
+                out.contains("number of failed transactions: 0"),
+                "{mode} -M {m}:\n{out}"
+            );
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let c = connect(&url).await;
+            for aid in 1..=10 {
+                let q = format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid}");
+                let via_proxy = value(&c, &q).await;
+                let truth = pg().psql("cache_bench", &q);
+                assert_eq!(via_proxy, truth, "{mode}: account {aid}");
+            }
+            let sum = "select sum(abalance) from pgbench_accounts";
+            assert_eq!(
+                value(&c, sum).await,
+                pg().psql("cache_bench", sum),
+                "{mode}"
+            );
+            let f = cache_figures(&proxy).await;
+            let hits: u64 = f["hits"].parse().unwrap();
+            assert!(hits > 1000, "{mode}: most hot reads hit: {f:?}");
+        });
+    }
+}
+
+fn peak_rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[tokio::test]
+async fn large_results_stream_with_bounded_memory_and_leaving_clients_store_nothing_partial() {
+    let t = table("large_t", "id int, pad text");
+    direct(&format!(
+        "insert into {t} select g, repeat('x', 1000) from generate_series(1, 60000) g"
+    ));
+    let proxy = cache_proxy("transaction", "");
+    let c = connect(&app_url(&proxy)).await;
+    let all = format!("select pad from {t}");
+    assert_eq!(column(&c, &all).await.len(), 60_000);
+    let hwm = peak_rss_kb(proxy.pid());
+    assert!(
+        hwm < 45 * 1024,
+        "a 60 MB result over cache.max_entry_bytes must stream: peak RSS {hwm} kB"
+    );
+    // A client asks for a cacheable 900 kB result and leaves at once. Whether or not the proxy
+    // got the whole result before noticing, what it may have stored must be whole.
+    direct(&format!("grant select on {t} to trustuser"));
+    let some = format!("select pad from {t} where id <= 900");
+    for _ in 0..5 {
+        let mut raw = support::raw::RawConn::login_trust(proxy.port()).await;
+        raw.send(&support::raw::query(&some)).await;
+        drop(raw);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut reader = support::raw::RawConn::login_trust(proxy.port()).await;
+    for _ in 0..2 {
+        let msgs = reader.simple(&some).await;
+        let rows = msgs.iter().filter(|(tag, _)| *tag == b'D').count();
+        assert_eq!(rows, 900, "{}", support::raw::tags(&msgs).len());
     }
 }

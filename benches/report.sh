@@ -1,0 +1,190 @@
+# benches/report.sh — sourced by compare.sh after the runs: medians over rounds, the Markdown and
+# CSV result files, the printed table. Reads compare.sh's variables ($RUNS, $IDLE, $HITS, $TMP,
+# WORKLOADS, TARGETS, BROKEN...); not meant to run on its own.
+# shellcheck shell=bash disable=SC2154
+
+for w in "${WORKLOADS[@]}"; do
+    IFS='|' read -r name _ _ <<<"$w"
+    for target in "${TARGETS[@]}"; do
+        if awk -F'\t' -v w="$name" -v t="$target" '$2 == w && $3 == t && $4 != "ok" { f = 1 } END { exit !f }' "$RUNS"; then
+            if expected_failure "$target" "$name"; then
+                sed -i "s/\t$name\t$target\tfailed\t/\t$name\t$target\tfailed (expected)\t/" "$RUNS"
+            elif [ "$target" != pgbouncer ]; then
+                BROKEN+=("pgbench $name against $target failed: $(awk -F'\t' -v w="$name" -v t="$target" '$2 == w && $3 == t && $4 != "ok" { print $13; exit }' "$RUNS")")
+            fi
+        fi
+    done
+done
+
+HOST="$(hostname -s 2>/dev/null || hostname)"
+DATE="$(date +%Y-%m-%d)"
+SUFFIX=""; [ "$SMOKE" = 1 ] && SUFFIX="-smoke"
+mkdir -p "$RESULTS_DIR"
+CSV="$RESULTS_DIR/$DATE-$HOST$SUFFIX.csv"
+MD="$RESULTS_DIR/$DATE-$HOST$SUFFIX.md"
+GIT_REV="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+git diff --quiet HEAD 2>/dev/null || GIT_REV="$GIT_REV+dirty"
+CPU_MODEL="$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
+MEM_GIB="$(awk '/^MemTotal/ { printf "%.0f", $2 / 1048576 }' /proc/meminfo)"
+PG_VERSION="$("$PG_BIN/postgres" --version | awk '{ print $3 }')"
+
+SUMMARY="$TMP/summary.tsv"
+# One row per (workload, target): status, rounds ok, median tps, median mean latency, median p99,
+# median CPU s per 10k transactions, max peak RSS, all tps values, median connect ms (-C), max other
+# CPU %, first failure note.
+awk -F'\t' -v OFS='\t' '
+    function median(list,   a, n, i, j, t) {
+        n = split(list, a, " ")
+        for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > t + 0; j--) a[j + 1] = a[j]; a[j + 1] = t }
+        if (n == 0) return "NA"
+        return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    {
+        k = $2 SUBSEP $3
+        if ($12 != "NA" && (!(k in oth) || $12 + 0 > oth[k])) oth[k] = $12 + 0
+        if (!(k in seen)) { seen[k] = 1; order[++nk] = k }
+        runs[k]++
+        if ($4 == "ok") {
+            ok[k]++; tps[k] = tps[k] " " $5; mean[k] = mean[k] " " $7; p99[k] = p99[k] " " $8
+            alltps[k] = alltps[k] (alltps[k] == "" ? "" : ";") sprintf("%.0f", $5)
+            if ($9 != "NA" && $6 > 0) cpu[k] = cpu[k] " " ($9 / $6 * 10000)
+            if ($10 != "NA" && $10 > rss[k]) rss[k] = $10
+            if ($11 != "NA") conn[k] = conn[k] " " $11
+        } else {
+            status[k] = $4; alltps[k] = alltps[k] (alltps[k] == "" ? "" : ";") "failed"
+            if (note[k] == "") note[k] = $13
+        }
+    }
+    END {
+        for (i = 1; i <= nk; i++) {
+            k = order[i]; split(k, p, SUBSEP)
+            st = (ok[k] == runs[k]) ? "ok" : status[k]
+            c = (cpu[k] == "") ? "NA" : sprintf("%.3f", median(cpu[k]))
+            t = (ok[k] > 0) ? sprintf("%.0f", median(tps[k])) : "NA"
+            m = (ok[k] > 0) ? sprintf("%.3f", median(mean[k])) : "NA"
+            q = (ok[k] > 0) ? sprintf("%.3f", median(p99[k])) : "NA"
+            r = (rss[k] == "") ? "NA" : rss[k]
+            cm = (conn[k] == "") ? "NA" : sprintf("%.3f", median(conn[k]))
+            o = (k in oth) ? sprintf("%.1f", oth[k]) : "NA"
+            print p[1], p[2], st, ok[k] + 0 "/" runs[k], t, m, q, c, r, alltps[k], cm, o, note[k]
+        }
+    }' "$RUNS" >"$SUMMARY"
+
+# field WORKLOAD TARGET COLUMN -> value from the summary
+field() { awk -F'\t' -v w="$1" -v t="$2" -v c="$3" '$1 == w && $2 == t { print $c }' "$SUMMARY"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "NA" || b == "NA" || a == "" || b == "" || b + 0 == 0) print "—"; else printf "%.2f", a / b }'; }
+mib() { awk -v k="$1" 'BEGIN { if (k == "NA" || k == "") print "—"; else printf "%.1f", k / 1024 }'; }
+# hit_ratio WORKLOAD -> median over rounds of hits / (hits + misses) during the cache-on runs
+hit_ratio() {
+    awk -F'\t' -v w="$1" '$2 == w {
+            split($3, a, " "); split($4, b, " ")
+            if (a[1] == "NA" || b[1] == "NA") next
+            h = b[1] - a[1]; m = b[2] - a[2]
+            if (h + m > 0) r[++n] = h / (h + m)
+        }
+        END {
+            if (n == 0) { print "—"; exit }
+            for (i = 2; i <= n; i++) { t = r[i]; for (j = i - 1; j >= 1 && r[j] > t; j--) r[j + 1] = r[j]; r[j + 1] = t }
+            printf "%.2f", (n % 2) ? r[(n + 1) / 2] : (r[n / 2] + r[n / 2 + 1]) / 2
+        }' "$HITS"
+}
+dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
+
+{
+    echo "# pgcache vs PgBouncer vs PostgreSQL direct — $DATE on $HOST$([ "$SMOKE" = 1 ] && echo ' (smoke run: timings meaningless)')"
+    echo
+    echo "- Machine: $(nproc) cores ($CPU_MODEL), $MEM_GIB GiB RAM, $(uname -sr)"
+    echo "- pgcache $GIT_REV (release build), PgBouncer $BOUNCER_VERSION, PostgreSQL $PG_VERSION"
+    echo "- PostgreSQL: throwaway cluster, **fsync=off, synchronous_commit=off, full_page_writes=off**, shared_buffers=256MB, max_connections=300; pgbench scale $SCALE"
+    echo "- Proxies: transaction pooling, $POOL_SIZE server connections each, SCRAM-SHA-256 for clients (both given the SCRAM secret from pg_authid) and to the server; all on 127.0.0.1 (pgbench, proxies and PostgreSQL share the cores)"
+    echo "- pgbench $THREADS threads, ${DURATION}s per run, $ROUNDS round(s) interleaved direct → PgBouncer → pgcache → pgcache with the cache on (*cached*) per workload; ${WARMUP}s warm-up per target first; pgbench phase ${PGBENCH_SECS}s. 1-minute load average before the script started: $LOAD_START (other work on the machine; ideally ~0)"
+    echo "- TPS: median over rounds of pgbench's \`tps\` (with \`-C\`: including reconnection times). Latency: every transaction logged (\`pgbench -l\`); mean and p99 (nearest rank) per run, median over rounds. pgbench logs a transaction's latency without connection set-up; for \`-C\` its mean connection time is the *connect ms* column."
+    echo "- Other CPU: CPU time used during a run by anything but pgbench, PostgreSQL and the proxies (from /proc/stat, plus hypervisor steal), as % of the machine; max over rounds. Within ±5% is accounting noise; more means other work disturbed the run."
+    echo "- *cached*: a second pgcache, same settings plus \`[cache] enabled\` with one rule for \`pgbench_*\` (default TTL 60 s, room for every key); warmed with ${CACHE_WARMUP}s of \`-S\` per protocol mode before the rounds. Hit ratio: hits / (hits + misses) over the run, from its \`/metrics\`, median over rounds. \`pgbench -S\` draws from $((SCALE * 100000)) accounts, so the ratio says how much of that key space the cache holds."
+    echo "- Proxy CPU: utime+stime of the proxy process (/proc/<pid>/stat) over the run, per 10k transactions, median over rounds. Peak RSS: VmHWM, reset before each run (clear_refs), max over rounds."
+    echo
+    echo "## Throughput and latency"
+    echo
+    echo "| workload | target | TPS (median) | mean latency ms | p99 latency ms | connect ms | proxy CPU s / 10k tx | proxy peak RSS MiB | TPS per round | other CPU % (max) | status |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|"
+    while IFS=$'\t' read -r w t st okr tps mean p99 cpu rss all conn oth note; do
+        s="$st"; [ "$st" = ok ] || s="**$st** ($okr ok): ${note//|/\\|}"
+        echo "| $w | $t | $(dash "$tps") | $(dash "$mean") | $(dash "$p99") | $(dash "$conn") | $(dash "$cpu") | $(mib "$rss") | $all | $(dash "$oth") | $s |"
+    done <"$SUMMARY"
+    disturbed="$(awk -F'\t' '$12 != "NA" && $12 + 0 > 5 { n++ } END { print n + 0 }' "$RUNS")"
+    if [ "$disturbed" -gt 0 ]; then
+        echo
+        echo "**Warning:** $disturbed of $(wc -l <"$RUNS") runs had more than 5% of the machine's CPU used by other work; compare rounds before trusting a figure."
+    fi
+    echo
+    echo "## Ratios"
+    echo
+    echo "A TPS ratio above 1, and latency and CPU ratios below 1, favour pgcache."
+    echo
+    echo "| workload | TPS pgcache/PgBouncer | p99 pgcache/PgBouncer | CPU per tx pgcache/PgBouncer | TPS pgcache/direct | p99 pgcache/direct |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    for w in "${WORKLOADS[@]}"; do
+        IFS='|' read -r name _ _ <<<"$w"
+        echo "| $name | $(ratio "$(field "$name" pgcache 5)" "$(field "$name" pgbouncer 5)") | $(ratio "$(field "$name" pgcache 7)" "$(field "$name" pgbouncer 7)") | $(ratio "$(field "$name" pgcache 8)" "$(field "$name" pgbouncer 8)") | $(ratio "$(field "$name" pgcache 5)" "$(field "$name" direct 5)") | $(ratio "$(field "$name" pgcache 7)" "$(field "$name" direct 7)") |"
+    done
+    if [ -s "$HITS" ]; then
+        echo
+        echo "## Cache on"
+        echo
+        echo "| workload | TPS cached | hit ratio | TPS cached/direct | mean latency cached/direct | p99 cached/direct | TPS cached/pgcache (cache off) | CPU per tx cached/pgcache |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+        for w in "${WORKLOADS[@]}"; do
+            IFS='|' read -r name _ _ <<<"$w"
+            hr="$(hit_ratio "$name")"
+            echo "| $name | $(dash "$(field "$name" cached 5)") | $hr | $(ratio "$(field "$name" cached 5)" "$(field "$name" direct 5)") | $(ratio "$(field "$name" cached 6)" "$(field "$name" direct 6)") | $(ratio "$(field "$name" cached 7)" "$(field "$name" direct 7)") | $(ratio "$(field "$name" cached 5)" "$(field "$name" pgcache 5)") | $(ratio "$(field "$name" cached 8)" "$(field "$name" pgcache 8)") |"
+        done
+    fi
+    if [ -s "$IDLE" ]; then
+        echo
+        echo "## Idle clients"
+        echo
+        echo "Each proxy started fresh; one warm-up client, then N clients log in (SCRAM), run \`select 1\` and stay idle. RSS per client = (VmRSS after − VmRSS before) / N. Server connections: max seen in pg_stat_activity (polled every 100 ms) while clients connected and idled; must be ≤ $POOL_SIZE."
+        echo
+        echo "| proxy | idle clients | connected | RSS before MiB | RSS after MiB | RSS per client KiB | peak RSS MiB | max server conns | RSS after close MiB | connect time s | status |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        while IFS=$'\t' read -r t n kv; do
+            if [ "$kv" = failed ]; then echo "| $t | $n | | | | | | | | | **failed** |"; continue; fi
+            get() { tr ' ' '\n' <<<"$kv" | awk -F= -v k="$1" '$1 == k { print $2 }'; }
+            echo "| $t | $n | $(get connected) | $(mib "$(get rss_before_kb)") | $(mib "$(get rss_after_kb)") | $(awk -v b="$(get per_client_bytes)" 'BEGIN { printf "%.1f", b / 1024 }') | $(mib "$(get hwm_kb)") | $(get max_server_conns) | $(mib "$(get rss_closed_kb)") | $(get connect_secs) | $( [ "$(get ok)" = true ] && echo ok || echo '**failed**') |"
+        done <"$IDLE"
+        p5="$(awk -F'\t' -v n="$IDLE_CLIENTS" '$1 == "pgcache" && $2 == n' "$IDLE" | grep -o 'per_client_bytes=[0-9]*' | cut -d= -f2 || true)"
+        b5="$(awk -F'\t' -v n="$IDLE_CLIENTS" '$1 == "pgbouncer" && $2 == n' "$IDLE" | grep -o 'per_client_bytes=[0-9]*' | cut -d= -f2 || true)"
+        echo
+        echo "RSS per idle client, pgcache/PgBouncer at $IDLE_CLIENTS clients: $(ratio "${p5:-NA}" "${b5:-NA}")"
+    fi
+    if [ ${#BROKEN[@]} -gt 0 ]; then
+        echo
+        echo "## Broken"
+        echo
+        for b in "${BROKEN[@]}"; do echo "- $b"; done
+    fi
+} >"$MD"
+
+{
+    echo "section,round,workload,target,status,runs_ok,tps,transactions,lat_mean_ms,lat_p99_ms,proxy_cpu_s,proxy_cpu_s_per_10k_tx,proxy_peak_rss_kb,connect_ms,other_cpu_pct,tps_per_round,idle_clients,rss_before_kb,rss_after_kb,rss_per_client_bytes,max_server_conns,rss_closed_kb,note"
+    while IFS=$'\t' read -r w t st okr tps mean p99 cpu rss all conn oth note; do
+        echo "summary,,$w,$t,$st,$okr,$tps,,$mean,$p99,,$cpu,$rss,$conn,$oth,$all,,,,,,,\"${note//\"/\'}\""
+    done <"$SUMMARY"
+    while IFS=$'\t' read -r round w t st tps tx mean p99 cpu rss conn oth note; do
+        per10k="$(awk -v c="$cpu" -v n="$tx" 'BEGIN { if (c == "NA" || n == "NA" || n + 0 == 0) print "NA"; else printf "%.3f", c / n * 10000 }')"
+        echo "run,$round,$w,$t,$st,,$tps,$tx,$mean,$p99,$cpu,$per10k,$rss,$conn,$oth,,,,,,,,\"${note//\"/\'}\""
+    done <"$RUNS"
+    while IFS=$'\t' read -r t n kv; do
+        get() { tr ' ' '\n' <<<"$kv" | awk -F= -v k="$1" '$1 == k { print $2 }'; }
+        echo "idle,,,$t,$( [ "$(get ok)" = true ] && echo ok || echo failed),,,,,,,,$(get hwm_kb),,,,$n,$(get rss_before_kb),$(get rss_after_kb),$(get per_client_bytes),$(get max_server_conns),$(get rss_closed_kb),"
+    done <"$IDLE"
+} >"$CSV"
+
+echo
+cat "$MD"
+echo
+log "wrote $CSV and $MD"
+if [ ${#BROKEN[@]} -gt 0 ]; then
+    log "BROKEN:"; printf '  %s\n' "${BROKEN[@]}" >&2
+    exit 1
+fi
