@@ -272,6 +272,11 @@ async fn quick_mode_cache_all_flag() {
 async fn reads_in_read_only_transactions_only_when_the_rule_allows() {
     let t = table("in_tx", "v text");
     direct(&format!("insert into {t} values ('one')"));
+    // A role app may become, with no right to read the table.
+    direct(
+        "do $$ begin create role cache_reader nologin; exception when duplicate_object then null; end $$;
+         grant cache_reader to app;",
+    );
     let q = format!("select v from {t}");
     for (allowed, mode) in [(true, "transaction"), (false, "session")] {
         let extra = format!("[[cache.rules]]\ntables = [\"*\"]\nin_transaction = {allowed}\n");
@@ -294,6 +299,12 @@ async fn reads_in_read_only_transactions_only_when_the_rule_allows() {
             .unwrap();
         assert_eq!(value(&c, &q).await, "two");
         c.simple_query("commit").await.unwrap();
+        // SET LOCAL ROLE changes who reads: never answered from the app role's entry.
+        c.simple_query("begin").await.unwrap();
+        c.simple_query("set local role cache_reader").await.unwrap();
+        let e = c.simple_query(&q).await.unwrap_err();
+        assert_eq!(e.as_db_error().unwrap().code().code(), "42501", "{mode}");
+        c.simple_query("rollback").await.unwrap();
         // A transaction that wrote reads from PostgreSQL.
         c.simple_query("begin").await.unwrap();
         c.simple_query(&format!("update {t} set v = 'three'"))

@@ -397,6 +397,8 @@ fn body_facts(body: &str) -> Option<SqlFacts> {
             | ("grant", _)
             | ("revoke", _) => f.writes.all = true,
             ("set", _) | ("reset", _) if starts_statement => f.sets = true,
+            // A temporary table made here would shadow a cached name for the session.
+            ("temp", _) | ("temporary", _) => f.sets = true,
             (name, "(") if !name.is_empty() && name != "(" => f.functions.push(name.to_string()),
             _ => {}
         }

@@ -324,6 +324,13 @@ fn transactions_and_settings() {
     assert_eq!(plan("commit").tx, Some(TxControl::End));
     assert_eq!(plan("rollback").tx, Some(TxControl::End));
     assert!(plan("select set_config('a.b', '1', false)").sets);
+    assert_eq!(plan("set local role other").tx, Some(TxControl::LocalSet));
+    assert_eq!(
+        plan("set local search_path = x").tx,
+        Some(TxControl::LocalSet)
+    );
+    assert!(plan("set role other").sets);
+    assert!(plan("do $$ begin create temp table t (a int); end $$").sets);
     assert!(!plan("select * from orders").sets);
     // Without a catalog nothing is cacheable and any write may reach anything.
     let f = sql::facts("delete from orders");
@@ -379,5 +386,9 @@ fn procedural_bodies_are_read_for_writes_and_settings() {
     assert!(body("BEGIN PERFORM set_config('a.b', '1', false); END").2);
     assert!(body("BEGIN EXECUTE 'delete from t'; END").1);
     assert!(body("BEGIN CREATE TEMP TABLE x (a int); END").1);
+    assert!(
+        body("BEGIN CREATE TEMP TABLE x (a int); END").2,
+        "temp tables shadow names"
+    );
     assert!(body("BEGIN RAISE NOTICE 'it''s fine'; END").0.is_empty());
 }

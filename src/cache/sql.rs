@@ -31,6 +31,9 @@ pub enum TxControl {
     BeginPlain,
     /// `BEGIN` with an isolation level or access mode, or `SET TRANSACTION`.
     BeginOther,
+    /// `SET LOCAL`: changes this transaction only (a role, a search path), so its reads are not
+    /// served from the cache.
+    LocalSet,
     End,
 }
 
@@ -121,13 +124,16 @@ pub fn facts(sql: &str) -> SqlFacts {
         let Some(stmt) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
             continue;
         };
-        if matches!(stmt, NodeEnum::VariableSetStmt(s) if !s.is_local) {
-            f.sets = true;
+        match stmt {
+            NodeEnum::VariableSetStmt(s) if s.is_local => f.tx = Some(TxControl::LocalSet),
+            // `DO` may change anything about the session (settings, temporary tables).
+            NodeEnum::VariableSetStmt(_) | NodeEnum::DoStmt(_) => f.sets = true,
+            _ => {}
         }
         match classify(stmt, &mut f.writes) {
             Class::Read => {}
             Class::Tx(t) => {
-                f.tx = Some(t);
+                f.tx.get_or_insert(t);
                 shape = false;
             }
             Class::Other => shape = false,

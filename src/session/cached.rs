@@ -277,7 +277,7 @@ impl Session {
         }
         match plan.tx {
             Some(TxControl::BeginPlain) if status == b'I' => c.tx_plain = true,
-            Some(TxControl::BeginOther) => c.tx_plain = false,
+            Some(TxControl::BeginOther | TxControl::LocalSet) => c.tx_plain = false,
             _ => {}
         }
     }
@@ -546,6 +546,14 @@ impl Session {
             self.note_parse_served(p);
         }
         Ok(None)
+    }
+
+    /// A message whose writes cannot be known (`FunctionCall`).
+    pub(super) fn cache_note_unknown_write(&mut self) {
+        if let Some(c) = self.cache.as_deref_mut() {
+            c.written_all = true;
+            c.off = true;
+        }
     }
 
     /// The statement a fill was armed for was not sent (no server connection could be had).

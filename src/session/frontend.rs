@@ -255,6 +255,8 @@ impl Session {
                 self.send(msg);
             }
             b'F' => {
+                // A function called by OID: whatever it writes is unknown.
+                self.cache_note_unknown_write();
                 self.push(msg, Kind::Query);
                 self.statement_sent();
             }
