@@ -33,6 +33,7 @@
 #   WARMUP=3           seconds of unrecorded -S per target before the rounds
 #   CACHE_WARMUP=20    seconds of unrecorded -S per protocol mode through the cache-on pgcache
 #   KEEP_TMP=1         keep the temp dir (logs) after the run
+#   ONLY=a,b           run only these workloads (names as in the table: select-simple, tpcb...)
 # Exit status: non-zero only when something is broken (a server does not start, pgbench fails against
 # PostgreSQL or pgcache, a proxy dies, an idle client fails, a proxy exceeds its pool) — never
 # because of a timing. PgBouncer failures are recorded, not fatal; before 1.21 it cannot run
@@ -70,6 +71,12 @@ WORKLOADS=(
     "tpcb|16|-M simple"
     "connect-storm|16|-C -S -M simple"
 )
+# ONLY=tpcb,select-prepared runs just those (a quick re-check after a change).
+if [ -n "${ONLY:-}" ]; then
+    kept=()
+    for w in "${WORKLOADS[@]}"; do [[ ",$ONLY," == *",${w%%|*},"* ]] && kept+=("$w"); done
+    WORKLOADS=("${kept[@]}")
+fi
 TARGETS=(direct pgbouncer pgcache cached)
 
 log() { printf '==> %s\n' "$*" >&2; }

@@ -27,7 +27,6 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use catalog::Catalog;
 use lru::LruCache;
-use sql::SqlFacts;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::num::NonZeroUsize;
@@ -50,15 +49,8 @@ pub fn settings_sig<'a>(settings: impl IntoIterator<Item = (&'a String, &'a Stri
     Bytes::from(s)
 }
 
-/// An entry's key (every part, length-prefixed: no two different inputs give the same bytes) and
-/// its readable name `database/role/fingerprint/params-hash`.
-pub fn entry_key(
-    db: &str,
-    role: &str,
-    sig: &[u8],
-    fingerprint: &str,
-    parts: &[&[u8]],
-) -> (Box<[u8]>, String) {
+/// An entry's key: every part, length-prefixed, so no two different inputs give the same bytes.
+pub fn entry_key(db: &str, role: &str, sig: &[u8], parts: &[&[u8]]) -> Box<[u8]> {
     let mut key = Vec::with_capacity(64 + parts.iter().map(|p| p.len() + 4).sum::<usize>());
     for p in [db.as_bytes(), role.as_bytes(), sig]
         .into_iter()
@@ -67,10 +59,14 @@ pub fn entry_key(
         key.extend_from_slice(&(p.len() as u32).to_be_bytes());
         key.extend_from_slice(p);
     }
+    key.into_boxed_slice()
+}
+
+/// An entry's readable name, `database/role/fingerprint/params-hash` (made only when storing).
+pub fn entry_name(db: &str, role: &str, fingerprint: &str, parts: &[&[u8]]) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     parts.hash(&mut h);
-    let name = format!("{db}/{role}/{fingerprint}/{:016x}", h.finish());
-    (key.into_boxed_slice(), name)
+    format!("{db}/{role}/{fingerprint}/{:016x}", h.finish())
 }
 
 /// After a failed catalog read, the next one waits this long (until then nothing is cached).
@@ -215,7 +211,6 @@ pub struct Cache {
     config: arc_swap::ArcSwap<CacheConfig>,
     dbs: RwLock<HashMap<String, Arc<Db>>>,
     store: Store,
-    facts: Mutex<LruCache<Box<str>, Arc<SqlFacts>>>,
 }
 
 impl Cache {
@@ -224,9 +219,6 @@ impl Cache {
             config: arc_swap::ArcSwap::from_pointee(config.clone()),
             dbs: RwLock::new(HashMap::new()),
             store: Store::new(),
-            facts: Mutex::new(LruCache::new(
-                NonZeroUsize::new(8192).unwrap_or(NonZeroUsize::MIN),
-            )),
         }
     }
 
@@ -268,17 +260,6 @@ impl Cache {
             .collect()
     }
 
-    /// What the statement text says, memoized.
-    pub fn facts(&self, sql: &str) -> Arc<SqlFacts> {
-        let lock = || self.facts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = lock().get(sql) {
-            return f.clone();
-        }
-        let f = Arc::new(sql::facts(sql));
-        lock().put(sql.into(), f.clone());
-        f
-    }
-
     /// The plan for `sql` in `db`, made again when the catalog or rules changed.
     pub fn plan(&self, db: &Db, sql: &str) -> Arc<Plan> {
         let generation = db.generation.load(Ordering::SeqCst);
@@ -287,7 +268,7 @@ impl Cache {
                 return p.clone();
             }
         }
-        let facts = self.facts(sql);
+        let facts = sql::facts(sql);
         let catalog = db.catalog();
         let p = Arc::new(Plan::new(
             &facts,

@@ -78,7 +78,7 @@ pub struct SqlFacts {
     pub tx: Option<TxControl>,
     /// Changes session settings (`SET` without `LOCAL`), as a function body might.
     pub sets: bool,
-    /// `pg_query` fingerprint, hex.
+    /// `pg_query` fingerprint, hex (only for a cacheable shape).
     pub fingerprint: String,
     pub hint: Hint,
 }
@@ -95,6 +95,88 @@ pub fn is_time_word(s: &[u8]) -> bool {
 
 /// Analyse one statement text (which may hold several statements).
 pub fn facts(sql: &str) -> SqlFacts {
+    if starts_with_dml(sql) {
+        if let Some(f) = dml_facts(sql) {
+            return f;
+        }
+    }
+    full_facts(sql)
+}
+
+/// The first word (past spaces and comments) is `INSERT`, `UPDATE` or `DELETE`.
+fn starts_with_dml(sql: &str) -> bool {
+    let mut rest = sql.trim_start();
+    loop {
+        if let Some(r) = rest.strip_prefix("--") {
+            rest = r.split_once('\n').map_or("", |(_, r)| r).trim_start();
+        } else if let Some(r) = rest.strip_prefix("/*") {
+            let Some((_, r)) = r.split_once("*/") else {
+                return false;
+            };
+            rest = r.trim_start();
+        } else {
+            break;
+        }
+    }
+    let word: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect();
+    ["insert", "update", "delete"]
+        .iter()
+        .any(|k| word.eq_ignore_ascii_case(k))
+}
+
+/// Plain single-statement DML from libpg_query's summary (computed in C, several times cheaper
+/// than decoding the whole tree, and all a write needs): the relations written and the
+/// functions called. `None` for anything else (the full analysis decides).
+fn dml_facts(sql: &str) -> Option<SqlFacts> {
+    // One statement: no `;` but at the end (one inside a literal just takes the full path).
+    if sql.trim_end().trim_end_matches(';').contains(';') {
+        return None;
+    }
+    let s = pg_query::summary(sql, pg_query::ParserOptions::DEFAULT, -1).ok()?;
+    // Statement types list nested statements too: the first is the top level.
+    let dml = |t: &String| matches!(t.as_str(), "InsertStmt" | "UpdateStmt" | "DeleteStmt");
+    let plain = s.statement_types.first().is_some_and(dml)
+        && s.statement_types
+            .iter()
+            .all(|t| dml(t) || t == "SelectStmt");
+    if !plain {
+        return None;
+    }
+    let mut f = SqlFacts {
+        parsed: true,
+        hint: hint(sql),
+        ..SqlFacts::default()
+    };
+    for t in &s.tables {
+        let rel = Rel {
+            schema: (!t.schema_name.is_empty()).then(|| t.schema_name.clone()),
+            name: t.table_name.clone(),
+        };
+        if t.context == pg_query::protobuf::summary_result::Context::Dml {
+            f.writes.rels.push(rel.clone());
+        }
+        f.reads.push(rel);
+    }
+    f.functions = s
+        .functions
+        .iter()
+        .map(|x| x.function_name.clone())
+        .collect();
+    for v in [&mut f.reads, &mut f.writes.rels] {
+        v.sort();
+        v.dedup();
+    }
+    f.functions.sort();
+    f.functions.dedup();
+    f.writes.all = f.writes.rels.is_empty();
+    Some(f)
+}
+
+/// The whole analysis, from the decoded parse tree.
+fn full_facts(sql: &str) -> SqlFacts {
     let hint = hint(sql);
     let Ok(parsed) = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) else {
         return SqlFacts {
@@ -109,13 +191,6 @@ pub fn facts(sql: &str) -> SqlFacts {
     let mut f = SqlFacts {
         parsed: true,
         hint,
-        fingerprint: pg_query::fingerprint(
-            sql,
-            pg_query::ParserOptions::DEFAULT,
-            pg_query::FingerprintOptions::default(),
-        )
-        .map(|f| f.hex)
-        .unwrap_or_default(),
         ..SqlFacts::default()
     };
     let stmts = &parsed.protobuf.stmts;
@@ -174,6 +249,16 @@ pub fn facts(sql: &str) -> SqlFacts {
         }
     }
     f.cacheable_shape = shape && !f.writes.any();
+    if f.cacheable_shape {
+        // Only entries need it (their names); it parses the text again.
+        f.fingerprint = pg_query::fingerprint(
+            sql,
+            pg_query::ParserOptions::DEFAULT,
+            pg_query::FingerprintOptions::default(),
+        )
+        .map(|f| f.hex)
+        .unwrap_or_default();
+    }
     for v in [&mut f.reads, &mut f.writes.rels] {
         v.sort();
         v.dedup();
@@ -333,6 +418,9 @@ fn copy_writes(c: &CopyStmt, w: &mut Writes) {
 /// `/* pgcache: nocache */`, `/* pgcache: ttl=30s */` anywhere in the text (several options may be
 /// separated by commas or spaces).
 pub fn hint(sql: &str) -> Hint {
+    if !sql.contains("/*") {
+        return Hint::default();
+    }
     let mut h = Hint::default();
     let mut rest = sql;
     while let Some(start) = rest.find("/*") {
@@ -361,4 +449,44 @@ pub fn hint(sql: &str) -> Hint {
         rest = &rest[body_start + len + 2..];
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dml_fast_path_agrees_with_the_full_analysis() {
+        for sql in [
+            "UPDATE pgbench_accounts SET abalance = abalance + -4 WHERE aid = 12;",
+            "insert into s.h (a, b) select x, now() from t join u using (id)",
+            "/* c */ delete from only t where id in (select id from u)",
+            "-- x\nupdate t set a = f(b) from u where u.id = t.id returning *",
+            "with d as (delete from a returning id) insert into b select id from d",
+            "insert into t values (1) on conflict (id) do update set v = excluded.v",
+            "update t set a = (select max(b) from u)",
+        ] {
+            let fast = dml_facts(sql).expect(sql);
+            let full = full_facts(sql);
+            let names = |f: &SqlFacts| {
+                f.writes
+                    .rels
+                    .iter()
+                    .map(|r| r.name.clone())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(names(&fast), names(&full), "{sql}");
+            assert_eq!(fast.writes.all, full.writes.all, "{sql}");
+            for func in &full.functions {
+                assert!(fast.functions.contains(func), "{sql}: {func}");
+            }
+            assert!(!fast.cacheable_shape && !full.cacheable_shape, "{sql}");
+        }
+        assert!(starts_with_dml("  /* a */ -- b\n UPDATE x set a=1"));
+        assert!(!starts_with_dml("select 1"));
+        assert!(
+            dml_facts("update t set a = 1; select 1").is_none(),
+            "two statements"
+        );
+    }
 }

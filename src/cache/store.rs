@@ -95,10 +95,12 @@ impl Store {
         }
         g.bytes += cost;
         let evicted = Self::shrink(&mut g, config);
+        let (entries, bytes) = (g.lru.len(), g.bytes);
         drop(g);
         self.evictions.fetch_add(evicted, Ordering::Relaxed);
         METRICS.cache_evictions.inc_by(evicted);
-        self.publish();
+        METRICS.cache_entries.set(entries as i64);
+        METRICS.cache_bytes.set(bytes as i64);
     }
 
     fn shrink(g: &mut Inner, config: &CacheConfig) -> u64 {

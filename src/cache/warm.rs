@@ -4,7 +4,7 @@
 //! query whose entry was invalidated (a write to its tables) or expired is run again within a
 //! second. A query the cache would not cache for a client is not cached here either.
 
-use super::{catalog, entry_key, settings_sig, Db, Entry};
+use super::{catalog, entry_key, entry_name, settings_sig, Db, Entry};
 use crate::config::CacheWarm;
 use crate::listener::Shared;
 use crate::metrics::METRICS;
@@ -132,7 +132,8 @@ async fn warm(shared: &Shared, w: &CacheWarm) -> Outcome {
     let role = if plan.shared { "*" } else { w.user.as_str() };
     let sig = settings_sig(settings.wanted.iter());
     let parts: [&[u8]; 2] = [b"Q", w.sql.as_bytes()];
-    let (key, name) = entry_key(&db.name, role, &sig, &plan.fingerprint, &parts);
+    let key = entry_key(&db.name, role, &sig, &parts);
+    let name = entry_name(&db.name, role, &plan.fingerprint, &parts);
     tracing::info!(%name, bytes = bytes.len(), "cache warmed");
     METRICS.cache_fills.inc();
     shared.cache.put(

@@ -180,13 +180,15 @@ impl Session {
             return Err(End::ClientLeft);
         }
         if self.cache.is_some() && !self.skipping {
+            // Boxed: these futures (a catalog read among them) are large and short-lived; inline,
+            // every idle client's task would carry their size.
             if tag == b'Q' {
-                self.release_held().await?;
-                if self.cache_query(&msg).await {
+                Box::pin(self.release_held()).await?;
+                if Box::pin(self.cache_query(&msg)).await {
                     return Ok(());
                 }
             } else {
-                match self.cache_hold(tag, msg).await? {
+                match Box::pin(self.cache_hold(tag, msg)).await? {
                     Some(m) => return self.dispatch(m).await,
                     None => return Ok(()),
                 }
@@ -229,7 +231,7 @@ impl Session {
             b'P' => self.on_parse(msg),
             b'B' => {
                 if self.cache.is_some() {
-                    self.cache_note_bind(&msg).await;
+                    Box::pin(self.cache_note_bind(&msg)).await;
                 }
                 self.on_bind(msg)
             }

@@ -15,6 +15,7 @@ mod backend;
 mod cached;
 pub mod cancel;
 mod frontend;
+mod held;
 mod io;
 pub mod settings;
 pub mod startup;
