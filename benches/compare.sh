@@ -297,6 +297,7 @@ start_pgcache() {
 listen = \"127.0.0.1:$metrics\"
 [cache]
 enabled = true
+default_ttl = \"1h\"
 max_entries = 5000000
 max_bytes = 4294967296
 [[cache.rules]]

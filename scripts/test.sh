@@ -76,5 +76,13 @@ if [ "$#" -eq 0 ]; then
     PGCACHE_TEST_WITH_CACHE=1 cargo test --test protocol --test transparency \
         --test transaction_pooling --test pooling --test cancel --test drivers --test failures \
         --test shutdown
+    # The benchmark harness, a few seconds per target, so that it never rots (timings are not
+    # checked; only that every target answers). BENCH_SMOKE=0 skips it.
+    if [ "${BENCH_SMOKE:-1}" != 0 ]; then
+        log "benches/compare.sh smoke run (SMOKE=1)"
+        smoke_dir="$(mktemp -d)"
+        SMOKE=1 RESULTS_DIR="$smoke_dir" bash benches/compare.sh
+        rm -rf "$smoke_dir"
+    fi
 fi
 log "all checks passed"
