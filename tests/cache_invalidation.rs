@@ -169,15 +169,11 @@ async fn warm_queries_are_cached_at_start_and_after_invalidation() {
     let proxy = cache_proxy("transaction", &extra);
     let c = connect(&app_url(&proxy)).await;
     // Warmed before any client asked: a direct change is not seen.
-    let mut warmed = false;
-    for _ in 0..100 {
-        if cache_figures(&proxy).await["fills"] == "1" {
-            warmed = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(warmed, "the warm query was not stored:\n{}", proxy.log());
+    assert!(
+        fills_reach(&proxy, "1").await,
+        "the warm query was not stored:\n{}",
+        proxy.log()
+    );
     direct(&format!("update {t} set v = 'two'"));
     assert_eq!(value(&c, &q).await, "one", "served from the warmed entry");
     assert_eq!(cache_figures(&proxy).await["misses"], "0");
@@ -185,19 +181,26 @@ async fn warm_queries_are_cached_at_start_and_after_invalidation() {
     c.simple_query(&format!("update {t} set v = 'three'"))
         .await
         .unwrap();
-    let mut rewarmed = false;
-    for _ in 0..50 {
-        if cache_figures(&proxy).await["fills"] == "2" {
-            rewarmed = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(rewarmed, "not warmed again:\n{}", proxy.log());
+    assert!(
+        fills_reach(&proxy, "2").await,
+        "not warmed again:\n{}",
+        proxy.log()
+    );
     direct(&format!("update {t} set v = 'four'"));
     assert_eq!(value(&c, &q).await, "three");
     assert!(
         proxy.log().contains("not cacheable"),
         "select now() is refused"
     );
+}
+
+/// Waits up to 10 s for the proxy's fill count to reach `n`.
+async fn fills_reach(proxy: &support::Proxy, n: &str) -> bool {
+    for _ in 0..100 {
+        if cache_figures(proxy).await["fills"] == n {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
 }

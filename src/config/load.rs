@@ -532,15 +532,19 @@ mod tests {
         assert!(e.problems[0].message.contains("max_sise"), "{e}");
     }
 
+    /// (key, line) of every problem.
+    fn problem_keys(e: &ConfigError) -> Vec<(&str, Option<usize>)> {
+        e.problems
+            .iter()
+            .map(|p| (p.key.as_str(), p.line))
+            .collect()
+    }
+
     #[test]
     fn every_semantic_problem_is_reported_with_its_line() {
         let src = "[proxy]\nlisten = [\"0.0.0.0:6432\"]\n\n[pool]\nmax_size = 0\nmin_idle = 4\n";
         let e = load(src, &[]).unwrap_err();
-        let keys: Vec<_> = e
-            .problems
-            .iter()
-            .map(|p| (p.key.as_str(), p.line))
-            .collect();
+        let keys = problem_keys(&e);
         assert!(keys.contains(&("pool.max_size", Some(5))), "{e}");
         assert!(keys.contains(&("pool.min_idle", Some(6))), "{e}");
         // trust on a non-loopback address is refused; the key is not in the file.
@@ -552,11 +556,7 @@ mod tests {
         let src = "[cache]\nenabled = true\nmax_entry_bytes = 10\nmax_bytes = 5\n\n\
                    [[cache.rules]]\ntables = [\"a\"]\n\n[[cache.rules]]\ntables = []\nttl = \"0s\"\n";
         let e = load(src, &[]).unwrap_err();
-        let keys: Vec<_> = e
-            .problems
-            .iter()
-            .map(|p| (p.key.as_str(), p.line))
-            .collect();
+        let keys = problem_keys(&e);
         assert!(keys.contains(&("cache.max_entry_bytes", Some(3))), "{e}");
         assert!(keys.contains(&("cache.rules.1.tables", Some(10))), "{e}");
         assert!(keys.contains(&("cache.rules.1.ttl", Some(11))), "{e}");
