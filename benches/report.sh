@@ -74,13 +74,15 @@ awk -F'\t' -v OFS='\t' '
 field() { awk -F'\t' -v w="$1" -v t="$2" -v c="$3" '$1 == w && $2 == t { print $c }' "$SUMMARY"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "NA" || b == "NA" || a == "" || b == "" || b + 0 == 0) print "—"; else printf "%.2f", a / b }'; }
 mib() { awk -v k="$1" 'BEGIN { if (k == "NA" || k == "") print "—"; else printf "%.1f", k / 1024 }'; }
-# hit_ratio WORKLOAD -> median over rounds of hits / (hits + misses) during the cache-on runs
+# hit_ratio WORKLOAD -> median over rounds of hits / (hits + misses) during the cache-on runs; a run
+# with fewer than 100 lookups (TPC-B: its SELECT follows an UPDATE in the same transaction, so only
+# pgbench's start-up query is looked up) has no ratio worth printing
 hit_ratio() {
     awk -F'\t' -v w="$1" '$2 == w {
             split($3, a, " "); split($4, b, " ")
             if (a[1] == "NA" || b[1] == "NA") next
             h = b[1] - a[1]; m = b[2] - a[2]
-            if (h + m > 0) r[++n] = h / (h + m)
+            if (h + m >= 100) r[++n] = h / (h + m)
         }
         END {
             if (n == 0) { print "—"; exit }

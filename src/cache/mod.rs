@@ -177,6 +177,9 @@ impl Db {
 
     /// Bump every relation whose name matches `pattern`; returns how many.
     pub fn bump_matching(&self, pattern: &str, source: &str) -> usize {
+        // Relations are known by bare name (see catalog.rs): `public.orders` means `orders`, and
+        // `app.*` every relation (more than asked for, never less).
+        let pattern = pattern.rsplit_once('.').map_or(pattern, |(_, name)| name);
         let mut names: Vec<Arc<str>> = self
             .catalog()
             .map(|c| {
@@ -307,5 +310,26 @@ impl Cache {
             db.bump_all("explicit");
         }
         self.store.clear()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalidation_patterns_may_name_a_schema() {
+        let db = Db::new("app");
+        let orders: Arc<str> = Arc::from("orders");
+        let users: Arc<str> = Arc::from("users");
+        db.bump(&[orders.clone(), users.clone()], "write");
+        let both = db.snapshot(&[orders.clone(), users.clone()]);
+        let just_users = db.snapshot(&[users.clone()]);
+        assert_eq!(db.bump_matching("public.orders", "explicit"), 1);
+        assert!(!db.current(&both));
+        assert!(db.current(&just_users));
+        assert_eq!(db.bump_matching("public.*", "explicit"), 2);
+        assert!(!db.current(&just_users));
+        assert_eq!(db.bump_matching("nothing_here", "explicit"), 0);
     }
 }
