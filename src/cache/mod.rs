@@ -320,11 +320,10 @@ mod tests {
     #[test]
     fn invalidation_patterns_may_name_a_schema() {
         let db = Db::new("app");
-        let orders: Arc<str> = Arc::from("orders");
-        let users: Arc<str> = Arc::from("users");
-        db.bump(&[orders.clone(), users.clone()], "write");
-        let both = db.snapshot(&[orders.clone(), users.clone()]);
-        let just_users = db.snapshot(&[users.clone()]);
+        let both_names: [Arc<str>; 2] = [Arc::from("orders"), Arc::from("users")];
+        db.bump(&both_names, "write");
+        let both = db.snapshot(&both_names);
+        let just_users = db.snapshot(&both_names[1..]);
         assert_eq!(db.bump_matching("public.orders", "explicit"), 1);
         assert!(!db.current(&both));
         assert!(db.current(&just_users));
