@@ -41,6 +41,8 @@ pub struct Shared {
     pub users: ArcSwap<Users>,
     pub analyzer: Analyzer,
     pub cache: crate::cache::Cache,
+    /// Per-fingerprint statistics and the slow query log.
+    pub insight: crate::insight::Insight,
     pub pools: Pools,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub cancels: Arc<CancelRegistry>,

@@ -10,6 +10,7 @@ mod auth;
 mod cache;
 mod config;
 mod error;
+mod insight;
 mod listener;
 mod metrics;
 mod pool;
@@ -173,6 +174,7 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
         users: arc_swap::ArcSwap::from_pointee(auth::Users::from_config(&config)),
         analyzer: analysis::Analyzer::new(10_000),
         cache: cache::Cache::new(&config.cache),
+        insight: Default::default(),
         pools: pool::Pools::new(config.clone(), target, registry.clone()),
         tls,
         cancels: Default::default(),
@@ -189,6 +191,7 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
         tokio::spawn(admin::http::serve(l, shared.clone()));
     }
     tokio::spawn(cache::warm::run(shared.clone()));
+    tokio::spawn(insight::slow::run(shared.clone()));
     tracing::info!(upstream = %shared.pools.target().addr(), "pgcache started");
     let serving = tokio::spawn(listener::serve(shared.clone(), listeners));
 

@@ -1,7 +1,10 @@
 //! Every Prometheus metric the proxy exports, defined in one place with its help text. Code
 //! elsewhere calls the typed handles on `METRICS`; labels are fixed sets, never user input.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 use std::sync::LazyLock;
 
 pub struct Metrics {
@@ -44,6 +47,58 @@ pub struct Metrics {
     pub cache_bytes: IntGauge,
     /// Invalidations by source (`write`, `ddl`, `explicit`).
     pub cache_invalidations: IntCounterVec,
+    /// Statements finished (`pgcache_queries_total`), by protocol (`simple`, `extended`) and
+    /// outcome (`ok`, `error`, `cached`), pre-made: `[protocol][outcome]`.
+    pub query_counts: [[IntCounter; 3]; 2],
+    /// Statement time as the proxy saw it (`pgcache_query_duration_seconds`), by source,
+    /// pre-made: `[upstream, cache]`.
+    pub query_seconds: [Histogram; 2],
+    /// Statements that failed, by SQLSTATE class (two characters).
+    pub query_errors: IntCounterVec,
+    /// Bytes read from and written to clients.
+    pub client_bytes_received: IntCounter,
+    pub client_bytes_sent: IntCounter,
+    /// Time clients waited for a server connection.
+    pub pool_acquire_wait: Histogram,
+    /// `pool.max_size` per pool, sampled at scrape time (utilisation = active / this).
+    pub pool_max_connections: IntGaugeVec,
+    /// Statements over `slow_query.threshold`.
+    pub slow_queries: IntCounter,
+    /// Slow statements not written to the log (rate limit, or the writer behind).
+    pub slow_log_dropped: IntCounter,
+    /// `EXPLAIN`s of slow statements, by outcome (`ok`, `error`).
+    pub explains: IntCounterVec,
+    /// Sessions that ran one fingerprint `insight.repeat_threshold` times in a row.
+    pub repeated_runs: IntCounter,
+    /// Fingerprints tracked now.
+    pub fingerprints: IntGauge,
+}
+
+/// Index into `Metrics::query_counts`.
+pub const SIMPLE: usize = 0;
+pub const EXTENDED: usize = 1;
+pub const OK: usize = 0;
+pub const ERROR: usize = 1;
+pub const CACHED: usize = 2;
+
+/// Seconds, from 100 µs (a cache hit) to 30 s.
+fn seconds(name: &str, help: &str) -> HistogramOpts {
+    HistogramOpts::new(name, help).buckets(vec![
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0, 30.0,
+    ])
+}
+
+fn histogram(r: &Registry, name: &str, help: &str) -> Histogram {
+    let h = Histogram::with_opts(seconds(name, help)).expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+fn histogram_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let h = HistogramVec::new(seconds(name, help), labels).expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -72,7 +127,78 @@ fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeV
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let r = Registry::new();
+    let queries = counter_vec(
+        &r,
+        "pgcache_queries_total",
+        "Statements finished, by protocol and outcome",
+        &["protocol", "outcome"],
+    );
+    let query_counts = ["simple", "extended"]
+        .map(|p| ["ok", "error", "cached"].map(|o| queries.with_label_values(&[p, o])));
+    let query_duration = histogram_vec(
+        &r,
+        "pgcache_query_duration_seconds",
+        "Statement time from the proxy sending it to its last reply, by source",
+        &["source"],
+    );
+    let query_seconds = ["upstream", "cache"].map(|s| query_duration.with_label_values(&[s]));
+    let explains = counter_vec(
+        &r,
+        "pgcache_explains_total",
+        "EXPLAINs of slow statements, by outcome",
+        &["outcome"],
+    );
+    for o in ["ok", "error"] {
+        explains.with_label_values(&[o]);
+    }
+    let pool_acquire_wait = histogram(
+        &r,
+        "pgcache_pool_acquire_wait_seconds",
+        "Time clients waited for a server connection",
+    );
     Metrics {
+        query_counts,
+        query_seconds,
+        explains,
+        pool_acquire_wait,
+        query_errors: counter_vec(
+            &r,
+            "pgcache_query_errors_total",
+            "Statements that failed, by SQLSTATE class",
+            &["class"],
+        ),
+        client_bytes_received: counter(
+            &r,
+            "pgcache_client_bytes_received_total",
+            "Bytes read from clients",
+        ),
+        client_bytes_sent: counter(
+            &r,
+            "pgcache_client_bytes_sent_total",
+            "Bytes written to clients",
+        ),
+        pool_max_connections: gauge_vec(
+            &r,
+            "pgcache_pool_max_connections",
+            "pool.max_size per pool",
+            &["pool"],
+        ),
+        slow_queries: counter(
+            &r,
+            "pgcache_slow_queries_total",
+            "Statements slower than slow_query.threshold",
+        ),
+        slow_log_dropped: counter(
+            &r,
+            "pgcache_slow_log_dropped_total",
+            "Slow statements not written to the slow log (rate limit or backlog)",
+        ),
+        repeated_runs: counter(
+            &r,
+            "pgcache_repeated_statement_runs_total",
+            "Sessions that ran one statement insight.repeat_threshold times in a row",
+        ),
+        fingerprints: gauge(&r, "pgcache_fingerprints", "Fingerprints tracked"),
         draining: gauge(
             &r,
             "pgcache_draining",

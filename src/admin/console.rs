@@ -1,8 +1,8 @@
 //! The admin console: `psql -d pgcache -U <admin user>` reaches the proxy itself instead of a
 //! server. Simple queries only; every result is a table of text columns, as psql expects.
 //!
-//! Commands: `SHOW POOLS | CLIENTS | SERVERS | DATABASES | CONFIG | STATS | HELP`, `RELOAD`,
-//! `PAUSE`, `RESUME`, `SHUTDOWN`.
+//! Commands: `SHOW POOLS | CLIENTS | SERVERS | DATABASES | CONFIG | STATS | CACHE | QUERIES |
+//! SLOW | HELP`, `INVALIDATE ...`, `RESET QUERIES`, `RELOAD`, `PAUSE`, `RESUME`, `SHUTDOWN`.
 
 use super::control;
 use super::registry::PoolStats;
@@ -175,6 +175,39 @@ async fn run(shared: &Shared, sql: &str, out: &mut BytesMut) -> bool {
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
     match words.as_slice() {
         [] => wire::frame(b'I', &[], out),
+        ["SHOW", "QUERIES", options @ ..] => match super::insight::query_options(options) {
+            Ok((sort, limit)) => {
+                let mut t = Table::new(super::insight::QUERY_COLUMNS);
+                for r in super::insight::queries(shared, &sort, limit) {
+                    t.rows.push(super::insight::query_cells(&r));
+                }
+                t.encode(out);
+            }
+            Err(e) => PgError::error("42601", e).encode(out),
+        },
+        ["SHOW", "SLOW", rest @ ..] => {
+            let limit = match rest {
+                [] => Ok(20),
+                ["LIMIT", n] => n
+                    .parse::<usize>()
+                    .map_err(|_| format!("LIMIT {n}: not a number")),
+                _ => Err("use SHOW SLOW [LIMIT n]".to_string()),
+            };
+            match limit {
+                Ok(limit) => {
+                    let mut t = Table::new(super::insight::SLOW_COLUMNS);
+                    for v in super::insight::slow(shared, limit) {
+                        t.rows.push(super::insight::slow_cells(&v));
+                    }
+                    t.encode(out);
+                }
+                Err(e) => PgError::error("42601", e).encode(out),
+            }
+        }
+        ["RESET", "QUERIES"] => {
+            shared.insight.reset();
+            command_complete("RESET", out);
+        }
         ["SHOW", what] => match show(shared, what) {
             Some(t) => t.encode(out),
             None => unknown(sql, out),
@@ -265,6 +298,12 @@ fn show(shared: &Shared, what: &str) -> Option<Table> {
                 ("SHOW CONFIG", "the configuration in force"),
                 ("SHOW STATS", "counters per pool"),
                 ("SHOW CACHE", "result cache figures"),
+                (
+                    "SHOW QUERIES [ORDER BY total|calls|mean|max|p99|errors|rows|hits|repeated] [LIMIT n]",
+                    "statistics per statement fingerprint (default: top 20 by total time)",
+                ),
+                ("SHOW SLOW [LIMIT n]", "the latest slow statements, newest first"),
+                ("RESET QUERIES", "forget the statistics and slow statements"),
                 (
                     "SHOW CACHE ENTRIES",
                     "the 100 most recently used cache entries",

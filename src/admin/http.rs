@@ -50,6 +50,14 @@ async fn handle(mut tcp: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> 
             super::cache::figures_json(&shared),
         ),
         ("POST", "/cache/invalidate") => invalidate(&shared, query),
+        ("GET", "/queries") => queries(&shared, query),
+        ("GET", "/slow") => {
+            let limit = param(query, "limit")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(100);
+            let body = serde_json::Value::from(super::insight::slow(&shared, limit));
+            ("200 OK", "application/json", format!("{body}\n"))
+        }
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics_text(&shared)),
         ("GET", "/health") => {
             let (ok, body) = health(&shared).await;
@@ -117,11 +125,48 @@ fn invalidate(shared: &Shared, query: &str) -> (&'static str, &'static str, Stri
     }
 }
 
+fn param(query: &str, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// `GET /queries?sort=total&limit=50`: per-fingerprint statistics as JSON.
+fn queries(shared: &Shared, query: &str) -> (&'static str, &'static str, String) {
+    let sort = param(query, "sort").unwrap_or_else(|| "total".into());
+    let limit = param(query, "limit")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100);
+    if !crate::insight::stats::SORT_KEYS.contains(&sort.as_str()) {
+        let e = format!(
+            "unknown sort {sort:?}: use one of {}",
+            crate::insight::stats::SORT_KEYS.join(", ")
+        );
+        return (
+            "400 Bad Request",
+            "application/json",
+            format!("{{\"error\":{}}}\n", json_string(&e)),
+        );
+    }
+    let rows: Vec<serde_json::Value> = super::insight::queries(shared, &sort, limit)
+        .iter()
+        .map(super::insight::query_json)
+        .collect();
+    let body = serde_json::Value::from(rows);
+    ("200 OK", "application/json", format!("{body}\n"))
+}
+
 fn metrics_text(shared: &Shared) -> String {
     let m = &METRICS;
     m.server_connections.reset();
+    m.pool_max_connections.reset();
+    m.fingerprints.set(shared.insight.stats.len() as i64);
+    let config = shared.config();
     for (key, total, idle) in shared.pools.stats() {
         let pool = key.to_string();
+        m.pool_max_connections
+            .with_label_values(&[pool.as_str()])
+            .set(i64::from(config.pool_size(&key.database, &key.user)));
         m.server_connections
             .with_label_values(&[pool.as_str(), "idle"])
             .set(idle as i64);
@@ -153,6 +198,18 @@ async fn health(shared: &Shared) -> (bool, String) {
     }
     if shared.shutdown.phase() != Phase::Running {
         reasons.push("draining for shutdown".to_string());
+    }
+    let config = shared.config();
+    let limit = config.metrics.health_pool_utilisation;
+    for (key, total, idle) in shared.pools.stats() {
+        let max = config.pool_size(&key.database, &key.user).max(1);
+        let busy = f64::from(total.saturating_sub(idle)) / f64::from(max);
+        if busy > limit {
+            reasons.push(format!(
+                "pool {key}: {} of {max} server connections busy (over metrics.health_pool_utilisation = {limit})",
+                total.saturating_sub(idle)
+            ));
+        }
     }
     let ok = reasons.is_empty();
     let reasons: Vec<String> = reasons.iter().map(|r| json_string(r)).collect();

@@ -2,9 +2,11 @@
 //! reference for the README's configuration table; `load` parses, applies environment overrides
 //! (`PGCACHE_<SECTION>_<KEY>`) and validates, reporting problems with the key and line.
 
+mod insight;
 mod load;
 mod source;
 
+pub use insight::{InsightConfig, SlowQueryConfig};
 pub use load::{load_file, load_str, validate, ConfigError, Problem};
 pub use source::{Overrides, Source};
 
@@ -36,6 +38,10 @@ pub struct Config {
     pub admin: AdminConfig,
     /// The result cache.
     pub cache: CacheConfig,
+    /// Per-fingerprint statistics and the repeated-statement detector.
+    pub insight: InsightConfig,
+    /// The slow query log and `EXPLAIN` of slow statements.
+    pub slow_query: SlowQueryConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -332,11 +338,22 @@ impl Default for AdminConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Address of the HTTP endpoint (`/metrics`, `/health`); none when unset.
     pub listen: Option<String>,
+    /// `/health` says degraded when a pool has more than this share of `pool.max_size` busy.
+    pub health_pool_utilisation: f64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: None,
+            health_pool_utilisation: 0.9,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

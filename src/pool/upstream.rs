@@ -316,14 +316,20 @@ impl ServerConn {
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<(u8, Bytes)>, UpstreamError> {
         let mut out = BytesMut::new();
         wire::query(sql, &mut out);
-        self.send(&out).await?;
+        self.exchange(&out).await
+    }
+
+    /// Send `out` (messages ending in one `Query` or `Sync`) and read to `ReadyForQuery`, as
+    /// `simple_query` does.
+    pub async fn exchange(&mut self, out: &[u8]) -> Result<Vec<(u8, Bytes)>, UpstreamError> {
+        self.send(out).await?;
         let mut replies = Vec::new();
         let mut error = None;
         loop {
             let (tag, body) = self.read().await?;
             match tag {
                 b'Z' => break,
-                b'E' => error = Some(server_error(&body)),
+                b'E' => error = error.or(Some(server_error(&body))),
                 b'S' => {
                     self.note_parameter(&body);
                     replies.push((tag, body));

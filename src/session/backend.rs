@@ -10,6 +10,7 @@
 //! an error the server skips to the next `Sync`; so does the queue.
 
 use super::frontend::forward;
+use super::insight::Pending;
 use super::{End, Session};
 use crate::error::PgError;
 use crate::wire;
@@ -48,6 +49,8 @@ pub enum Expect {
         swallow: bool,
         /// The client sees this error instead of the server's (a refusal).
         replace_error: Option<Bytes>,
+        /// A statement being timed (`Query`, `Execute`; insight on).
+        timed: Option<Box<Pending>>,
     },
 }
 
@@ -57,6 +60,15 @@ impl Expect {
             kind,
             swallow: false,
             replace_error: None,
+            timed: None,
+        }
+    }
+    pub fn timed(kind: Kind, timed: Option<Box<Pending>>) -> Self {
+        Expect::Reply {
+            kind,
+            swallow: false,
+            replace_error: None,
+            timed,
         }
     }
     pub fn swallowed(kind: Kind) -> Self {
@@ -64,6 +76,7 @@ impl Expect {
             kind,
             swallow: true,
             replace_error: None,
+            timed: None,
         }
     }
     pub fn replacing(kind: Kind, refusal: PgError) -> Self {
@@ -71,6 +84,7 @@ impl Expect {
             kind,
             swallow: false,
             replace_error: Some(refusal.frame()),
+            timed: None,
         }
     }
 }
@@ -181,6 +195,9 @@ impl Session {
         }
         if tag == b'C' {
             self.note_command(&msg[5..]);
+            if let Some(Expect::Reply { timed: Some(p), .. }) = self.queue.front_mut() {
+                Session::insight_rows(p, &msg[5..]);
+            }
         }
         let Some(Expect::Reply { kind, swallow, .. }) = self.queue.front() else {
             // Nothing expected (a server going away says so): pass it on.
@@ -199,7 +216,9 @@ impl Session {
             self.shared.pools.note_statement(&self.key, n);
         }
         if completes(kind, tag) {
-            self.queue.pop_front();
+            if let Some(Expect::Reply { timed: Some(p), .. }) = self.queue.pop_front() {
+                self.insight_finish(*p, false);
+            }
             if tag == b'Z' {
                 let status = msg.get(5).copied().unwrap_or(b'I');
                 self.statement_done(status);
@@ -228,21 +247,30 @@ impl Session {
                 a.fatal = true;
             }
         }
+        let error_body = self.insight.is_some().then(|| msg[5..].to_vec());
         let Some(Expect::Reply {
             kind,
             replace_error,
+            timed,
             ..
-        }) = self.queue.front()
+        }) = self.queue.front_mut()
         else {
             return forward(msg, &mut self.to_client);
         };
+        if let Some(p) = timed {
+            Session::insight_error(p, &msg[5..]);
+        }
         match replace_error {
             Some(refusal) => self.to_client.extend_from_slice(refusal),
             None => forward(msg, &mut self.to_client),
         }
         if *kind == Kind::Query {
+            // Ends at its ReadyForQuery.
             return;
         }
+        // The statement that failed is the first timed one up to the Sync (its Bind may be the
+        // message that failed); the rest never ran.
+        let mut failed = None;
         while let Some(front) = self.queue.front() {
             if matches!(
                 front,
@@ -253,6 +281,11 @@ impl Session {
             ) {
                 break;
             }
+            let popped = self.queue.pop_front();
+            if let Some(Expect::Reply { timed: Some(p), .. }) = popped {
+                failed = failed.or(Some(p));
+                continue;
+            }
             if let Some(Expect::Reply {
                 kind:
                     Kind::Parse {
@@ -260,7 +293,7 @@ impl Session {
                         client_name,
                     },
                 ..
-            }) = self.queue.pop_front()
+            }) = popped
             {
                 // The statement was not created: forget it on both sides.
                 if let (Some(n), Some(a)) = (server_name, &mut self.server) {
@@ -270,6 +303,12 @@ impl Session {
                     self.stmts.remove(&c);
                 }
             }
+        }
+        if let Some(mut p) = failed {
+            if let Some(body) = &error_body {
+                Session::insight_error(&mut p, body);
+            }
+            self.insight_finish(*p, false);
         }
     }
 

@@ -264,7 +264,15 @@ impl Session {
     }
 
     /// Answer from the cache, or arm a fill for the statement about to go upstream.
-    pub(super) fn cache_lookup(&mut self, db: &Db, plan: &Plan, parts: &[&[u8]]) -> bool {
+    /// `sql` and `protocol` (`metrics::SIMPLE`/`EXTENDED`) are for insight.
+    pub(super) fn cache_lookup(
+        &mut self,
+        db: &Db,
+        plan: &Plan,
+        parts: &[&[u8]],
+        (sql, protocol): (&str, usize),
+    ) -> bool {
+        let started = Instant::now();
         let key = self.cache_key(db, plan, parts);
         if let Some(e) = self.shared.cache.get(&key, db) {
             tracing::trace!(name = %e.name, snapshot = ?e.snapshot, "hit");
@@ -276,6 +284,7 @@ impl Session {
             self.emit_synthetic();
             self.tx.last_activity = tokio::time::Instant::now();
             crate::admin::registry::PoolStats::add(&self.stats.queries, 1);
+            self.insight_cached(sql, protocol, started);
             return true;
         }
         METRICS.cache_misses.inc();
@@ -316,7 +325,8 @@ impl Session {
             tracing::trace!(cacheable = plan.cacheable, quiet = self.quiet(), status = %(self.tx.status as char), queue = ?self.queue, batch_open = self.tx.batch_open, in_flight = self.tx.in_flight, "simple query not looked up");
             return false;
         }
-        self.cache_lookup(&db, &plan, &[b"Q", sql.as_bytes()])
+        let insight = (sql, crate::metrics::SIMPLE);
+        self.cache_lookup(&db, &plan, &[b"Q", sql.as_bytes()], insight)
     }
 
     /// A message whose writes cannot be known (`FunctionCall`).

@@ -35,6 +35,8 @@ pub struct Prepared {
     pub server_name: String,
     /// The `Parse` to send a connection that lacks the statement (already renamed).
     pub parse: Bytes,
+    /// Its fingerprint (insight), made at the first `Bind`.
+    pub fp: std::sync::OnceLock<Arc<crate::insight::fingerprint::Fingerprint>>,
 }
 
 impl Prepared {
@@ -61,6 +63,7 @@ impl Prepared {
         Prepared {
             server_name,
             parse: parse.freeze(),
+            fp: Default::default(),
         }
     }
 }
@@ -239,7 +242,10 @@ impl Session {
             b'C' => self.on_close(msg),
             b'E' => {
                 PoolStats::add(&self.stats.queries, 1);
-                self.push(msg, Kind::Execute);
+                let mut pos = 5;
+                let timed = read_cstr(&msg, &mut pos).and_then(|p| self.insight_execute(p));
+                self.send(msg);
+                self.queue.push_back(Expect::timed(Kind::Execute, timed));
                 self.tx.batch_open = true;
             }
             b'S' if self.tx.copy_in => self.send(msg), // ignored by the server in copy mode
@@ -397,6 +403,7 @@ impl Session {
         let mut pos = 5;
         let sql = read_cstr(&msg, &mut pos).unwrap_or_default();
         let analysis = self.shared.analyzer.analyze(sql);
+        let timed = self.insight_query(sql);
         // `DEALLOCATE name` of one of the client's protocol-level statements: the server knows it
         // under another name (and other clients may use it), so the proxy answers, as for `Close`.
         if let Some(name) = analysis
@@ -419,15 +426,21 @@ impl Session {
             }
         }
         match self.admit(&analysis) {
-            Ok(()) => self.push(msg, Kind::Query),
+            Ok(()) => {
+                self.send(msg);
+                self.queue.push_back(Expect::timed(Kind::Query, timed));
+            }
             Err(refusal) => {
                 // `SELECT 1/0` fails on the server (aborting a transaction block, as a refused
                 // statement should); the client sees the refusal in its place.
                 let mut probe = BytesMut::new();
                 wire::query("SELECT 1/0", &mut probe);
                 self.send(probe);
-                self.queue
-                    .push_back(Expect::replacing(Kind::Query, refusal));
+                let mut expect = Expect::replacing(Kind::Query, refusal);
+                if let Expect::Reply { timed: t, .. } = &mut expect {
+                    *t = timed;
+                }
+                self.queue.push_back(expect);
             }
         }
         self.statement_sent();
@@ -461,6 +474,7 @@ impl Session {
             return self.refuse_extended(refusal);
         }
         if name.is_empty() {
+            self.insight_unnamed_parsed();
             let frozen = msg.freeze();
             self.unnamed = Some(frozen.clone());
             if let Some(a) = &mut self.server {
@@ -578,7 +592,18 @@ impl Session {
         else {
             return self.push(msg, Kind::Bind);
         };
-        match self.statement_for(stmt) {
+        let prepared = self.statement_for(stmt);
+        if self.insight.is_some() {
+            let unnamed = if stmt.is_empty() {
+                self.unnamed.clone()
+            } else {
+                None
+            };
+            let parse = prepared.as_ref().map(|p| &p.parse).or(unnamed.as_ref());
+            let fp = prepared.as_ref().map(|p| &p.fp);
+            self.insight_bind(portal, parse, fp, &body[pos..]);
+        }
+        match prepared {
             // Unknown or unnamed: sent as is (the server reports a missing statement itself).
             None => self.push(msg, Kind::Bind),
             Some(p) => {

@@ -66,7 +66,7 @@ fn read_bind(msg: &[u8]) -> Option<BindParts<'_>> {
 }
 
 /// Query text and parameter types of a `Parse` message.
-fn read_parse(msg: &[u8]) -> Option<(&str, &str, &[u8])> {
+pub(super) fn read_parse(msg: &[u8]) -> Option<(&str, &str, &[u8])> {
     let body = msg.get(5..)?;
     let mut pos = 0;
     let name = read_cstr(body, &mut pos)?;
@@ -228,7 +228,7 @@ impl Session {
         self.cache_note_sent(&plan);
         let served = self.quiet()
             && self.cache_eligible(&db, &plan)
-            && self.cache_lookup(&db, &plan, &parts);
+            && self.cache_lookup(&db, &plan, &parts, (sql, crate::metrics::EXTENDED));
         if !served {
             for m in held {
                 Box::pin(self.dispatch(m)).await?;

@@ -5,6 +5,7 @@
 
 use super::Session;
 use crate::admin::registry::PoolStats;
+use crate::metrics::METRICS;
 use bytes::{Buf, BytesMut};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -70,14 +71,18 @@ fn make_room(buf: &mut BytesMut) {
 
 impl Session {
     pub(super) fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        if poll_drain(
+        let queued = self.to_client.len();
+        let drained = poll_drain(
             &mut self.client,
             &mut self.to_client,
             &mut self.client_needs_flush,
             cx,
-        )
-        .is_err()
-        {
+        );
+        let sent = queued - self.to_client.len();
+        if sent > 0 {
+            METRICS.client_bytes_sent.inc_by(sent as u64);
+        }
+        if drained.is_err() {
             return Poll::Ready(Event::ClientGone);
         }
         if let Some(a) = &mut self.server {
@@ -95,6 +100,7 @@ impl Session {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ClientGone),
                 Poll::Ready(Ok(n)) => {
                     PoolStats::add(&self.stats.bytes_received, n as u64);
+                    METRICS.client_bytes_received.inc_by(n as u64);
                     return Poll::Ready(Event::Client);
                 }
                 Poll::Pending => {}

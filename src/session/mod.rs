@@ -16,6 +16,7 @@ mod cached;
 pub mod cancel;
 mod frontend;
 mod held;
+mod insight;
 mod io;
 pub mod settings;
 pub mod startup;
@@ -110,6 +111,8 @@ pub struct Session {
     stats: Arc<PoolStats>,
     /// The result cache's state for this client; none when caching is off.
     cache: Option<Box<cached::SessionCache>>,
+    /// Statement timing and runs; none when `insight.enabled` is off.
+    insight: Option<Box<insight::SessionInsight>>,
 }
 
 impl Session {
@@ -159,7 +162,11 @@ impl Session {
             ticket,
             stats,
             cache: None,
+            insight: None,
         };
+        if config.insight.enabled {
+            s.insight = Some(Box::default());
+        }
         if s.shared.cache.enabled() {
             s.cache = Some(Box::new(cached::SessionCache::new()));
         }
@@ -243,6 +250,9 @@ impl Session {
         control::wait_unpaused(&self.shared).await;
         let got = self.shared.pools.acquire(&self.key).await;
         PoolStats::add(&self.stats.wait_us, started.elapsed().as_micros() as u64);
+        crate::metrics::METRICS
+            .pool_acquire_wait
+            .observe(started.elapsed().as_secs_f64());
         let mut conn = match got {
             Ok(c) => c,
             Err(e) => {
@@ -274,10 +284,10 @@ impl Session {
         Ok(())
     }
 
-    /// Every message is looked at whole (transaction pooling, or the cache is on); otherwise
+    /// Every message is looked at whole (transaction pooling, the cache or insight is on); otherwise
     /// bytes pass through with only their headers read.
     fn tracked(&self) -> bool {
-        self.mode == PoolMode::Transaction || self.cache.is_some()
+        self.mode == PoolMode::Transaction || self.cache.is_some() || self.insight.is_some()
     }
 
     /// Transaction mode: the server connection can go back to its pool now.

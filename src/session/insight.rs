@@ -1,0 +1,242 @@
+//! Query insight on one session: each statement sent upstream carries a `Pending` (in its
+//! `Expect`) from the moment it goes out to its last reply; then it is counted under its
+//! fingerprint, timed, checked against the slow threshold and the repeated-statement detector.
+//!
+//! Time is what the client waits for beyond earlier pipelined statements: from the later of
+//! "sent" and "the previous statement finished" to the reply that ends it (`CommandComplete`,
+//! `PortalSuspended`, `EmptyQueryResponse`, an error; `ReadyForQuery` for a simple query).
+
+use super::Session;
+use crate::insight::fingerprint::Fingerprint;
+use crate::insight::stats::Sample;
+use crate::insight::{ExplainArgs, Runs, SlowEvent};
+use crate::metrics::{self, METRICS};
+use crate::wire;
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+/// A statement on its way.
+#[derive(Debug)]
+pub struct Pending {
+    fp: Arc<Fingerprint>,
+    sent: Instant,
+    rows: u64,
+    /// SQLSTATE of its error.
+    error: Option<String>,
+    protocol: usize,
+    explain: Option<ExplainArgs>,
+}
+
+#[derive(Default)]
+pub(super) struct SessionInsight {
+    last_done: Option<Instant>,
+    runs: Runs,
+    /// The statement behind the last `Bind`: its portal, fingerprint, and (explain on) what
+    /// `EXPLAIN` needs.
+    bound: Option<(Box<str>, Arc<Fingerprint>, Option<ExplainArgs>)>,
+    /// Fingerprint of the client's unnamed statement, made at its first `Bind`.
+    unnamed_fp: Option<Arc<Fingerprint>>,
+}
+
+impl Session {
+    fn explaining(&self) -> bool {
+        let c = self.shared.config();
+        c.slow_query.explain && !c.slow_query.threshold.is_zero()
+    }
+
+    /// A simple `Query` is going upstream.
+    pub(super) fn insight_query(&mut self, sql: &str) -> Option<Box<Pending>> {
+        self.insight.as_ref()?;
+        let fp = self.shared.insight.memo.get(sql);
+        let explain = (self.explaining() && fp.statements == 1).then(|| ExplainArgs {
+            key: self.key.clone(),
+            sql: sql.to_string(),
+            parse_types: None,
+            bind: None,
+        });
+        Some(Box::new(Pending {
+            fp,
+            sent: Instant::now(),
+            rows: 0,
+            error: None,
+            protocol: metrics::SIMPLE,
+            explain,
+        }))
+    }
+
+    /// The client's unnamed statement was parsed again.
+    pub(super) fn insight_unnamed_parsed(&mut self) {
+        if let Some(si) = self.insight.as_deref_mut() {
+            si.unnamed_fp = None;
+            si.bound = None;
+        }
+    }
+
+    /// A `Bind` of `portal` to the statement parsed by `parse` (a `Parse` frame), named
+    /// `statement` by the client; `rest` is the `Bind` after the names.
+    pub(super) fn insight_bind(
+        &mut self,
+        portal: &str,
+        parse: Option<&Bytes>,
+        prepared_fp: Option<&std::sync::OnceLock<Arc<Fingerprint>>>,
+        rest: &[u8],
+    ) {
+        let explaining = self.insight.is_some() && self.explaining();
+        let Some(si) = self.insight.as_deref_mut() else {
+            return;
+        };
+        let Some(parse) = parse else {
+            si.bound = None;
+            return;
+        };
+        let Some((_, sql, types)) = super::held::read_parse(parse) else {
+            si.bound = None;
+            return;
+        };
+        let memo = &self.shared.insight.memo;
+        let fp = match prepared_fp {
+            Some(cell) => cell.get_or_init(|| memo.get(sql)).clone(),
+            None => si.unnamed_fp.get_or_insert_with(|| memo.get(sql)).clone(),
+        };
+        let explain = explaining.then(|| ExplainArgs {
+            key: self.key.clone(),
+            sql: sql.to_string(),
+            parse_types: Some(Bytes::copy_from_slice(types)),
+            bind: Some(Bytes::copy_from_slice(rest)),
+        });
+        si.bound = Some((portal.into(), fp, explain));
+    }
+
+    /// An `Execute` of `portal` is going upstream.
+    pub(super) fn insight_execute(&mut self, portal: &str) -> Option<Box<Pending>> {
+        let si = self.insight.as_deref_mut()?;
+        let (p, fp, explain) = si.bound.as_ref()?;
+        if **p != *portal {
+            return None;
+        }
+        Some(Box::new(Pending {
+            fp: fp.clone(),
+            sent: Instant::now(),
+            rows: 0,
+            error: None,
+            protocol: metrics::EXTENDED,
+            explain: explain.clone(),
+        }))
+    }
+
+    /// The cache answered `sql` (`started` when the client's message arrived).
+    pub(super) fn insight_cached(&mut self, sql: &str, protocol: usize, started: Instant) {
+        if self.insight.is_none() {
+            return;
+        }
+        let fp = self.shared.insight.memo.get(sql);
+        let p = Pending {
+            fp,
+            sent: started,
+            rows: 0,
+            error: None,
+            protocol,
+            explain: None,
+        };
+        self.insight_finish(p, true);
+    }
+
+    /// A `CommandComplete` for the statement `p` (a simple query may have several).
+    pub(super) fn insight_rows(p: &mut Pending, tag_body: &[u8]) {
+        p.rows += rows_of(tag_body);
+    }
+
+    pub(super) fn insight_error(p: &mut Pending, error_body: &[u8]) {
+        let code = wire::fields(error_body)
+            .into_iter()
+            .find(|(k, _)| *k == b'C')
+            .map(|(_, v)| v);
+        p.error = Some(code.unwrap_or_default());
+    }
+
+    /// The statement is over: count it.
+    pub(super) fn insight_finish(&mut self, p: Pending, cached: bool) {
+        let Some(si) = self.insight.as_deref_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        let start = si.last_done.map_or(p.sent, |d| d.max(p.sent));
+        si.last_done = Some(now);
+        let us =
+            u64::try_from(now.saturating_duration_since(start).as_micros()).unwrap_or(u64::MAX);
+        let run = si.runs.note(&p.fp);
+        let config = self.shared.config();
+        let sample = Sample {
+            us,
+            rows: p.rows,
+            error: p.error.is_some(),
+            cached,
+        };
+        self.shared.insight.record(&config, &p.fp, &sample, run);
+        let outcome = match (&p.error, cached) {
+            (Some(_), _) => metrics::ERROR,
+            (None, true) => metrics::CACHED,
+            (None, false) => metrics::OK,
+        };
+        METRICS.query_counts[p.protocol][outcome].inc();
+        METRICS.query_seconds[usize::from(cached)].observe(us as f64 / 1e6);
+        if let Some(code) = &p.error {
+            METRICS.query_errors.with_label_values(&[class(code)]).inc();
+        }
+        let threshold = config.slow_query.threshold;
+        if threshold.is_zero() || u128::from(us) < threshold.as_micros() {
+            return;
+        }
+        self.shared.insight.slow.submit(SlowEvent {
+            at: SystemTime::now(),
+            us,
+            fp: p.fp,
+            key: self.key.clone(),
+            client: self.ticket.info.addr,
+            rows: p.rows,
+            cached,
+            error: p.error,
+            explain: p.explain,
+        });
+    }
+}
+
+/// Rows a `CommandComplete` tag reports (`SELECT 5`, `INSERT 0 5`, `UPDATE 5`, `COPY 5`...).
+fn rows_of(tag: &[u8]) -> u64 {
+    let tag = tag.strip_suffix(b"\0").unwrap_or(tag);
+    let last = tag.rsplit(|&b| b == b' ').next().unwrap_or(b"");
+    if tag.len() == last.len() {
+        return 0;
+    }
+    std::str::from_utf8(last)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The SQLSTATE class as a label: two digits or capitals, else `other` (labels stay bounded).
+fn class(code: &str) -> &str {
+    match code.get(..2) {
+        Some(c)
+            if c.bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase()) =>
+        {
+            c
+        }
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rows_and_classes() {
+        assert_eq!(super::rows_of(b"SELECT 5\0"), 5);
+        assert_eq!(super::rows_of(b"INSERT 0 12\0"), 12);
+        assert_eq!(super::rows_of(b"BEGIN\0"), 0);
+        assert_eq!(super::rows_of(b"CREATE TABLE\0"), 0);
+        assert_eq!(super::class("23505"), "23");
+        assert_eq!(super::class("x\"y"), "other");
+    }
+}
