@@ -78,6 +78,9 @@ if [ -n "${ONLY:-}" ]; then
     WORKLOADS=("${kept[@]}")
 fi
 TARGETS=(direct pgbouncer pgcache cached)
+# *plain*: pgcache with query insight off, for the select workloads: what per-statement stats cost.
+# INSIGHT_OVERHEAD=0 leaves it out.
+[ "${INSIGHT_OVERHEAD:-1}" = 1 ] && TARGETS+=(plain)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'compare.sh: %s\n' "$*" >&2; exit 1; }
@@ -119,7 +122,10 @@ stop_pid() {
     kill -KILL "$1" 2>/dev/null || true
     wait "$1" 2>/dev/null || true
 }
-stop_pgcache() { stop_pid "$PGCACHE_PID"; PGCACHE_PID=""; stop_pid "$CACHED_PID"; CACHED_PID=""; }
+stop_pgcache() {
+    stop_pid "$PGCACHE_PID"; PGCACHE_PID=""; stop_pid "$CACHED_PID"; CACHED_PID=""
+    stop_pid "${PLAIN_PID:-}"; PLAIN_PID=""
+}
 stop_pgbouncer() {
     [ -n "$BOUNCER_PIDFILE" ] || return 0
     local pid
@@ -291,7 +297,10 @@ start_pgcache() {
     local max_clients=$1 cached=${2:-} dir="$TMP/pgcache.$RANDOM" port metrics="" cache_toml=""
     port="$(free_port)"
     mkdir -p "$dir"
-    if [ -n "$cached" ]; then
+    if [ "$cached" = plain ]; then
+        cache_toml="[insight]
+enabled = false"
+    elif [ -n "$cached" ]; then
         metrics="$(free_port)"
         cache_toml="[metrics]
 listen = \"127.0.0.1:$metrics\"
@@ -324,7 +333,9 @@ method = "scram-sha-256"
 $cache_toml
 EOF
     "$PGCACHE_BIN" --config "$dir/proxy.toml" >"$dir/pgcache.log" 2>&1 &
-    if [ -n "$cached" ]; then
+    if [ "$cached" = plain ]; then
+        PLAIN_PID=$!; PLAIN_PORT=$port
+    elif [ -n "$cached" ]; then
         CACHED_PID=$!; CACHED_PORT=$port; CACHED_LOG="$dir/pgcache.log"; CACHED_METRICS=$metrics
     else
         PGCACHE_PID=$!; PGCACHE_PORT=$port; PGCACHE_LOG="$dir/pgcache.log"
@@ -333,8 +344,10 @@ EOF
         || { show "$dir/pgcache.log"; die "pgcache does not answer on port $port"; }
 }
 
-port_of() { case $1 in direct) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_PORT";; pgcache) echo "$PGCACHE_PORT";; cached) echo "$CACHED_PORT";; esac; }
-pid_of() { case $1 in direct) echo "";; pgbouncer) echo "$BOUNCER_PID";; pgcache) echo "$PGCACHE_PID";; cached) echo "$CACHED_PID";; esac; }
+port_of() { case $1 in direct) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_PORT";; pgcache) echo "$PGCACHE_PORT";; cached) echo "$CACHED_PORT";; plain) echo "$PLAIN_PORT";; esac; }
+pid_of() { case $1 in direct) echo "";; pgbouncer) echo "$BOUNCER_PID";; pgcache) echo "$PGCACHE_PID";; cached) echo "$CACHED_PID";; plain) echo "$PLAIN_PID";; esac; }
+# plain runs the select workloads only.
+runs_on() { [ "$1" != plain ] || [[ "$2" == select-* ]]; }
 
 # The cache-on instance's hit and miss counters, "hits misses", from its /metrics.
 cache_counters() {
@@ -348,6 +361,7 @@ cache_counters() {
 start_pgbouncer 1000
 start_pgcache 1000
 start_pgcache 1000 cached
+[[ " ${TARGETS[*]} " == *" plain "* ]] && start_pgcache 1000 plain
 
 # ---------------------------------------------------------------------------------------------
 # 4. pgbench, interleaved. One line per run in $RUNS (tab-separated):
@@ -383,7 +397,7 @@ own_ticks() {
     mapfile -t kids < <(pgrep -P "$pm" || true)
     {
         sed 's/.*) //' "/proc/$pm/stat" | awk '{ print $12 + $13 + $14 + $15 }'
-        for p in "${kids[@]}" "$PGCACHE_PID" "${CACHED_PID:-}" "${BOUNCER_PID:-}"; do
+        for p in "${kids[@]}" "$PGCACHE_PID" "${CACHED_PID:-}" "${PLAIN_PID:-}" "${BOUNCER_PID:-}"; do
             [ -r "/proc/$p/stat" ] || continue
             sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }' || true
         done
@@ -486,6 +500,7 @@ for round in $(seq "$ROUNDS"); do
     for w in "${WORKLOADS[@]}"; do
         IFS='|' read -r name clients args <<<"$w"
         for target in "${TARGETS[@]}"; do
+            runs_on "$target" "$name" || continue
             run_pgbench "$round" "$name" "$target" "$clients" "$args"
         done
     done

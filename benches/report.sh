@@ -6,6 +6,7 @@
 for w in "${WORKLOADS[@]}"; do
     IFS='|' read -r name _ _ <<<"$w"
     for target in "${TARGETS[@]}"; do
+        runs_on "$target" "$name" || continue
         if awk -F'\t' -v w="$name" -v t="$target" '$2 == w && $3 == t && $4 != "ok" { f = 1 } END { exit !f }' "$RUNS"; then
             if expected_failure "$target" "$name"; then
                 sed -i "s/\t$name\t$target\tfailed\t/\t$name\t$target\tfailed (expected)\t/" "$RUNS"
@@ -99,7 +100,7 @@ dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
     echo "- pgcache $GIT_REV (release build), PgBouncer $BOUNCER_VERSION, PostgreSQL $PG_VERSION"
     echo "- PostgreSQL: throwaway cluster, **fsync=off, synchronous_commit=off, full_page_writes=off**, shared_buffers=256MB, max_connections=300; pgbench scale $SCALE"
     echo "- Proxies: transaction pooling, $POOL_SIZE server connections each, SCRAM-SHA-256 for clients (both given the SCRAM secret from pg_authid) and to the server; all on 127.0.0.1 (pgbench, proxies and PostgreSQL share the cores)"
-    echo "- pgbench $THREADS threads, ${DURATION}s per run, $ROUNDS round(s) interleaved direct → PgBouncer → pgcache → pgcache with the cache on (*cached*) per workload; ${WARMUP}s warm-up per target first; pgbench phase ${PGBENCH_SECS}s. 1-minute load average before the script started: $LOAD_START (other work on the machine; ideally ~0)"
+    echo "- pgbench $THREADS threads, ${DURATION}s per run, $ROUNDS round(s) interleaved direct → PgBouncer → pgcache → pgcache with the cache on (*cached*)$([[ " ${TARGETS[*]} " == *" plain "* ]] && echo ' → pgcache with query insight off (*plain*, select workloads only)') per workload; ${WARMUP}s warm-up per target first; pgbench phase ${PGBENCH_SECS}s. 1-minute load average before the script started: $LOAD_START (other work on the machine; ideally ~0)"
     echo "- TPS: median over rounds of pgbench's \`tps\` (with \`-C\`: including reconnection times). Latency: every transaction logged (\`pgbench -l\`); mean and p99 (nearest rank) per run, median over rounds. pgbench logs a transaction's latency without connection set-up; for \`-C\` its mean connection time is the *connect ms* column."
     echo "- Other CPU: CPU time used during a run by anything but pgbench, PostgreSQL and the proxies (from /proc/stat, plus hypervisor steal), as % of the machine; max over rounds. Within ±5% is accounting noise; more means other work disturbed the run."
     echo "- *cached*: a second pgcache, same settings plus \`[cache] enabled\` with one rule for \`pgbench_*\` (TTL 1 h: only the proxy writes these tables; room for every key); warmed with ${CACHE_WARMUP}s of \`-S\` per protocol mode before the rounds. Hit ratio: hits / (hits + misses) over the run, from its \`/metrics\`, median over rounds. \`pgbench -S\` draws from $((SCALE * 100000)) accounts, so the ratio says how much of that key space the cache holds."
@@ -139,6 +140,20 @@ dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
             IFS='|' read -r name _ _ <<<"$w"
             hr="$(hit_ratio "$name")"
             echo "| $name | $(dash "$(field "$name" cached 5)") | $hr | $(ratio "$(field "$name" cached 5)" "$(field "$name" direct 5)") | $(ratio "$(field "$name" cached 6)" "$(field "$name" direct 6)") | $(ratio "$(field "$name" cached 7)" "$(field "$name" direct 7)") | $(ratio "$(field "$name" cached 5)" "$(field "$name" pgcache 5)") | $(ratio "$(field "$name" cached 8)" "$(field "$name" pgcache 8)") |"
+        done
+    fi
+    if [[ " ${TARGETS[*]} " == *" plain "* ]]; then
+        echo
+        echo "## Query insight overhead"
+        echo
+        echo "*plain*: a third pgcache with \`[insight] enabled = false\` (no per-statement fingerprint, timing or statistics), select workloads only."
+        echo
+        echo "| workload | TPS pgcache/plain | p99 pgcache/plain | CPU per tx pgcache/plain |"
+        echo "|---|---:|---:|---:|"
+        for w in "${WORKLOADS[@]}"; do
+            IFS='|' read -r name _ _ <<<"$w"
+            runs_on plain "$name" || continue
+            echo "| $name | $(ratio "$(field "$name" pgcache 5)" "$(field "$name" plain 5)") | $(ratio "$(field "$name" pgcache 7)" "$(field "$name" plain 7)") | $(ratio "$(field "$name" pgcache 8)" "$(field "$name" plain 8)") |"
         done
     fi
     if [ -s "$IDLE" ]; then

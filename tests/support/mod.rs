@@ -29,8 +29,21 @@ pub use tls::{make_tls_files, TlsFiles};
 use std::net::TcpListener;
 use std::process::Command;
 
-/// A free loopback TCP port (bound, read, released: another process could take it, rarely).
+/// A free loopback TCP port (bound, released: another process could take it, rarely). Taken
+/// below the kernel's ephemeral range (32768+), where outgoing connections get their source
+/// ports, so a port handed out here is not also some client socket's by the time it is bound;
+/// each test process starts its walk of 20000..32000 at its own place.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % 12_000;
+    for _ in 0..12_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + ((start + n) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 for a free port");
     listener.local_addr().expect("local_addr of probe").port()
 }

@@ -1,0 +1,346 @@
+//! Query insight end to end: exact counts on `/metrics` after a known workload (parsed with a
+//! Prometheus text parser), per-fingerprint statistics in the console and `GET /queries`, the
+//! slow query log with its EXPLAIN finding (simple and extended protocol), the repeated-statement
+//! detector, and `/health` turning degraded on a busy pool.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use support::cache::{admin, app_url, cache_proxy, proxy_metrics, table};
+use support::http::http_get;
+use support::{connect, Proxy};
+use tokio_postgres::SimpleQueryMessage;
+
+async fn get(addr: &str, path: &str) -> (u16, String) {
+    let (addr, path) = (addr.to_string(), path.to_string());
+    tokio::task::spawn_blocking(move || http_get(&addr, &path))
+        .await
+        .expect("HTTP GET task")
+}
+
+/// The value of `name` with every label in `labels`, from a parsed scrape.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("the Prometheus text format parses");
+    let found = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)));
+    match found.map(|s| &s.value) {
+        Some(prometheus_parse::Value::Counter(v))
+        | Some(prometheus_parse::Value::Gauge(v))
+        | Some(prometheus_parse::Value::Untyped(v)) => *v,
+        other => panic!("{name}{labels:?}: {other:?} in\n{text}"),
+    }
+}
+
+/// `SHOW QUERIES ...` rows as maps of column → value.
+async fn show(proxy: &Proxy, command: &str) -> Vec<HashMap<String, String>> {
+    let a = admin(proxy).await;
+    a.simple_query(command)
+        .await
+        .unwrap_or_else(|e| panic!("{command}: {e:?}"))
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_string(), r.get(i).unwrap_or("").to_string()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The row of `SHOW QUERIES` whose normalized text contains `needle`.
+async fn query_row(proxy: &Proxy, needle: &str) -> HashMap<String, String> {
+    let rows = show(proxy, "SHOW QUERIES LIMIT 1000").await;
+    rows.iter()
+        .find(|r| r["query"].contains(needle))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {needle:?} in SHOW QUERIES: {rows:#?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_a_known_workload_exactly() {
+    let t = table("insight_counted", "id int primary key, v text");
+    support::cache::direct(&format!(
+        "insert into {t} select g, 'v' || g from generate_series(1, 5) g"
+    ));
+    let proxy = cache_proxy("transaction", "");
+    let addr = proxy_metrics(&proxy);
+    let c = connect(&app_url(&proxy)).await;
+    for _ in 0..10 {
+        c.simple_query(&format!("select v from {t} where id = 3"))
+            .await
+            .expect("read");
+    }
+    let stmt = c
+        .prepare(&format!("select v from {t} where id = $1"))
+        .await
+        .expect("prepare");
+    for _ in 0..4 {
+        c.query(&stmt, &[&2i32]).await.expect("extended read");
+    }
+    for _ in 0..3 {
+        let e = c
+            .simple_query("select 1/0")
+            .await
+            .expect_err("division by zero");
+        assert_eq!(e.code().map(|c| c.code()), Some("22012"));
+    }
+    let e = c
+        .simple_query(&format!("insert into {t} values (1, 'dup')"))
+        .await
+        .expect_err("duplicate key");
+    assert_eq!(e.code().map(|c| c.code()), Some("23505"));
+
+    let (status, text) = get(&addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let m = |name: &str, labels: &[(&str, &str)]| metric(&text, name, labels);
+    // 10 identical simple reads: one miss fills, nine hits; 4 extended reads: one miss, 3 hits.
+    assert_eq!(m("pgcache_cache_misses_total", &[]), 2.0);
+    assert_eq!(m("pgcache_cache_hits_total", &[]), 12.0);
+    let q = |p: &str, o: &str| m("pgcache_queries_total", &[("protocol", p), ("outcome", o)]);
+    assert_eq!(q("simple", "cached"), 9.0);
+    assert_eq!(q("extended", "cached"), 3.0);
+    assert_eq!(q("extended", "ok"), 1.0);
+    assert_eq!(q("extended", "error"), 0.0);
+    assert_eq!(q("simple", "error"), 4.0);
+    assert_eq!(m("pgcache_query_errors_total", &[("class", "22")]), 3.0);
+    assert_eq!(m("pgcache_query_errors_total", &[("class", "23")]), 1.0);
+    assert_eq!(
+        m(
+            "pgcache_query_duration_seconds_count",
+            &[("source", "cache")]
+        ),
+        12.0
+    );
+    assert!(m("pgcache_client_bytes_received_total", &[]) > 0.0);
+    assert!(m("pgcache_client_bytes_sent_total", &[]) > 0.0);
+    assert!(m("pgcache_pool_acquire_wait_seconds_count", &[]) >= 1.0);
+    assert_eq!(
+        m("pgcache_pool_max_connections", &[("pool", "app/app")]),
+        4.0
+    );
+
+    // The same counts per fingerprint, in the console and as JSON.
+    let r = query_row(&proxy, &format!("from {t} where id = $1")).await;
+    assert_eq!(r["calls"], "14", "{r:?}");
+    assert_eq!(r["cache_hits"], "12", "{r:?}");
+    assert_eq!(r["rows"], "2", "{r:?}"); // rows counted from upstream replies only
+    let r = query_row(&proxy, "select $1/$2").await;
+    assert_eq!((r["calls"].as_str(), r["errors"].as_str()), ("3", "3"));
+    let (status, body) = get(&addr, "/queries?sort=calls&limit=3").await;
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let rows = json.as_array().expect("array");
+    assert!(rows.len() <= 3);
+    assert_eq!(rows[0]["calls"], 14, "{body}");
+    let (status, _) = get(&addr, "/queries?sort=nonsense").await;
+    assert_eq!(status, 400);
+    assert!(admin(&proxy)
+        .await
+        .simple_query("SHOW QUERIES ORDER BY nonsense")
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_statements_are_logged_and_explained() {
+    let t = table("insight_big", "id int, val int, name text");
+    support::cache::direct(&format!(
+        "insert into {t} select g, g % 1000, 'n' || g from generate_series(1, 200000) g; analyze {t}"
+    ));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("slow.jsonl");
+    let extra = format!(
+        "[cache]\nenabled = false\n[slow_query]\nthreshold = \"1ms\"\nlog = \"{}\"\n\
+         max_per_second = 1000\nexplain = true\nexplain_min_rows = 100000\n",
+        log.display()
+    );
+    let proxy = cache_proxy("transaction", &extra);
+    let addr = proxy_metrics(&proxy);
+    let c = connect(&app_url(&proxy)).await;
+    c.simple_query("select pg_sleep(0.05)")
+        .await
+        .expect("sleep");
+    c.simple_query(&format!("select count(*) from {t} where val = 7"))
+        .await
+        .expect("seq scan, simple protocol");
+    let n: i64 = c
+        .query_one(
+            &format!("select count(*) from {t} where id > $1 and val = $2"),
+            &[&10i32, &7i32],
+        )
+        .await
+        .expect("seq scan, extended protocol")
+        .get(0);
+    assert_eq!(n, 199);
+
+    // Lines are written by a background task, after EXPLAIN: wait for them.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let lines = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+            .collect();
+        let explained = lines
+            .iter()
+            .filter(|l| {
+                l["explain"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("CREATE INDEX"))
+            })
+            .count();
+        if explained >= 2 || Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let find = |needle: &str| {
+        lines
+            .iter()
+            .find(|l| l["query"].as_str().is_some_and(|q| q.contains(needle)))
+            .unwrap_or_else(|| panic!("no {needle:?} in the slow log: {lines:#?}"))
+    };
+    let sleep = find("pg_sleep");
+    assert!(
+        sleep["duration_ms"].as_f64().unwrap_or(0.0) >= 50.0,
+        "{sleep}"
+    );
+    assert_eq!(sleep["query"], "select pg_sleep($1)");
+    assert_eq!(sleep["database"], "app");
+    assert_eq!(sleep["user"], "app");
+    assert_eq!(sleep["cached"], false);
+    assert!(sleep["client"]
+        .as_str()
+        .is_some_and(|c| c.starts_with("127.0.0.1:")));
+    assert_eq!(sleep["fingerprint"].as_str().map(str::len), Some(16));
+    let simple = find(&format!("from {t} where val = $1"));
+    assert_eq!(simple["rows"], 1);
+    let e = simple["explain"].as_str().unwrap_or("");
+    assert!(e.contains(&format!("Seq Scan on public.{t}")), "{simple}");
+    assert!(
+        e.contains(&format!("CREATE INDEX ON public.{t} (val)")),
+        "{simple}"
+    );
+    let extended = find(&format!("from {t} where id > $1 and val = $2"));
+    let e = extended["explain"].as_str().unwrap_or("");
+    assert!(
+        e.contains(&format!("CREATE INDEX ON public.{t} (val, id)")),
+        "{extended}"
+    );
+
+    // The same in the console, on the fingerprint, and on /metrics.
+    let slow = show(&proxy, "SHOW SLOW LIMIT 50").await;
+    assert!(
+        slow.iter().any(|r| r["query"] == "select pg_sleep($1)"),
+        "{slow:?}"
+    );
+    let r = query_row(&proxy, &format!("from {t} where val = $1")).await;
+    assert!(r["advice"].contains("CREATE INDEX"), "{r:?}");
+    let (_, text) = get(&addr, "/metrics").await;
+    assert!(metric(&text, "pgcache_slow_queries_total", &[]) >= 3.0);
+    assert!(metric(&text, "pgcache_explains_total", &[("outcome", "ok")]) >= 2.0);
+    let (status, body) = get(&addr, "/slow?limit=2").await;
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(json.as_array().map(Vec::len), Some(2), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_statements_are_reported_with_advice() {
+    let t = table("insight_items", "id int primary key, name text");
+    support::cache::direct(&format!(
+        "insert into {t} select g, 'n' || g from generate_series(1, 50) g"
+    ));
+    let proxy = cache_proxy(
+        "transaction",
+        "[cache]\nenabled = false\n[insight]\nrepeat_threshold = 10\n",
+    );
+    let addr = proxy_metrics(&proxy);
+    let c = connect(&app_url(&proxy)).await;
+    // N+1: one read per id.
+    let stmt = c
+        .prepare(&format!("select name from {t} where id = $1"))
+        .await
+        .expect("prepare");
+    for id in 1..=25i32 {
+        c.query(&stmt, &[&id]).await.expect("read");
+    }
+    // Row-at-a-time inserts in one transaction: BEGIN and COMMIT do not break the run.
+    c.simple_query("begin").await.expect("begin");
+    for id in 100..115 {
+        c.simple_query(&format!("insert into {t} values ({id}, 'x')"))
+            .await
+            .expect("insert");
+    }
+    c.simple_query("commit").await.expect("commit");
+    // A short run (under the threshold) is not reported.
+    for id in 1..5i32 {
+        c.query(
+            &format!("select id from {t} where name = $1"),
+            &[&format!("n{id}")],
+        )
+        .await
+        .expect("short run");
+    }
+
+    let r = query_row(&proxy, &format!("select name from {t} where id = $1")).await;
+    assert_eq!(
+        (r["repeated_runs"].as_str(), r["longest_run"].as_str()),
+        ("1", "25"),
+        "{r:?}"
+    );
+    assert!(r["advice"].contains("N+1"), "{r:?}");
+    let r = query_row(&proxy, &format!("insert into {t} values")).await;
+    assert_eq!(
+        (r["repeated_runs"].as_str(), r["longest_run"].as_str()),
+        ("1", "15"),
+        "{r:?}"
+    );
+    assert!(r["advice"].contains("multi-row INSERT"), "{r:?}");
+    let r = query_row(&proxy, &format!("select id from {t} where name = $1")).await;
+    assert_eq!(r["repeated_runs"], "0", "{r:?}");
+    let (_, text) = get(&addr, "/metrics").await;
+    assert_eq!(
+        metric(&text, "pgcache_repeated_statement_runs_total", &[]),
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_degraded_while_a_pool_is_nearly_full() {
+    let proxy = cache_proxy(
+        "session",
+        "[cache]\nenabled = false\n[pool]\nmax_size = 2\n[metrics]\nhealth_pool_utilisation = 0.5\n",
+    );
+    let addr = proxy_metrics(&proxy);
+    let one = connect(&app_url(&proxy)).await;
+    one.simple_query("select 1").await.expect("first client");
+    let (status, body) = get(&addr, "/health").await;
+    assert_eq!(status, 200, "{body}");
+    let two = connect(&app_url(&proxy)).await;
+    two.simple_query("select 1").await.expect("second client");
+    let (status, body) = get(&addr, "/health").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("pool app/app: 2 of 2 server connections busy"),
+        "{body}"
+    );
+    drop(two);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = get(&addr, "/health").await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still degraded: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
