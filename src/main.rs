@@ -14,6 +14,7 @@ mod insight;
 mod listener;
 mod metrics;
 mod pool;
+mod probe;
 mod session;
 mod shutdown;
 mod stream;
@@ -71,10 +72,24 @@ enum Command {
     Check,
     /// Run the proxy (the default).
     Run,
+    /// GET a URL of the metrics endpoint (container health checks): exit 0 on HTTP 200.
+    Health {
+        #[arg(long, default_value = "http://127.0.0.1:9930/health")]
+        url: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Health { url }) = &cli.command {
+        return match probe::run(url) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

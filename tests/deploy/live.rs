@@ -1,0 +1,90 @@
+//! Deployed configs running for tests/deploy.rs: a PostgreSQL with TLS, the proxy on a deployed
+//! proxy.toml and environment (moved to loopback ports and the test server), and a workload
+//! that touches every part the dashboard shows.
+
+use std::sync::OnceLock;
+
+use super::files::{toml_table, Deployed};
+use crate::support::http::{http_get, wait_http};
+use crate::support::{connect, free_port, try_connect, PgOptions, PgServer, Proxy, ROLES};
+
+/// One PostgreSQL (with TLS, so a `prefer` upstream really negotiates it) for this binary.
+pub fn server() -> &'static PgServer {
+    static SERVER: OnceLock<PgServer> = OnceLock::new();
+    SERVER.get_or_init(|| PgServer::start_new(PgOptions { ssl: true }))
+}
+
+/// A proxy running `d` as deployed, except that it listens on free loopback ports and its
+/// upstream is the test server (given as `PGCACHE_UPSTREAM_*` overrides, as an operator would).
+/// Returns the proxy and its metrics address.
+pub fn start_deployed(d: &Deployed) -> (Proxy, String) {
+    let mut config = toml_table(&d.toml, &d.origin);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    config["proxy"]["listen"] = toml::Value::Array(vec![listen.into()]);
+    config["metrics"]["listen"] = metrics.clone().into();
+    let server = server();
+    let upstream_password = ROLES.iter().find(|(r, _)| *r == "app").expect("app").1;
+    let port = server.port.to_string();
+    let mut env: Vec<(&str, &str)> = d
+        .env
+        .iter()
+        .filter(|(k, _)| k != "PGCACHE_UPSTREAM_PASSWORD")
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert!(
+        d.env.iter().any(|(k, _)| k == "PGCACHE_UPSTREAM_PASSWORD"),
+        "{}: the upstream password should come from PGCACHE_UPSTREAM_PASSWORD",
+        d.origin
+    );
+    // The deployed value is a placeholder; the test server's password stands in for it.
+    env.extend([
+        ("PGCACHE_UPSTREAM_PASSWORD", upstream_password),
+        ("PGCACHE_UPSTREAM_HOST", "127.0.0.1"),
+        ("PGCACHE_UPSTREAM_PORT", port.as_str()),
+    ]);
+    let toml = toml::to_string(&config).expect("render proxy.toml");
+    let proxy = Proxy::start_env(&toml, &env);
+    wait_http(&metrics);
+    (proxy, metrics)
+}
+
+pub async fn get(addr: &str, path: &'static str) -> (u16, String) {
+    let addr = addr.to_string();
+    tokio::task::spawn_blocking(move || http_get(&addr, path))
+        .await
+        .expect("HTTP GET task")
+}
+
+/// Statements through the proxy that touch every part the dashboard shows: a table written and
+/// read twice in both protocols (a cache fill and hit where the cache is on), an error, a wrong
+/// password. Returns the client, still connected (so client gauges have a sample).
+pub async fn workload(proxy: &Proxy, d: &Deployed) -> tokio_postgres::Client {
+    let wrong = try_connect(&proxy.url("app", "not-the-password", "app")).await;
+    assert!(wrong.is_err(), "{}: a wrong password got in", d.origin);
+    let client = connect(&proxy.url("app", d.client_password, "app")).await;
+    let table = format!("deploy_items_{}", proxy.port());
+    client
+        .batch_execute(&format!(
+            "create table {table} (id int primary key, name text);\n\
+             insert into {table} values (1, 'one'), (2, 'two');"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{}: create {table}: {e}", d.origin));
+    let select = format!("select name from {table} where id = 1");
+    for _ in 0..2 {
+        let rows = client.simple_query(&select).await.expect("simple select");
+        assert!(rows.len() >= 2, "{}: {rows:?}", d.origin);
+        let rows = client
+            .query(&format!("select name from {table} where id = $1"), &[&2i32])
+            .await
+            .expect("extended select");
+        assert_eq!(rows[0].get::<_, String>(0), "two", "{}", d.origin);
+    }
+    let err = client
+        .simple_query(&format!("select id / 0 from {table}"))
+        .await
+        .expect_err("division by zero");
+    assert_eq!(err.code().map(|c| c.code()), Some("22012"), "{}", d.origin);
+    client
+}
