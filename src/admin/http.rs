@@ -157,6 +157,10 @@ fn queries(shared: &Shared, query: &str) -> (&'static str, &'static str, String)
 }
 
 fn metrics_text(shared: &Shared) -> String {
+    // Scrape-time gauges are reset and refilled: two scrapes at once must not see each other's
+    // half-filled state.
+    static SCRAPE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = SCRAPE.lock().unwrap_or_else(|p| p.into_inner());
     let m = &METRICS;
     m.server_connections.reset();
     m.pool_max_connections.reset();

@@ -72,7 +72,7 @@ pub fn load_str(
     };
     let overrides: Vec<(String, String)> = env.filter(|(k, _)| k.starts_with("PGCACHE_")).collect();
     if problems.is_empty() && !overrides.is_empty() {
-        config = apply_env(src, overrides.clone()).map_err(fail)?;
+        config = super::env::apply_env(src, overrides.clone()).map_err(fail)?;
     }
     let mut semantic = validate(&config);
     for p in &mut semantic {
@@ -90,94 +90,6 @@ pub fn load_str(
     } else {
         Err(fail(problems))
     }
-}
-
-const SECTIONS: [&str; 8] = [
-    "proxy", "upstream", "pool", "auth", "tls", "metrics", "admin", "cache",
-];
-
-/// `PGCACHE_UPSTREAM_PASSWORD=x` sets `upstream.password`; `PGCACHE_UPSTREAM_TLS_MODE` sets
-/// `upstream.tls.mode`. A value is tried as a string first, then as a TOML literal (`20`, `true`,
-/// `["a", "b"]`), so whichever the key's type accepts wins.
-fn apply_env(src: &str, overrides: Vec<(String, String)>) -> Result<Config, Vec<Problem>> {
-    let mut root: toml::Table = toml::from_str(src).map_err(|e| {
-        vec![Problem {
-            key: "(file)".into(),
-            line: None,
-            message: e.to_string(),
-        }]
-    })?;
-    let mut problems = Vec::new();
-    for (var, raw) in overrides {
-        let rest = var["PGCACHE_".len()..].to_ascii_lowercase();
-        let Some(section) = SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_"))) else {
-            continue; // not a config variable (e.g. PGCACHE_LOG)
-        };
-        let key = &rest[section.len() + 1..];
-        let mut path = vec![section.to_string()];
-        match key.split_once('_') {
-            Some((sub, k)) if *section == "upstream" && sub == "tls" => {
-                path.push(sub.into());
-                path.push(k.into());
-            }
-            _ => path.push(key.into()),
-        }
-        let as_string = toml::Value::String(raw.clone());
-        let as_literal = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"));
-        let mut accepted = false;
-        for candidate in std::iter::once(as_string).chain(as_literal) {
-            let mut trial = root.clone();
-            set_path(&mut trial, &path, candidate);
-            if toml::Value::Table(trial.clone())
-                .try_into::<Config>()
-                .is_ok()
-            {
-                root = trial;
-                accepted = true;
-                break;
-            }
-        }
-        if !accepted {
-            let mut trial = root.clone();
-            set_path(&mut trial, &path, toml::Value::String(raw));
-            let err = toml::Value::Table(trial)
-                .try_into::<Config>()
-                .err()
-                .map(|e| e.message().trim().to_string())
-                .unwrap_or_default();
-            problems.push(Problem {
-                key: path.join("."),
-                line: None,
-                message: format!("from environment variable {var}: {err}"),
-            });
-        }
-    }
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    toml::Value::Table(root).try_into::<Config>().map_err(|e| {
-        vec![Problem {
-            key: "(environment)".into(),
-            line: None,
-            message: e.message().to_string(),
-        }]
-    })
-}
-
-fn set_path(root: &mut toml::Table, path: &[String], value: toml::Value) {
-    let mut table = root;
-    for part in &path[..path.len() - 1] {
-        let entry = table
-            .entry(part.clone())
-            .or_insert_with(|| toml::Value::Table(Default::default()));
-        if !entry.is_table() {
-            *entry = toml::Value::Table(Default::default());
-        }
-        table = entry.as_table_mut().expect("made a table above");
-    }
-    table.insert(path[path.len() - 1].clone(), value);
 }
 
 /// Semantic checks that types alone cannot express.
@@ -285,9 +197,10 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         let method = u.method.unwrap_or(c.auth.method);
         let key = format!("users.{name}.password");
         match (method, u.password.as_deref()) {
-            (AuthMethod::Md5 | AuthMethod::ScramSha256, None) => {
-                bad(&key, format!("{method:?} authentication needs a password"))
-            }
+            (AuthMethod::Md5 | AuthMethod::ScramSha256, None) => bad(
+                &key,
+                format!("{} authentication needs a password", method.name()),
+            ),
             (AuthMethod::ScramSha256, Some(p)) if crate::auth::is_md5_secret(p) => bad(
                 &key,
                 "an md5 secret cannot be used for scram-sha-256; give the cleartext password or a \
@@ -582,6 +495,34 @@ mod tests {
         assert_eq!(c.upstream.password.as_deref(), Some("123"));
         assert_eq!(c.pool.max_size, 7);
         assert_eq!(c.upstream.tls.mode, UpstreamTlsMode::Require);
+    }
+
+    #[test]
+    fn env_overrides_named_sections_and_insight() {
+        let c = load(
+            "[users.app_rw]\nmethod = \"scram-sha-256\"\n",
+            &[
+                ("PGCACHE_USERS_APP_RW_PASSWORD", "s3cret"),
+                ("PGCACHE_USERS_APP_RW_SERVER_PASSWORD", "up"),
+                ("PGCACHE_DATABASES_SHOP_DBNAME", "shop_live"),
+                ("PGCACHE_SLOW_QUERY_THRESHOLD", "2s"),
+                ("PGCACHE_INSIGHT_REPEAT_THRESHOLD", "0"),
+            ],
+        )
+        .unwrap();
+        let u = &c.users["app_rw"];
+        assert_eq!(u.password.as_deref(), Some("s3cret"));
+        assert_eq!(u.server_password.as_deref(), Some("up"));
+        assert_eq!(c.databases["shop"].dbname.as_deref(), Some("shop_live"));
+        assert_eq!(c.slow_query.threshold.as_secs(), 2);
+        assert_eq!(c.insight.repeat_threshold, 0);
+        let e = load("", &[("PGCACHE_SLOW_QUERY_THRESHOLD", "banana")]).unwrap_err();
+        assert!(
+            e.to_string().contains("PGCACHE_SLOW_QUERY_THRESHOLD"),
+            "{e}"
+        );
+        let e = load("", &[("PGCACHE_USERS_APP_COLOUR", "red")]).unwrap_err();
+        assert!(e.to_string().contains("PGCACHE_USERS_<NAME>_<KEY>"), "{e}");
     }
 
     #[test]

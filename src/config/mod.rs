@@ -2,6 +2,7 @@
 //! reference for the README's configuration table; `load` parses, applies environment overrides
 //! (`PGCACHE_<SECTION>_<KEY>`) and validates, reporting problems with the key and line.
 
+mod env;
 mod insight;
 mod load;
 mod source;
