@@ -56,6 +56,10 @@ struct Cli {
     /// Turn the result cache on with one rule caching every table (default TTL).
     #[arg(long)]
     cache_all: bool,
+    /// Invalidate from PostgreSQL's change stream (logical replication slot and publication
+    /// `pgcache`, created when missing): writes that bypass the proxy are seen too.
+    #[arg(long)]
+    wal_invalidation: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -69,7 +73,12 @@ enum CliPoolMode {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Validate the configuration and exit: 0 when it is valid, 2 with every problem otherwise.
-    Check,
+    /// With `invalidation.replication` on, also asks the upstream whether it can stream changes.
+    Check {
+        /// Only the file: do not connect to the upstream.
+        #[arg(long)]
+        offline: bool,
+    },
     /// Run the proxy (the default).
     Run,
     /// GET a URL of the metrics endpoint (container health checks): exit 0 on HTTP 200.
@@ -110,6 +119,7 @@ fn main() -> ExitCode {
             }),
             pool_size: cli.pool_size,
             cache_all: cli.cache_all,
+            wal_invalidation: cli.wal_invalidation,
         },
     };
     let config = match source.load() {
@@ -119,7 +129,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if matches!(cli.command, Some(Command::Check)) {
+    if let Some(Command::Check { offline }) = cli.command {
+        if config.invalidation.replication.enabled && !offline {
+            return check_upstream(config);
+        }
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
@@ -147,23 +160,7 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
     let signals = Signals::new()?;
     let config = Arc::new(config);
     let tls = tls::acceptor(&config.tls).context("client TLS (tls.*)")?;
-    let connector =
-        tls::connector(&config.upstream.tls).context("upstream TLS (upstream.tls.*)")?;
-    let target = pool::upstream::Target {
-        host: config.upstream.host.clone(),
-        port: config.upstream.port,
-        tls_mode: config.upstream.tls.mode,
-        tls: match connector {
-            Some(c) => Some((
-                c,
-                tls::server_name(&config.upstream.tls, &config.upstream.host)?,
-            )),
-            None => None,
-        },
-        connect_timeout: config.upstream.connect_timeout,
-        max_message: config.proxy.max_message_bytes,
-        max_prepared: config.pool.max_prepared_statements,
-    };
+    let target = upstream_target(&config)?;
     // The metrics endpoint is up before clients are accepted: whoever sees the proxy port open
     // can scrape it.
     let metrics_listener = match &config.metrics.listen {
@@ -207,6 +204,7 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
     }
     tokio::spawn(cache::warm::run(shared.clone()));
     tokio::spawn(insight::slow::run(shared.clone()));
+    tokio::spawn(cache::stream::run(shared.clone()));
     tracing::info!(upstream = %shared.pools.target().addr(), "pgcache started");
     let serving = tokio::spawn(listener::serve(shared.clone(), listeners));
 
@@ -227,6 +225,61 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
     }
     tracing::info!("pgcache stopped");
     Ok(())
+}
+
+/// Where and how to reach the upstream, from the configuration.
+fn upstream_target(config: &Config) -> anyhow::Result<pool::upstream::Target> {
+    let connector =
+        tls::connector(&config.upstream.tls).context("upstream TLS (upstream.tls.*)")?;
+    Ok(pool::upstream::Target {
+        host: config.upstream.host.clone(),
+        port: config.upstream.port,
+        tls_mode: config.upstream.tls.mode,
+        tls: match connector {
+            Some(c) => Some((
+                c,
+                tls::server_name(&config.upstream.tls, &config.upstream.host)?,
+            )),
+            None => None,
+        },
+        connect_timeout: config.upstream.connect_timeout,
+        max_message: config.proxy.max_message_bytes,
+        max_prepared: config.pool.max_prepared_statements,
+    })
+}
+
+/// `pgcache check` with the change stream on: can the upstream stream to us? Problems are
+/// printed with what to do.
+fn check_upstream(config: Config) -> ExitCode {
+    let run = async {
+        let config = Arc::new(config);
+        let target = upstream_target(&config)?;
+        let registry = Arc::new(admin::registry::Registry::default());
+        let pools = pool::Pools::new(config.clone(), target, registry);
+        anyhow::Ok(cache::stream::check(&pools, &config).await)
+    };
+    let problems = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run))
+    {
+        Ok(p) => p,
+        Err(e) => vec![format!("{e:#}")],
+    };
+    if problems.is_empty() {
+        println!(
+            "configuration is valid; the upstream can stream changes (invalidation.replication)"
+        );
+        return ExitCode::SUCCESS;
+    }
+    eprintln!(
+        "configuration is valid, but the change stream (invalidation.replication) cannot run:"
+    );
+    for p in problems {
+        eprintln!("  {p}");
+    }
+    ExitCode::from(2)
 }
 
 struct Signals {

@@ -72,6 +72,14 @@ pub struct Metrics {
     pub repeated_runs: IntCounter,
     /// Fingerprints tracked now.
     pub fingerprints: IntGauge,
+    /// 1 while the change stream is following its slot.
+    pub replication_up: IntGauge,
+    /// Bytes of WAL the server had sent beyond what the change stream applied, last seen.
+    pub replication_lag_bytes: IntGauge,
+    /// Committed transactions the change stream applied (bumped).
+    pub replication_transactions: IntCounter,
+    /// From a transaction's commit on the server to its bump here.
+    pub replication_delay: Histogram,
 }
 
 /// Index into `Metrics::query_counts`.
@@ -199,6 +207,26 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Sessions that ran one statement insight.repeat_threshold times in a row",
         ),
         fingerprints: gauge(&r, "pgcache_fingerprints", "Fingerprints tracked"),
+        replication_up: gauge(
+            &r,
+            "pgcache_replication_up",
+            "1 while the change stream follows its replication slot",
+        ),
+        replication_lag_bytes: gauge(
+            &r,
+            "pgcache_replication_lag_bytes",
+            "WAL bytes sent by the server beyond what the change stream applied",
+        ),
+        replication_transactions: counter(
+            &r,
+            "pgcache_replication_transactions_total",
+            "Committed transactions whose changes the change stream applied",
+        ),
+        replication_delay: histogram(
+            &r,
+            "pgcache_replication_delay_seconds",
+            "From a commit on the server to its invalidation here",
+        ),
         draining: gauge(
             &r,
             "pgcache_draining",

@@ -15,6 +15,7 @@ mod glob;
 pub mod plan;
 pub mod sql;
 mod store;
+pub mod stream;
 pub mod warm;
 
 pub use glob::glob_match;

@@ -4,7 +4,7 @@
 use super::load::Problem;
 use super::Config;
 
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 13] = [
     "proxy",
     "upstream",
     "pool",
@@ -17,6 +17,7 @@ const SECTIONS: [&str; 12] = [
     "slow_query",
     "users",
     "databases",
+    "invalidation",
 ];
 
 /// Keys of `[users.NAME]` and `[databases.NAME]`: `PGCACHE_USERS_APP_RW_PASSWORD` is user
@@ -74,7 +75,10 @@ pub(super) fn apply_env(
                 path.push(key[..key.len() - k.len() - 1].into());
                 path.push(k.to_string());
             }
-            Some((sub, k)) if *section == "upstream" && sub == "tls" => {
+            Some((sub, k))
+                if (*section == "upstream" && sub == "tls")
+                    || (*section == "invalidation" && sub == "replication") =>
+            {
                 path.push(sub.into());
                 path.push(k.into());
             }

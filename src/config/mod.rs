@@ -4,10 +4,12 @@
 
 mod env;
 mod insight;
+mod invalidation;
 mod load;
 mod source;
 
 pub use insight::{InsightConfig, SlowQueryConfig};
+pub use invalidation::{InvalidationConfig, ReplicationConfig};
 pub use load::{load_file, load_str, validate, ConfigError, Problem};
 pub use source::{Overrides, Source};
 
@@ -43,6 +45,8 @@ pub struct Config {
     pub insight: InsightConfig,
     /// The slow query log and `EXPLAIN` of slow statements.
     pub slow_query: SlowQueryConfig,
+    /// Invalidation from sources other than the proxy's own writes.
+    pub invalidation: InvalidationConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

@@ -17,6 +17,8 @@ pub struct Overrides {
     pub pool_size: Option<u32>,
     /// `--cache-all`: caching on, plus a rule for every table.
     pub cache_all: bool,
+    /// `--wal-invalidation`: the change stream on, default slot and publication names.
+    pub wal_invalidation: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -51,6 +53,9 @@ impl Source {
                 tables: vec!["*".into()],
                 ..super::CacheRule::default()
             });
+        }
+        if o.wal_invalidation {
+            config.invalidation.replication.enabled = true;
         }
         if let Some(u) = &o.upstream {
             apply_upstream_url(&mut config, u).map_err(|message| ConfigError {

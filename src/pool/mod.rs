@@ -179,6 +179,7 @@ impl Pools {
             user,
             database: c.upstream_database(&key.database).to_string(),
             password,
+            replication: false,
         }
     }
 
@@ -222,6 +223,13 @@ impl Pools {
     /// (the catalog) never take a connection a client is waiting for. Close it with `terminate`.
     pub async fn connect_unpooled(&self, key: &PoolKey) -> Result<ServerConn, UpstreamError> {
         ServerConn::connect(&self.target, &self.login_for(key)).await
+    }
+
+    /// A logical replication connection logged in as `key`'s pool would be (the change stream).
+    pub async fn connect_replication(&self, key: &PoolKey) -> Result<ServerConn, UpstreamError> {
+        let mut login = self.login_for(key);
+        login.replication = true;
+        ServerConn::connect(&self.target, &login).await
     }
 
     /// Lend a server connection for `key`, waiting up to `pool.acquire_timeout`.

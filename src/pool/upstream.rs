@@ -44,6 +44,8 @@ pub struct Login {
     pub user: String,
     pub database: String,
     pub password: Option<String>,
+    /// A logical replication connection (`replication=database`): the change stream.
+    pub replication: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,13 +174,15 @@ impl ServerConn {
         let _ = self.stream.shutdown().await;
     }
 
-    async fn send(&mut self, out: &[u8]) -> Result<(), UpstreamError> {
+    /// Write `out` and flush (the change stream talks to the server directly).
+    pub async fn send(&mut self, out: &[u8]) -> Result<(), UpstreamError> {
         self.stream.write_all(out).await?;
         self.stream.flush().await?;
         Ok(())
     }
 
-    async fn read(&mut self) -> Result<(u8, Bytes), UpstreamError> {
+    /// The next whole message from the server.
+    pub async fn read(&mut self) -> Result<(u8, Bytes), UpstreamError> {
         match wire::read_message(&mut self.stream, &mut self.buf, self.max_message).await? {
             Some(m) => Ok(m),
             None => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
@@ -191,10 +195,13 @@ impl ServerConn {
             message,
         };
         let mut out = BytesMut::new();
-        let params = [
+        let mut params = vec![
             ("user", login.user.as_str()),
             ("database", login.database.as_str()),
         ];
+        if login.replication {
+            params.push(("replication", "database"));
+        }
         frontend::startup_message(params.iter().copied(), &mut out)?;
         self.send(&out).await?;
         let mut scram: Option<ScramSha256> = None;
