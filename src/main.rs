@@ -60,6 +60,10 @@ struct Cli {
     /// `pgcache`, created when missing): writes that bypass the proxy are seen too.
     #[arg(long)]
     wal_invalidation: bool,
+    /// Share cached results and invalidations with other proxies through this Redis
+    /// (`redis://host:port`).
+    #[arg(long)]
+    redis: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -120,6 +124,7 @@ fn main() -> ExitCode {
             pool_size: cli.pool_size,
             cache_all: cli.cache_all,
             wal_invalidation: cli.wal_invalidation,
+            redis: cli.redis.clone(),
         },
     };
     let config = match source.load() {
@@ -205,6 +210,7 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
     tokio::spawn(cache::warm::run(shared.clone()));
     tokio::spawn(insight::slow::run(shared.clone()));
     tokio::spawn(cache::stream::run(shared.clone()));
+    tokio::spawn(cache::tier::follow(shared.clone()));
     tracing::info!(upstream = %shared.pools.target().addr(), "pgcache started");
     let serving = tokio::spawn(listener::serve(shared.clone(), listeners));
 

@@ -80,6 +80,15 @@ pub struct Metrics {
     pub replication_transactions: IntCounter,
     /// From a transaction's commit on the server to its bump here.
     pub replication_delay: Histogram,
+    /// 1 while Redis (the shared tier) answers and the bump subscription is up.
+    pub redis_up: IntGauge,
+    /// Redis calls not made or failed, by reason (`open` circuit, `error`).
+    pub redis_fallbacks: IntCounterVec,
+    /// From a peer's bump being sent to it being applied here.
+    pub redis_propagation: Histogram,
+    /// Results answered from / not found in the shared tier.
+    pub cache_l2_hits: IntCounter,
+    pub cache_l2_misses: IntCounter,
 }
 
 /// Index into `Metrics::query_counts`.
@@ -207,6 +216,38 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Sessions that ran one statement insight.repeat_threshold times in a row",
         ),
         fingerprints: gauge(&r, "pgcache_fingerprints", "Fingerprints tracked"),
+        redis_up: gauge(
+            &r,
+            "pgcache_redis_up",
+            "1 while Redis answers and the bump subscription is up",
+        ),
+        redis_fallbacks: {
+            let c = counter_vec(
+                &r,
+                "pgcache_redis_fallbacks_total",
+                "Redis calls skipped (open circuit) or failed; the proxy went on without Redis",
+                &["reason"],
+            );
+            for reason in ["open", "error"] {
+                c.with_label_values(&[reason]);
+            }
+            c
+        },
+        redis_propagation: histogram(
+            &r,
+            "pgcache_redis_propagation_seconds",
+            "From a peer proxy sending a bump to it being applied here",
+        ),
+        cache_l2_hits: counter(
+            &r,
+            "pgcache_cache_l2_hits_total",
+            "Reads answered from the shared tier (Redis)",
+        ),
+        cache_l2_misses: counter(
+            &r,
+            "pgcache_cache_l2_misses_total",
+            "Reads looked up in the shared tier and not found fresh there",
+        ),
         replication_up: gauge(
             &r,
             "pgcache_replication_up",

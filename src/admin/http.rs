@@ -203,6 +203,15 @@ async fn health(shared: &Shared) -> (bool, String) {
     if shared.shutdown.phase() != Phase::Running {
         reasons.push("draining for shutdown".to_string());
     }
+    if shared.cache.tier.as_ref().is_some_and(|t| !t.is_up()) {
+        reasons.push("redis (cache.redis) unavailable: serving without the shared tier".into());
+    }
+    if shared.config().invalidation.replication.enabled
+        && crate::metrics::METRICS.replication_up.get() != 1
+    {
+        reasons
+            .push("the change stream (invalidation.replication) is not following its slot".into());
+    }
     let config = shared.config();
     let limit = config.metrics.health_pool_utilisation;
     for (key, total, idle) in shared.pools.stats() {

@@ -16,6 +16,7 @@ pub mod plan;
 pub mod sql;
 mod store;
 pub mod stream;
+pub mod tier;
 pub mod warm;
 
 pub use glob::glob_match;
@@ -78,6 +79,9 @@ pub const CATALOG_RETRY: std::time::Duration = std::time::Duration::from_secs(2)
 pub struct Snapshot {
     pub epoch: u64,
     pub versions: Box<[(Arc<str>, u64)]>,
+    /// With the shared tier: the versions in Redis (epoch, then `versions`' relations), read
+    /// before the query went upstream. None when Redis could not be asked.
+    pub remote: Option<tier::Remote>,
 }
 
 /// One upstream database: its catalog, relation versions and statement plans.
@@ -93,11 +97,14 @@ pub struct Db {
     /// Bumped by writes whose relations cannot be known: every entry of the database.
     epoch: AtomicU64,
     plans: Mutex<LruCache<Box<str>, Arc<Plan>>>,
+    /// The shared tier: bumps are told to the other proxies.
+    pub tier: Option<Arc<tier::Tier>>,
 }
 
 impl Db {
-    fn new(name: &str) -> Self {
+    fn new(name: &str, tier: Option<Arc<tier::Tier>>) -> Self {
         Db {
+            tier,
             name: name.to_string(),
             catalog: ArcSwapOption::empty(),
             generation: AtomicU64::new(1),
@@ -130,6 +137,7 @@ impl Db {
         let epoch = self.epoch.load(Ordering::SeqCst);
         let v = self.versions.read().unwrap_or_else(|p| p.into_inner());
         Snapshot {
+            remote: None,
             epoch,
             versions: rels
                 .iter()
@@ -149,8 +157,28 @@ impl Db {
             .all(|(r, n)| v.get(r).copied().unwrap_or(0) == *n)
     }
 
-    /// Relations were (or may have been) written.
+    /// Relations were (or may have been) written: here, and (in the background) in Redis for
+    /// the other proxies.
     pub fn bump(&self, rels: &[Arc<str>], source: &str) {
+        self.bump_local(rels, source);
+        self.bump_remote(rels.to_vec(), false);
+    }
+
+    /// Anything in this database may have changed: here and in Redis.
+    pub fn bump_all(&self, source: &str) {
+        self.bump_all_local(source);
+        self.bump_remote(Vec::new(), true);
+    }
+
+    fn bump_remote(&self, rels: Vec<Arc<str>>, all: bool) {
+        if let Some(t) = self.tier.clone().filter(|_| all || !rels.is_empty()) {
+            let db = self.name.clone();
+            tokio::spawn(async move { t.bump(&db, &rels, all).await });
+        }
+    }
+
+    /// A bump on this proxy only (a peer's broadcast, or one the caller tells Redis itself).
+    pub fn bump_local(&self, rels: &[Arc<str>], source: &str) {
         if rels.is_empty() {
             return;
         }
@@ -167,8 +195,7 @@ impl Db {
             .inc();
     }
 
-    /// Anything in this database may have changed.
-    pub fn bump_all(&self, source: &str) {
+    pub fn bump_all_local(&self, source: &str) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         METRICS
             .cache_invalidations
@@ -215,6 +242,8 @@ pub struct Cache {
     config: arc_swap::ArcSwap<CacheConfig>,
     dbs: RwLock<HashMap<String, Arc<Db>>>,
     store: Store,
+    /// `[cache.redis]`, fixed at start.
+    pub tier: Option<Arc<tier::Tier>>,
 }
 
 impl Cache {
@@ -223,6 +252,10 @@ impl Cache {
             config: arc_swap::ArcSwap::from_pointee(config.clone()),
             dbs: RwLock::new(HashMap::new()),
             store: Store::new(),
+            tier: config
+                .enabled
+                .then(|| tier::Tier::new(&config.redis))
+                .flatten(),
         }
     }
 
@@ -251,7 +284,7 @@ impl Cache {
         }
         let mut w = self.dbs.write().unwrap_or_else(|p| p.into_inner());
         w.entry(name.to_string())
-            .or_insert_with(|| Arc::new(Db::new(name)))
+            .or_insert_with(|| Arc::new(Db::new(name, self.tier.clone())))
             .clone()
     }
 
@@ -305,6 +338,15 @@ impl Cache {
         self.store.remove_where(pred)
     }
 
+    /// Every entry here, without telling Redis (the shared tier came back after an outage:
+    /// what was cached here may have missed broadcasts).
+    pub fn forget_local(&self) -> usize {
+        for db in self.dbs() {
+            db.bump_all_local("peer");
+        }
+        self.store.clear()
+    }
+
     /// Every entry, every database.
     pub fn invalidate_all(&self) -> usize {
         for db in self.dbs() {
@@ -320,7 +362,7 @@ mod tests {
 
     #[test]
     fn invalidation_patterns_may_name_a_schema() {
-        let db = Db::new("app");
+        let db = Db::new("app", None);
         let both_names: [Arc<str>; 2] = [Arc::from("orders"), Arc::from("users")];
         db.bump(&both_names, "write");
         let both = db.snapshot(&both_names);

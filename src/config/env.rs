@@ -77,7 +77,8 @@ pub(super) fn apply_env(
             }
             Some((sub, k))
                 if (*section == "upstream" && sub == "tls")
-                    || (*section == "invalidation" && sub == "replication") =>
+                    || (*section == "invalidation" && sub == "replication")
+                    || (*section == "cache" && sub == "redis") =>
             {
                 path.push(sub.into());
                 path.push(k.into());

@@ -232,6 +232,7 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     validate_cache(&c.cache, &mut bad);
     super::insight::validate(c, &mut bad);
     super::invalidation::validate(c, &mut bad);
+    super::redis::validate(c, &mut bad);
     if let Some(a) = &c.metrics.listen {
         if a.parse::<SocketAddr>().is_err() {
             bad(

@@ -6,11 +6,13 @@ mod env;
 mod insight;
 mod invalidation;
 mod load;
+mod redis;
 mod source;
 
 pub use insight::{InsightConfig, SlowQueryConfig};
 pub use invalidation::{InvalidationConfig, ReplicationConfig};
 pub use load::{load_file, load_str, validate, ConfigError, Problem};
+pub use redis::{Consistency, RedisConfig};
 pub use source::{Overrides, Source};
 
 use serde::{Deserialize, Serialize};
@@ -379,6 +381,8 @@ pub struct CacheConfig {
     pub rules: Vec<CacheRule>,
     /// Queries run at start so clients find them cached.
     pub warm: Vec<CacheWarm>,
+    /// The shared tier and bus between proxies.
+    pub redis: RedisConfig,
 }
 
 impl Default for CacheConfig {
@@ -391,6 +395,7 @@ impl Default for CacheConfig {
             max_entry_bytes: 1 << 20,
             rules: Vec::new(),
             warm: Vec::new(),
+            redis: RedisConfig::default(),
         }
     }
 }

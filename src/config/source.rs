@@ -19,6 +19,8 @@ pub struct Overrides {
     pub cache_all: bool,
     /// `--wal-invalidation`: the change stream on, default slot and publication names.
     pub wal_invalidation: bool,
+    /// `--redis URL`: the shared tier and bus.
+    pub redis: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -53,6 +55,9 @@ impl Source {
                 tables: vec!["*".into()],
                 ..super::CacheRule::default()
             });
+        }
+        if let Some(url) = &o.redis {
+            config.cache.redis.url = Some(url.clone());
         }
         if o.wal_invalidation {
             config.invalidation.replication.enabled = true;

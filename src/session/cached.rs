@@ -55,6 +55,8 @@ pub(super) struct SessionCache {
     tx_plain: bool,
     /// Key part for the session's settings, made again when they change.
     sig: Option<Bytes>,
+    /// Bumps still to tell Redis (relations, whole database) before the client hears of them.
+    remote: Option<(Vec<Arc<str>>, bool)>,
 }
 
 impl SessionCache {
@@ -265,7 +267,12 @@ impl Session {
 
     /// Answer from the cache, or arm a fill for the statement about to go upstream.
     /// `sql` and `protocol` (`metrics::SIMPLE`/`EXTENDED`) are for insight.
-    pub(super) fn cache_lookup(
+    ///
+    /// With the shared tier: a strict hit is checked against the versions in Redis; a miss here
+    /// asks Redis for the result and the versions in one round trip, and a fill records those
+    /// versions. Redis unavailable: eventual mode goes on with this proxy alone; strict mode
+    /// neither serves nor fills.
+    pub(super) async fn cache_lookup(
         &mut self,
         db: &Db,
         plan: &Plan,
@@ -274,12 +281,64 @@ impl Session {
     ) -> bool {
         let started = Instant::now();
         let key = self.cache_key(db, plan, parts);
-        if let Some(e) = self.shared.cache.get(&key, db) {
+        // Before anything else: a local bump during the Redis round trip makes it stale.
+        let mut snapshot = db.snapshot(&plan.deps);
+        let tier = db.tier.clone();
+        let strict = tier.as_ref().is_some_and(|t| t.strict());
+        let mut found = self.shared.cache.get(&key, db);
+        let mut current = None;
+        let mut stored = None;
+        if let Some(t) = &tier {
+            if strict || found.is_none() {
+                match t.lookup(&key, &db.name, &plan.deps).await {
+                    Some((s, v)) => {
+                        stored = s;
+                        current = Some(v);
+                    }
+                    None if strict => {
+                        tracing::trace!("strict: redis unavailable, not served from cache");
+                        return false;
+                    }
+                    None => {}
+                }
+            }
+            if strict {
+                found = found.filter(|e| e.snapshot.remote.as_ref() == current.as_ref());
+            }
+        }
+        let hit = match found {
+            Some(e) => Some((e.bytes.clone(), e)),
+            None => match stored.filter(|s| Some(&s.remote) == current.as_ref()) {
+                Some(s) => {
+                    // From the shared tier: kept here too, under the versions read before.
+                    METRICS.cache_l2_hits.inc();
+                    snapshot.remote = current.clone();
+                    let bytes = s.bytes.clone();
+                    let e = Entry {
+                        bytes: s.bytes,
+                        snapshot: snapshot.clone(),
+                        expires: Instant::now() + Duration::from_millis(s.ttl_ms),
+                        name: s.name,
+                        fingerprint: s.fingerprint,
+                        hits: AtomicU64::new(0),
+                    };
+                    self.shared.cache.put(key.clone(), e);
+                    self.shared.cache.get(&key, db).map(|e| (bytes, e))
+                }
+                None => {
+                    if tier.is_some() && current.is_some() {
+                        METRICS.cache_l2_misses.inc();
+                    }
+                    None
+                }
+            },
+        };
+        if let Some((bytes, e)) = hit {
             tracing::trace!(name = %e.name, snapshot = ?e.snapshot, "hit");
             e.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             METRICS.cache_hits.inc();
             // In order behind whatever the server still owes.
-            self.queue.push_back(Expect::Synthetic(e.bytes.clone()));
+            self.queue.push_back(Expect::Synthetic(bytes));
             self.queue.push_back(Expect::SyntheticReady);
             self.emit_synthetic();
             self.tx.last_activity = tokio::time::Instant::now();
@@ -295,7 +354,7 @@ impl Session {
         };
         let name = crate::cache::entry_name(&db.name, role, &plan.fingerprint, parts);
         tracing::trace!(%name, "miss");
-        let snapshot = db.snapshot(&plan.deps);
+        snapshot.remote = current;
         if let Some(c) = self.cache.as_deref_mut() {
             c.fill = Some(Fill {
                 key,
@@ -327,6 +386,7 @@ impl Session {
         }
         let insight = (sql, crate::metrics::SIMPLE);
         self.cache_lookup(&db, &plan, &[b"Q", sql.as_bytes()], insight)
+            .await
     }
 
     /// A message whose writes cannot be known (`FunctionCall`).
@@ -356,17 +416,44 @@ impl Session {
     /// Bump everything this session's open transaction wrote (at a `ReadyForQuery`, or when the
     /// session or its server goes away).
     pub(super) fn cache_bump_writes(&mut self) {
-        let Some(c) = self.cache.as_deref() else {
+        let Some(c) = self.cache.as_deref_mut() else {
             return;
         };
-        let Some(db) = c.db.as_ref() else { return };
+        let Some(db) = c.db.clone() else { return };
         if c.ddl {
             db.catalog_stale();
-            db.bump_all("ddl");
+            db.bump_all_local("ddl");
         } else if c.written_all {
-            db.bump_all("write");
+            db.bump_all_local("write");
         }
-        db.bump(&c.written, "write");
+        db.bump_local(&c.written, "write");
+        if db.tier.is_some() && (c.ddl || c.written_all || !c.written.is_empty()) {
+            let r = c.remote.get_or_insert_with(Default::default);
+            r.0.extend(c.written.iter().cloned());
+            r.1 |= c.ddl || c.written_all;
+        }
+    }
+
+    /// Bumps are waiting for Redis.
+    pub(super) fn cache_remote_pending(&self) -> bool {
+        self.cache.as_ref().is_some_and(|c| c.remote.is_some())
+    }
+
+    /// Tell Redis (and so the other proxies) what this client wrote, before it is answered: the
+    /// `ReadyForQuery` waits in the client's buffer until this returns.
+    pub(super) async fn cache_flush_remote(&mut self) {
+        let Some(c) = self.cache.as_deref_mut() else {
+            return;
+        };
+        let (Some((mut rels, all)), Some(db)) = (c.remote.take(), c.db.clone()) else {
+            return;
+        };
+        let Some(t) = db.tier.clone() else { return };
+        rels.sort();
+        rels.dedup();
+        if !t.bump(&db.name, &rels, all).await {
+            tracing::debug!("redis: a write could not be broadcast; other proxies see it at TTL or through their change stream");
+        }
     }
 
     /// A `ReadyForQuery` from the server, before the client sees it: store a finished fill,
@@ -384,10 +471,24 @@ impl Session {
                 None if max_ok && !f.buf.is_empty() => {
                     tracing::trace!(name = %f.name, snapshot = ?f.snapshot, "fill");
                     METRICS.cache_fills.inc();
+                    let bytes = f.buf.freeze();
+                    let tier = self.shared.cache.tier.clone();
+                    if let (Some(t), Some(remote)) = (tier, f.snapshot.remote.clone()) {
+                        t.store(
+                            &f.key,
+                            crate::cache::tier::Stored {
+                                remote,
+                                ttl_ms: f.ttl.as_millis() as u64,
+                                name: f.name.clone(),
+                                fingerprint: f.fingerprint.to_string(),
+                                bytes: bytes.clone(),
+                            },
+                        );
+                    }
                     self.shared.cache.put(
                         f.key,
                         Entry {
-                            bytes: f.buf.freeze(),
+                            bytes,
                             snapshot: f.snapshot,
                             expires: Instant::now() + f.ttl,
                             name: f.name,
@@ -417,6 +518,12 @@ impl Session {
         self.cache_bump_writes();
         self.cache_clear_writes();
         if let Some(c) = self.cache.as_deref_mut() {
+            // Nobody waits for an answer any more: tell Redis in the background.
+            if let (Some((rels, all)), Some(db)) = (c.remote.take(), c.db.clone()) {
+                if let Some(t) = db.tier.clone() {
+                    tokio::spawn(async move { t.bump(&db.name, &rels, all).await });
+                }
+            }
             if c.fill.take().is_some() {
                 METRICS
                     .cache_fill_skips

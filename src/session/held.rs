@@ -228,7 +228,9 @@ impl Session {
         self.cache_note_sent(&plan);
         let served = self.quiet()
             && self.cache_eligible(&db, &plan)
-            && self.cache_lookup(&db, &plan, &parts, (sql, crate::metrics::EXTENDED));
+            && self
+                .cache_lookup(&db, &plan, &parts, (sql, crate::metrics::EXTENDED))
+                .await;
         if !served {
             for m in held {
                 Box::pin(self.dispatch(m)).await?;

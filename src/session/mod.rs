@@ -229,6 +229,10 @@ impl Session {
                 io::Event::ServerGone => Err(self.server_lost()),
                 io::Event::Timer => Box::pin(self.on_timer()).await,
             };
+            if self.cache_remote_pending() {
+                // Boxed like the other cache futures: idle clients do not carry it.
+                Box::pin(self.cache_flush_remote()).await;
+            }
             if let Err(end) = step {
                 return end;
             }

@@ -7,6 +7,7 @@
 //! - `proxy.rs`: `Proxy` runs the `pgcache` binary with a config (`proxy_config`) or CLI flags.
 //! - `tls.rs`: a throwaway CA and server certificate.
 //! - `cache.rs`: a proxy with the result cache on, tables, direct writes, cache figures.
+//! - `redis.rs`: a real redis-server that can be killed and started again.
 //! - here: ports, URLs, and `tokio_postgres` clients.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
@@ -17,6 +18,7 @@ mod postgres;
 pub mod protocol;
 mod proxy;
 pub mod raw;
+pub mod redis;
 mod tls;
 
 #[allow(unused_imports)]

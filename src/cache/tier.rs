@@ -1,0 +1,448 @@
+//! The shared tier (`[cache.redis]`): relation versions kept in Redis (`INCR`), every bump
+//! broadcast on a channel that every proxy applies to its own view, results shared as a second
+//! tier behind the in-process LRU, and the circuit breaker that keeps a dead or slow Redis away
+//! from clients.
+//!
+//! Keys (under `key_prefix`): `v:<db>:<relation>` versions, `e:<db>` per-database epochs,
+//! `r:<sha256 of the entry key>` results; channel `<prefix>bumps`. A result in Redis carries the
+//! Redis versions read before its query went upstream, and is served only while they are
+//! current.
+
+use crate::config::{Consistency, RedisConfig};
+use crate::metrics::METRICS;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use redis::aio::ConnectionManager;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Versions in Redis of a database's epoch then of each relation (in the order asked).
+pub type Remote = Box<[u64]>;
+
+struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+    backoff: Duration,
+}
+
+pub struct Tier {
+    pub config: RedisConfig,
+    client: redis::Client,
+    conn: tokio::sync::Mutex<Option<ConnectionManager>>,
+    breaker: Mutex<Breaker>,
+    up: AtomicBool,
+    /// Databases with bumps Redis never heard of: their epoch is bumped in Redis first thing
+    /// once it answers again, so no proxy keeps serving what they invalidated.
+    dirty: Mutex<std::collections::BTreeSet<String>>,
+    /// Identifies this proxy's own broadcasts.
+    pub instance: u64,
+}
+
+/// A result as stored in Redis.
+pub struct Stored {
+    pub remote: Remote,
+    pub ttl_ms: u64,
+    pub name: String,
+    pub fingerprint: String,
+    pub bytes: Bytes,
+}
+
+impl Tier {
+    pub fn new(config: &RedisConfig) -> Option<Arc<Tier>> {
+        let url = config.url.as_deref()?;
+        let client = match redis::Client::open(url) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cache.redis.url: cannot use it; no shared tier");
+                return None;
+            }
+        };
+        METRICS.redis_up.set(0);
+        Some(Arc::new(Tier {
+            config: config.clone(),
+            client,
+            conn: tokio::sync::Mutex::new(None),
+            breaker: Mutex::new(Breaker {
+                failures: 0,
+                open_until: None,
+                backoff: Duration::from_secs(1),
+            }),
+            up: AtomicBool::new(false),
+            dirty: Mutex::new(Default::default()),
+            instance: rand::random(),
+        }))
+    }
+
+    pub fn strict(&self) -> bool {
+        self.config.consistency == Consistency::Strict
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.config.key_prefix.clone();
+        k.push_str(&parts.join(":"));
+        k
+    }
+
+    pub fn channel(&self) -> String {
+        self.key(&["bumps"])
+    }
+
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    /// Run `pipe` within `timeout`, through the breaker. `None` when Redis is unavailable
+    /// (the caller falls back).
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        what: &'static str,
+        pipe: redis::Pipeline,
+    ) -> Option<T> {
+        if !self.admit() {
+            METRICS.redis_fallbacks.with_label_values(&["open"]).inc();
+            return None;
+        }
+        let result = tokio::time::timeout(self.config.timeout, async {
+            let mut guard = self.conn.lock().await;
+            if guard.is_none() {
+                *guard = Some(self.client.get_connection_manager().await?);
+            }
+            let mut conn = guard.as_ref().expect("just set").clone();
+            drop(guard);
+            pipe.query_async::<T>(&mut conn).await
+        })
+        .await;
+        match result {
+            Ok(Ok(v)) => {
+                self.succeeded();
+                Some(v)
+            }
+            Ok(Err(e)) => {
+                self.failed(what, &e.to_string());
+                None
+            }
+            Err(_) => {
+                self.failed(what, "timed out");
+                None
+            }
+        }
+    }
+
+    fn admit(&self) -> bool {
+        let b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        b.open_until.is_none_or(|t| Instant::now() >= t)
+    }
+
+    fn succeeded(&self) {
+        let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        b.failures = 0;
+        b.open_until = None;
+        b.backoff = Duration::from_secs(1);
+        drop(b);
+        self.set_up(true, "");
+    }
+
+    fn failed(&self, what: &str, error: &str) {
+        METRICS.redis_fallbacks.with_label_values(&["error"]).inc();
+        let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        b.failures += 1;
+        if b.failures >= self.config.failures_to_open {
+            b.open_until = Some(Instant::now() + b.backoff);
+            b.backoff = (b.backoff * 2).min(self.config.max_backoff.max(Duration::from_secs(1)));
+            drop(b);
+            self.set_up(false, &format!("{what}: {error}"));
+        }
+    }
+
+    /// Log once per change of state.
+    pub fn set_up(&self, up: bool, why: &str) {
+        let was = self.up.swap(up, Ordering::SeqCst);
+        METRICS.redis_up.set(i64::from(up));
+        if was != up {
+            if up {
+                tracing::info!("redis is reachable: shared tier on");
+            } else {
+                tracing::warn!(
+                    error = why,
+                    "redis unavailable: serving without the shared tier"
+                );
+            }
+        }
+    }
+
+    /// Bump `rels` (or the whole database with `all`) in Redis and broadcast it. False when
+    /// Redis could not be told.
+    pub async fn bump(&self, db: &str, rels: &[Arc<str>], all: bool) -> bool {
+        let mut pipe = redis::pipe();
+        if all {
+            pipe.incr(self.key(&["e", db]), 1).ignore();
+        }
+        for r in rels {
+            pipe.incr(self.key(&["v", db, r]), 1).ignore();
+        }
+        let sent = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let mut msg = format!("{}\t{sent}\t{db}\t{}", self.instance, u8::from(all));
+        for r in rels {
+            msg.push('\t');
+            msg.push_str(r);
+        }
+        pipe.publish(self.channel(), msg).ignore();
+        let told = self.query::<()>("bump", pipe).await.is_some();
+        if !told {
+            self.dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(db.to_string());
+        }
+        told
+    }
+
+    /// Redis answers again: bump the epoch of every database whose bumps it missed. Until
+    /// that worked, false.
+    pub async fn flush_dirty(&self) -> bool {
+        let dbs: Vec<String> = self
+            .dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        for db in dbs {
+            // Through `bump`: a failure marks it dirty again.
+            self.dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&db);
+            if !self.bump(&db, &[], true).await {
+                return false;
+            }
+            tracing::info!(database = %db, "redis back: bumped the database's epoch for the writes it missed");
+        }
+        true
+    }
+
+    /// Close the circuit: Redis answered on another connection.
+    pub fn reset_breaker(&self) {
+        let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        b.failures = 0;
+        b.open_until = None;
+        b.backoff = Duration::from_secs(1);
+    }
+
+    fn push_versions(&self, pipe: &mut redis::Pipeline, db: &str, rels: &[Arc<str>]) {
+        let mut keys = vec![self.key(&["e", db])];
+        keys.extend(rels.iter().map(|r| self.key(&["v", db, r])));
+        pipe.cmd("MGET").arg(keys);
+    }
+
+    fn result_key(&self, entry_key: &[u8]) -> String {
+        use sha2::Digest;
+        let h = sha2::Sha256::digest(entry_key);
+        let hex: String = h.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        self.key(&["r", &hex])
+    }
+
+    /// The stored result for `entry_key` and the current versions, in one round trip.
+    pub async fn lookup(
+        &self,
+        entry_key: &[u8],
+        db: &str,
+        rels: &[Arc<str>],
+    ) -> Option<(Option<Stored>, Remote)> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(self.result_key(entry_key));
+        self.push_versions(&mut pipe, db, rels);
+        let (raw, v): (Option<Vec<u8>>, Vec<Option<u64>>) = self.query("lookup", pipe).await?;
+        let current: Remote = v.into_iter().map(|x| x.unwrap_or(0)).collect();
+        Some((raw.and_then(|r| decode(&r)), current))
+    }
+
+    /// Store a result (in the background: the client does not wait for it).
+    pub fn store(self: &Arc<Self>, entry_key: &[u8], s: Stored) {
+        let key = self.result_key(entry_key);
+        let tier = self.clone();
+        tokio::spawn(async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(encode(&s))
+                .arg("PX")
+                .arg(s.ttl_ms.max(1))
+                .ignore();
+            tier.query::<()>("store", pipe).await;
+        });
+    }
+}
+
+fn encode(s: &Stored) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    b.put_u32(s.remote.len() as u32);
+    for v in s.remote.iter() {
+        b.put_u64(*v);
+    }
+    b.put_u64(s.ttl_ms);
+    for t in [&s.name, &s.fingerprint] {
+        b.put_u32(t.len() as u32);
+        b.put_slice(t.as_bytes());
+    }
+    b.put_slice(&s.bytes);
+    b.to_vec()
+}
+
+fn decode(raw: &[u8]) -> Option<Stored> {
+    let mut b = Bytes::copy_from_slice(raw);
+    let take = |b: &mut Bytes, n: usize| (b.len() >= n).then(|| b.split_to(n));
+    let n = take(&mut b, 4)?.get_u32() as usize;
+    let mut remote = Vec::with_capacity(n.min(1024));
+    for _ in 0..n {
+        remote.push(take(&mut b, 8)?.get_u64());
+    }
+    let ttl_ms = take(&mut b, 8)?.get_u64();
+    let mut text = || {
+        let len = take(&mut b, 4)?.get_u32() as usize;
+        Some(String::from_utf8_lossy(&take(&mut b, len)?).into_owned())
+    };
+    let (name, fingerprint) = (text()?, text()?);
+    Some(Stored {
+        remote: remote.into(),
+        ttl_ms,
+        name,
+        fingerprint,
+        bytes: b,
+    })
+}
+
+/// A broadcast bump.
+pub struct Bump<'a> {
+    /// The proxy that sent it.
+    pub instance: u64,
+    /// When, in µs since the Unix epoch.
+    pub sent: u64,
+    pub db: &'a str,
+    /// The whole database.
+    pub all: bool,
+    pub rels: Vec<Arc<str>>,
+}
+
+pub fn parse_bump(msg: &str) -> Option<Bump<'_>> {
+    let mut f = msg.split('\t');
+    Some(Bump {
+        instance: f.next()?.parse().ok()?,
+        sent: f.next()?.parse().ok()?,
+        db: f.next()?,
+        all: f.next()? == "1",
+        rels: f.map(Arc::from).collect(),
+    })
+}
+
+/// Apply the other proxies' bumps as they are broadcast; after a lost subscription, forget the
+/// L1 (a bump may have been missed while it was down).
+pub async fn follow(shared: Arc<crate::listener::Shared>) {
+    use futures::StreamExt;
+    let Some(tier) = shared.cache.tier.clone() else {
+        return;
+    };
+    let mut backoff = Duration::from_millis(250);
+    let mut first = true;
+    loop {
+        let subscribed = async {
+            let mut ps = tier.client().get_async_pubsub().await?;
+            ps.subscribe(tier.channel()).await?;
+            redis::RedisResult::Ok(ps)
+        };
+        match tokio::time::timeout(Duration::from_secs(5), subscribed).await {
+            Ok(Ok(mut ps)) => {
+                backoff = Duration::from_millis(250);
+                tier.reset_breaker();
+                if !tier.flush_dirty().await {
+                    tier.set_up(false, "missed bumps could not be told to redis yet");
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+                if !first {
+                    let n = shared.cache.forget_local();
+                    tracing::info!(entries = n, "redis subscription back: forgot the local cache (broadcasts may have been missed)");
+                }
+                tier.set_up(true, "");
+                let mut messages = ps.on_message();
+                while let Some(m) = messages.next().await {
+                    let Ok(text) = m.get_payload::<String>() else {
+                        continue;
+                    };
+                    apply(&shared, &tier, &text);
+                }
+                tier.set_up(false, "the bump subscription was lost");
+            }
+            Ok(Err(e)) => tier.set_up(false, &e.to_string()),
+            Err(_) => tier.set_up(false, "subscribing timed out"),
+        }
+        first = false;
+        if shared.shutdown.phase() != crate::shutdown::Phase::Running {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(tier.config.max_backoff.max(Duration::from_secs(1)));
+    }
+}
+
+fn apply(shared: &crate::listener::Shared, tier: &Tier, text: &str) {
+    let Some(Bump {
+        instance,
+        sent,
+        db,
+        all,
+        rels,
+    }) = parse_bump(text)
+    else {
+        return;
+    };
+    if instance == tier.instance {
+        return; // applied here already
+    }
+    let d = shared.cache.db(db);
+    if all {
+        d.bump_all_local("peer");
+    }
+    d.bump_local(&rels, "peer");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    METRICS
+        .redis_propagation
+        .observe(now.saturating_sub(sent) as f64 / 1e6);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_results_and_bumps_round_trip() {
+        let s = Stored {
+            remote: vec![1, 2, 3].into(),
+            ttl_ms: 60_000,
+            name: "app/app/abc/def".into(),
+            fingerprint: "abc".into(),
+            bytes: Bytes::from_static(b"T\0\0\0\x06\0\0C..."),
+        };
+        let d = decode(&encode(&s)).expect("decodes");
+        assert_eq!(&*d.remote, &[1, 2, 3]);
+        assert_eq!(
+            (d.ttl_ms, d.name.as_str(), d.fingerprint.as_str()),
+            (60_000, "app/app/abc/def", "abc")
+        );
+        assert_eq!(d.bytes, s.bytes);
+        assert!(decode(&encode(&s)[..10]).is_none());
+        let b = parse_bump("7\t123\tapp\t0\torders\titems").expect("parses");
+        assert_eq!((b.instance, b.sent, b.db, b.all), (7, 123, "app", false));
+        assert_eq!(b.rels.len(), 2);
+    }
+}

@@ -1,0 +1,185 @@
+//! The shared tier: two proxy processes and one real redis-server. Results filled through one
+//! proxy are served by the other; a write through one is never followed by a stale read through
+//! the other in strict mode, and reaches it within the measured delay in eventual mode; Redis
+//! killed and started again under load costs no client an error and no stale read.
+
+mod support;
+
+use std::time::{Duration, Instant};
+use support::cache::{app_url, cache_proxy, proxy_metrics, table, value};
+use support::connect;
+use support::http::http_get;
+use support::redis::RedisServer;
+
+fn redis_toml(redis: &RedisServer, consistency: &str, prefix: &str) -> String {
+    format!(
+        "[cache]\ndefault_ttl = \"1h\"\n[cache.redis]\nurl = \"{}\"\nconsistency = \"{consistency}\"\n\
+         key_prefix = \"{prefix}\"\ntimeout = \"200ms\"\n",
+        redis.url()
+    )
+}
+
+async fn scrape(addr: &str, path: &'static str) -> (u16, String) {
+    let addr = addr.to_string();
+    tokio::task::spawn_blocking(move || http_get(&addr, path))
+        .await
+        .expect("scrape")
+}
+
+async fn metric(addr: &str, name: &str) -> f64 {
+    let (_, text) = scrape(addr, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+async fn wait_metric(addr: &str, name: &str, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(addr, name).await != want {
+        assert!(Instant::now() < deadline, "{name} never became {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_mode_never_serves_a_peer_proxys_write_stale() {
+    let redis = RedisServer::start();
+    let t = table("shared_items", "id int primary key, v int");
+    support::cache::direct(&format!("insert into {t} values (1, 0)"));
+    let a = cache_proxy("transaction", &redis_toml(&redis, "strict", "strict:"));
+    let b = cache_proxy("transaction", &redis_toml(&redis, "strict", "strict:"));
+    let (ma, mb) = (proxy_metrics(&a), proxy_metrics(&b));
+    wait_metric(&ma, "pgcache_redis_up", 1.0).await;
+    wait_metric(&mb, "pgcache_redis_up", 1.0).await;
+    let ca = connect(&app_url(&a)).await;
+    let cb = connect(&app_url(&b)).await;
+    let read = format!("select v from {t} where id = 1");
+    // Filled through B, served to A from Redis.
+    assert_eq!(value(&cb, &read).await, "0");
+    assert_eq!(value(&ca, &read).await, "0");
+    assert_eq!(metric(&ma, "pgcache_cache_l2_hits_total").await, 1.0);
+    let mut stale = 0;
+    for i in 1..=100 {
+        ca.simple_query(&format!("update {t} set v = {i} where id = 1"))
+            .await
+            .expect("write through A");
+        // Read through B right after A answered, twice (the second may be a hit).
+        for _ in 0..2 {
+            if value(&cb, &read).await != i.to_string() {
+                stale += 1;
+            }
+        }
+        assert_eq!(value(&ca, &read).await, i.to_string());
+    }
+    assert_eq!(stale, 0, "stale reads through the other proxy");
+    let hits = metric(&mb, "pgcache_cache_hits_total").await;
+    assert!(
+        hits >= 50.0,
+        "B served its second reads from the cache: {hits}"
+    );
+    eprintln!("strict: 100 writes through A, 200 reads through B, 0 stale, {hits} hits on B");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eventual_mode_sees_a_peer_write_within_the_measured_delay() {
+    let redis = RedisServer::start();
+    let t = table("eventual_items", "id int primary key, v int");
+    support::cache::direct(&format!("insert into {t} values (1, 0)"));
+    let a = cache_proxy("transaction", &redis_toml(&redis, "eventual", "ev:"));
+    let b = cache_proxy("transaction", &redis_toml(&redis, "eventual", "ev:"));
+    let (ma, mb) = (proxy_metrics(&a), proxy_metrics(&b));
+    wait_metric(&ma, "pgcache_redis_up", 1.0).await;
+    wait_metric(&mb, "pgcache_redis_up", 1.0).await;
+    let ca = connect(&app_url(&a)).await;
+    let cb = connect(&app_url(&b)).await;
+    let read = format!("select v from {t} where id = 1");
+    let mut worst = Duration::ZERO;
+    for i in 1..=20 {
+        assert_eq!(value(&cb, &read).await, (i - 1).to_string());
+        assert_eq!(value(&cb, &read).await, (i - 1).to_string()); // cached in B
+        ca.simple_query(&format!("update {t} set v = {i} where id = 1"))
+            .await
+            .expect("write through A");
+        let started = Instant::now();
+        while value(&cb, &read).await != i.to_string() {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "B never saw write {i}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        worst = worst.max(started.elapsed());
+    }
+    let n = metric(&mb, "pgcache_redis_propagation_seconds_count").await;
+    let sum = metric(&mb, "pgcache_redis_propagation_seconds_sum").await;
+    assert!(n >= 20.0, "{n} bumps applied");
+    eprintln!(
+        "eventual: a write through A reached B's reads within {worst:?} (worst of 20); mean broadcast delay {:.3} ms",
+        sum / n * 1000.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_under_load_costs_no_errors_and_no_stale_reads() {
+    let mut redis = RedisServer::start();
+    let t = table("outage_items", "id int primary key, v int");
+    support::cache::direct(&format!("insert into {t} values (1, 0)"));
+    let a = cache_proxy("transaction", &redis_toml(&redis, "strict", "outage:"));
+    let b = cache_proxy("transaction", &redis_toml(&redis, "strict", "outage:"));
+    let (ma, mb) = (proxy_metrics(&a), proxy_metrics(&b));
+    wait_metric(&ma, "pgcache_redis_up", 1.0).await;
+    wait_metric(&mb, "pgcache_redis_up", 1.0).await;
+    let ca = connect(&app_url(&a)).await;
+    let cb = connect(&app_url(&b)).await;
+    let read = format!("select v from {t} where id = 1");
+    let mut stale = 0;
+    let mut i = 0;
+    let mut round = |phase: &'static str| {
+        let (ca, cb, read, t) = (&ca, &cb, &read, &t);
+        i += 1;
+        let v = i;
+        async move {
+            ca.simple_query(&format!("update {t} set v = {v} where id = 1"))
+                .await
+                .unwrap_or_else(|e| panic!("write {v} ({phase}): {e:?}"));
+            let mut stale = 0;
+            for _ in 0..2 {
+                let got = cb
+                    .simple_query(read)
+                    .await
+                    .unwrap_or_else(|e| panic!("read ({phase}): {e:?}"));
+                if support::cache::first_value(&got) != Some(v.to_string()) {
+                    eprintln!(
+                        "stale ({phase}): {:?} for {v}",
+                        support::cache::first_value(&got)
+                    );
+                    stale += 1;
+                }
+            }
+            stale
+        }
+    };
+    for _ in 0..20 {
+        stale += round("redis up").await;
+    }
+    redis.kill();
+    for _ in 0..30 {
+        stale += round("redis down").await;
+    }
+    let (status, body) = scrape(&mb, "/health").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("redis"), "{body}");
+    assert_eq!(metric(&mb, "pgcache_redis_up").await, 0.0);
+    redis.restart();
+    wait_metric(&mb, "pgcache_redis_up", 1.0).await;
+    wait_metric(&ma, "pgcache_redis_up", 1.0).await;
+    for _ in 0..20 {
+        stale += round("redis back").await;
+    }
+    assert_eq!(stale, 0);
+    let fallbacks = metric(&mb, "pgcache_redis_fallbacks_total{reason=\"error\"}").await
+        + metric(&mb, "pgcache_redis_fallbacks_total{reason=\"open\"}").await;
+    assert!(fallbacks > 0.0, "{fallbacks}");
+    let (status, body) = scrape(&mb, "/health").await;
+    assert_eq!(status, 200, "{body}");
+}
