@@ -274,13 +274,14 @@ pub fn k8s_container() -> Value {
     containers[0].clone()
 }
 
-/// `pgcache check --config` on `toml` with only `env` as `PGCACHE_*` environment.
+/// `pgcache check --offline --config` on `toml` with only `env` as `PGCACHE_*` environment
+/// (offline: the deployed upstream host does not exist here; the live test runs the configs).
 pub fn check(toml: &str, env: &[(String, String)]) -> std::process::Output {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, toml).expect("write proxy.toml");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgcache"));
-    cmd.arg("check").arg("--config").arg(&path);
+    cmd.arg("check").arg("--offline").arg("--config").arg(&path);
     for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("PGCACHE_")) {
         cmd.env_remove(k);
     }

@@ -5,13 +5,26 @@
 use std::sync::OnceLock;
 
 use super::files::{toml_table, Deployed};
+use crate::support::redis::RedisServer;
 use crate::support::http::{http_get, wait_http};
 use crate::support::{connect, free_port, try_connect, PgOptions, PgServer, Proxy, ROLES};
 
-/// One PostgreSQL (with TLS, so a `prefer` upstream really negotiates it) for this binary.
+/// One PostgreSQL (with TLS, so a `prefer` upstream really negotiates it) for this binary; `app`
+/// may stream changes there and a publication for every table exists (a deployed config may
+/// follow the change stream).
 pub fn server() -> &'static PgServer {
     static SERVER: OnceLock<PgServer> = OnceLock::new();
-    SERVER.get_or_init(|| PgServer::start_new(PgOptions { ssl: true }))
+    SERVER.get_or_init(|| {
+        let s = PgServer::start_new(PgOptions { ssl: true });
+        s.psql("app", "alter role app replication; create publication pgcache for all tables");
+        s
+    })
+}
+
+/// One redis-server for the deployed configs that share a tier.
+fn redis() -> &'static RedisServer {
+    static REDIS: OnceLock<RedisServer> = OnceLock::new();
+    REDIS.get_or_init(RedisServer::start)
 }
 
 /// A proxy running `d` as deployed, except that it listens on free loopback ports and its
@@ -43,9 +56,38 @@ pub fn start_deployed(d: &Deployed) -> (Proxy, String) {
         ("PGCACHE_UPSTREAM_HOST", "127.0.0.1"),
         ("PGCACHE_UPSTREAM_PORT", port.as_str()),
     ]);
+    // Redis and the slot as an operator would move them: environment overrides.
+    let redis_url = redis().url();
+    let slot = format!("deploy_{}", free_port());
+    if config.get("cache").and_then(|c| c.get("redis")).is_some() {
+        env.push(("PGCACHE_CACHE_REDIS_URL", redis_url.as_str()));
+    }
+    let streams = config
+        .get("invalidation")
+        .and_then(|i| i.get("replication"))
+        .and_then(|r| r.get("enabled"))
+        .and_then(|e| e.as_bool())
+        == Some(true);
+    if streams {
+        env.push(("PGCACHE_INVALIDATION_REPLICATION_SLOT", slot.as_str()));
+    }
     let toml = toml::to_string(&config).expect("render proxy.toml");
     let proxy = Proxy::start_env(&toml, &env);
     wait_http(&metrics);
+    // Redis and the change stream come up in the background: /health says when.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (status, body) = http_get(&metrics, "/health");
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}: /health stayed {status}: {body}",
+            d.origin
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     (proxy, metrics)
 }
 
