@@ -5,8 +5,8 @@
 use std::sync::OnceLock;
 
 use super::files::{toml_table, Deployed};
-use crate::support::redis::RedisServer;
 use crate::support::http::{http_get, wait_http};
+use crate::support::redis::RedisServer;
 use crate::support::{connect, free_port, try_connect, PgOptions, PgServer, Proxy, ROLES};
 
 /// One PostgreSQL (with TLS, so a `prefer` upstream really negotiates it) for this binary; `app`
@@ -16,7 +16,10 @@ pub fn server() -> &'static PgServer {
     static SERVER: OnceLock<PgServer> = OnceLock::new();
     SERVER.get_or_init(|| {
         let s = PgServer::start_new(PgOptions { ssl: true });
-        s.psql("app", "alter role app replication; create publication pgcache for all tables");
+        s.psql(
+            "app",
+            "alter role app replication; create publication pgcache for all tables",
+        );
         s
     })
 }
