@@ -183,3 +183,44 @@ async fn redis_killed_and_restarted_under_load_costs_no_errors_and_no_stale_read
     let (status, body) = scrape(&mb, "/health").await;
     assert_eq!(status, 200, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_or_absent_redis_never_reaches_clients() {
+    // Absent at start: the proxy serves, says degraded, and picks Redis up when it appears.
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let t = table("slow_items", "id int primary key, v int");
+    support::cache::direct(&format!("insert into {t} values (1, 0)"));
+    let a = cache_proxy("transaction", &redis_toml(&redis, "strict", "slow:"));
+    let b = cache_proxy("transaction", &redis_toml(&redis, "strict", "slow:"));
+    let (ma, mb) = (proxy_metrics(&a), proxy_metrics(&b));
+    let ca = connect(&app_url(&a)).await;
+    let cb = connect(&app_url(&b)).await;
+    let read = format!("select v from {t} where id = 1");
+    assert_eq!(value(&ca, &read).await, "0");
+    assert_eq!(value(&cb, &read).await, "0");
+    let (status, body) = scrape(&ma, "/health").await;
+    assert_eq!(status, 503, "{body}");
+    redis.restart();
+    wait_metric(&ma, "pgcache_redis_up", 1.0).await;
+    wait_metric(&mb, "pgcache_redis_up", 1.0).await;
+    // Slow: Redis blocked for 1.5 s while clients write and read through both proxies.
+    redis.stall(1.5);
+    let started = Instant::now();
+    let mut stale = 0;
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        i += 1;
+        ca.simple_query(&format!("update {t} set v = {i} where id = 1"))
+            .await
+            .expect("write during a slow Redis");
+        let got = value(&cb, &read).await;
+        if got != i.to_string() {
+            stale += 1;
+        }
+    }
+    assert_eq!(stale, 0, "{i} rounds");
+    let timeouts = metric(&mb, "pgcache_redis_fallbacks_total{reason=\"error\"}").await;
+    assert!(timeouts > 0.0, "the stall was noticed: {timeouts}");
+    eprintln!("slow redis: {i} write/read rounds in 3 s, 0 stale, {timeouts} calls timed out on B");
+}

@@ -94,16 +94,63 @@ pub fn figures(shared: &Shared) -> Vec<(&'static str, String)> {
         ("invalidations_write", inv("write").to_string()),
         ("invalidations_ddl", inv("ddl").to_string()),
         ("invalidations_explicit", inv("explicit").to_string()),
+        ("invalidations_replication", inv("replication").to_string()),
+        ("invalidations_peer", inv("peer").to_string()),
+        (
+            "redis",
+            match &shared.cache.tier {
+                None => "off".into(),
+                Some(t) if t.is_up() => "up".into(),
+                Some(_) => "down".into(),
+            },
+        ),
+        ("l2_hits", m.cache_l2_hits.get().to_string()),
+        ("l2_misses", m.cache_l2_misses.get().to_string()),
+        (
+            "redis_fallbacks",
+            ["open", "error"]
+                .iter()
+                .map(|r| m.redis_fallbacks.with_label_values(&[r]).get())
+                .sum::<u64>()
+                .to_string(),
+        ),
+        ("peer_delay_mean_ms", mean_ms(&m.redis_propagation)),
+        (
+            "replication",
+            if !shared.config().invalidation.replication.enabled {
+                "off".into()
+            } else if m.replication_up.get() == 1 {
+                "up".into()
+            } else {
+                "down".into()
+            },
+        ),
+        (
+            "replication_transactions",
+            m.replication_transactions.get().to_string(),
+        ),
+        ("replication_delay_mean_ms", mean_ms(&m.replication_delay)),
     ]
+}
+
+fn mean_ms(h: &prometheus::Histogram) -> String {
+    let n = h.get_sample_count();
+    if n == 0 {
+        return "0".into();
+    }
+    format!("{:.3}", h.get_sample_sum() / n as f64 * 1000.0)
 }
 
 /// Figures as a JSON object (HTTP `GET /cache`).
 pub fn figures_json(shared: &Shared) -> String {
     let body: Vec<String> = figures(shared)
         .into_iter()
-        .map(|(k, v)| match v.parse::<u64>() {
-            Ok(n) => format!("\"{k}\":{n}"),
-            Err(_) => format!("\"{k}\":{v}"),
+        .map(|(k, v)| {
+            if v.parse::<f64>().is_ok() || v == "true" || v == "false" {
+                format!("\"{k}\":{v}")
+            } else {
+                format!("\"{k}\":{}", serde_json::Value::from(v))
+            }
         })
         .collect();
     format!("{{{}}}\n", body.join(","))

@@ -49,6 +49,22 @@ impl RedisServer {
         }
     }
 
+    /// Block the server for `seconds` (a slow Redis), in the background.
+    pub fn stall(&self, seconds: f64) {
+        let _ = Command::new("redis-cli")
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "DEBUG",
+                "SLEEP",
+                &seconds.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-cli");
+    }
+
     /// SIGKILL: no goodbye to connected clients.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
