@@ -49,9 +49,10 @@ impl RedisServer {
         }
     }
 
-    /// Block the server for `seconds` (a slow Redis), in the background.
+    /// Block the server for `seconds` (a slow Redis), in the background (a thread reaps
+    /// redis-cli when the sleep ends).
     pub fn stall(&self, seconds: f64) {
-        let _ = Command::new("redis-cli")
+        let mut child = Command::new("redis-cli")
             .args([
                 "-p",
                 &self.port.to_string(),
@@ -63,6 +64,7 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-cli");
+        std::thread::spawn(move || child.wait());
     }
 
     /// SIGKILL: no goodbye to connected clients.
