@@ -7,11 +7,15 @@
 //!
 //! (A floor taken from a direct read of PostgreSQL would be wrong: it can see a commit whose
 //! acknowledgement is still on its way through the proxy, which no proxy can know of yet.)
+//!
+//! The same across two proxies sharing Redis in strict mode, with a writer that goes straight
+//! to PostgreSQL: its commits reach the proxies through the change stream, so a read must see
+//! them once `DIRECT_LAG` has passed since they were acknowledged.
 
 mod support;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::cache::*;
 use support::connect;
@@ -19,6 +23,8 @@ use support::connect;
 const ACCOUNTS: usize = 4;
 const CLIENTS: usize = 6;
 const RUN_FOR: Duration = Duration::from_secs(8);
+/// A write straight to PostgreSQL must be seen by reads that begin this long after it.
+const DIRECT_LAG: Duration = Duration::from_secs(2);
 
 /// Highest committed values known to any writer, per account.
 struct Floors {
@@ -27,6 +33,33 @@ struct Floors {
     reads: AtomicU64,
     stale: AtomicU64,
     writes: AtomicU64,
+    /// Writes straight to PostgreSQL: (acknowledged at, value) per account.
+    direct: Vec<Mutex<Vec<(Instant, i64)>>>,
+}
+
+impl Floors {
+    fn new() -> Floors {
+        Floors {
+            ver: (0..ACCOUNTS).map(|_| AtomicI64::new(0)).collect(),
+            counter: (0..ACCOUNTS).map(|_| AtomicI64::new(0)).collect(),
+            reads: AtomicU64::new(0),
+            stale: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            direct: (0..ACCOUNTS).map(|_| Mutex::new(Vec::new())).collect(),
+        }
+    }
+
+    /// What a read of row `k` of the table only the direct writer writes, beginning now, must
+    /// see at least.
+    fn direct_floor(&self, k: usize) -> i64 {
+        let direct = self.direct[k].lock().unwrap();
+        direct
+            .iter()
+            .filter(|(at, _)| at.elapsed() >= DIRECT_LAG)
+            .map(|(_, v)| *v)
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// A tiny deterministic generator (xorshift), one per client.
@@ -43,7 +76,7 @@ impl Rng {
 
 fn schema(p: &str) {
     direct(&format!(
-        "drop table if exists {p}_children, {p}_events, {p}_counters cascade;
+        "drop table if exists {p}_children, {p}_events, {p}_counters, {p}_direct cascade;
          drop table if exists {p}_accounts cascade;
          create table {p}_accounts (id int primary key, ver int not null default 0, unique (id, ver));
          create table {p}_children (id serial primary key, acc int, acc_ver int,
@@ -57,6 +90,9 @@ fn schema(p: &str) {
          insert into {p}_accounts select g from generate_series(0, {last}) g;
          insert into {p}_children (acc, acc_ver) select g, 0 from generate_series(0, {last}) g;
          insert into {p}_counters select g from generate_series(0, {last}) g;
+         create table {p}_direct (id int primary key, ver int not null default 0);
+         insert into {p}_direct select g from generate_series(0, {last}) g;
+         alter table {p}_direct owner to app;
          alter table {p}_accounts owner to app; alter table {p}_children owner to app;
          alter table {p}_counters owner to app; alter table {p}_events owner to app;
          alter view {p}_view owner to app; alter function {p}_count() owner to app;
@@ -76,6 +112,21 @@ async fn int(c: &tokio_postgres::Client, sql: &str) -> i64 {
 fn acked(floor: &AtomicI64, value: i64, f: &Floors) {
     floor.fetch_max(value, Ordering::SeqCst);
     f.writes.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Writes straight to PostgreSQL, bypassing every proxy.
+async fn direct_writer(p: String, seed: u64, f: Arc<Floors>) {
+    let c = connect(&support::pg().url("app", "app", "app")).await;
+    let mut rng = Rng(seed);
+    let end = Instant::now() + RUN_FOR;
+    while Instant::now() < end {
+        let k = rng.below(ACCOUNTS);
+        let sql = format!("update {p}_direct set ver = ver + 1 where id = {k} returning ver");
+        let v = int(&c, &sql).await;
+        f.direct[k].lock().unwrap().push((Instant::now(), v));
+        f.writes.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn client(proxy_url: String, p: String, seed: u64, f: Arc<Floors>) {
@@ -156,6 +207,10 @@ async fn client(proxy_url: String, p: String, seed: u64, f: Arc<Floors>) {
         let floor = floor_of[k].load(Ordering::SeqCst);
         let got = int(&c, &sql).await;
         check(&f, floor, got, &sql);
+        // The table only the direct writer writes (never written through a proxy).
+        let floor = f.direct_floor(k);
+        let sql = format!("select ver from {p}_direct where id = {k}");
+        check(&f, floor, got, &sql);
     }
 }
 
@@ -176,27 +231,78 @@ async fn run(mode: &str) {
     // Transaction mode: fewer server connections than clients; session mode needs one each.
     let size = if mode == "session" { CLIENTS + 1 } else { 3 };
     let proxy = cache_proxy(mode, &format!("[pool]\nmax_size = {size}\n"));
-    let floors = Arc::new(Floors {
-        ver: (0..ACCOUNTS).map(|_| AtomicI64::new(0)).collect(),
-        counter: (0..ACCOUNTS).map(|_| AtomicI64::new(0)).collect(),
-        reads: AtomicU64::new(0),
-        stale: AtomicU64::new(0),
-        writes: AtomicU64::new(0),
-    });
-    let tasks: Vec<_> = (0..CLIENTS)
+    check_run(mode, &p, &[proxy], false).await;
+}
+
+/// Clients spread over `proxies` (and, with `direct`, one writer straight to PostgreSQL); fails
+/// on any stale read.
+async fn check_run(what: &str, p: &str, proxies: &[support::Proxy], direct: bool) {
+    let floors = Arc::new(Floors::new());
+    let mut tasks: Vec<_> = (0..CLIENTS)
         .map(|i| {
             tokio::spawn(client(
-                app_url(&proxy),
-                p.clone(),
+                app_url(&proxies[i % proxies.len()]),
+                p.to_string(),
                 0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1),
                 floors.clone(),
             ))
         })
         .collect();
+    if direct {
+        tasks.push(tokio::spawn(direct_writer(
+            p.to_string(),
+            77,
+            floors.clone(),
+        )));
+    }
     for t in tasks {
         t.await.expect("client task");
     }
-    let figures = cache_figures(&proxy).await;
+    if direct {
+        // Reads of the directly written table alone (proxied writes bump whole databases
+        // often enough above to hide a change stream that misses something).
+        let mut readers: Vec<_> = (0..4)
+            .map(|i| {
+                let (url, p, f) = (
+                    app_url(&proxies[i % proxies.len()]),
+                    p.to_string(),
+                    floors.clone(),
+                );
+                tokio::spawn(async move {
+                    let c = connect(&url).await;
+                    let mut rng = Rng(i as u64 + 11);
+                    let end = Instant::now() + RUN_FOR;
+                    while Instant::now() < end {
+                        let k = rng.below(ACCOUNTS);
+                        let floor = f.direct_floor(k);
+                        let got =
+                            int(&c, &format!("select ver from {p}_direct where id = {k}")).await;
+                        check(&f, floor, got, "direct table");
+                    }
+                })
+            })
+            .collect();
+        readers.push(tokio::spawn(direct_writer(
+            p.to_string(),
+            78,
+            floors.clone(),
+        )));
+        for t in readers {
+            t.await.expect("reader task");
+        }
+    }
+    let mode = what;
+    let mut figures = cache_figures(&proxies[0]).await;
+    for proxy in &proxies[1..] {
+        for (k, v) in cache_figures(proxy).await {
+            if let (Some(a), Ok(b)) = (
+                figures.get(&k).and_then(|a| a.parse::<u64>().ok()),
+                v.parse::<u64>(),
+            ) {
+                figures.insert(k, (a + b).to_string());
+            }
+        }
+    }
     let (reads, stale) = (
         floors.reads.load(Ordering::SeqCst),
         floors.stale.load(Ordering::SeqCst),
@@ -223,4 +329,55 @@ async fn no_stale_reads_under_concurrent_writes_transaction_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_stale_reads_under_concurrent_writes_session_mode() {
     run("session").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_stale_reads_across_two_proxies_and_direct_writes() {
+    let p = "cons_shared";
+    schema(p);
+    direct(
+        "do $$ begin if not exists (select from pg_roles where rolname = 'streamer') then \
+           create role streamer login replication password 'streamer'; end if; end $$; \
+         do $$ begin if not exists (select from pg_publication where pubname = 'cons_pub') then \
+           create publication cons_pub for all tables; end if; end $$;",
+    );
+    let redis = support::redis::RedisServer::start();
+    let slot = format!("cons_{}", std::process::id());
+    let shared = format!(
+        "[pool]\nmax_size = 3\n[cache.redis]\nurl = \"{}\"\nconsistency = \"strict\"\n",
+        redis.url()
+    );
+    // A follows the change stream; its bumps reach B through Redis.
+    let a = cache_proxy(
+        "transaction",
+        &format!(
+            "{shared}[invalidation.replication]\nenabled = true\ndatabase = \"app\"\n\
+             user = \"streamer\"\nslot = \"{slot}\"\npublication = \"cons_pub\"\n\
+             [users.streamer]\npassword = \"streamer\"\n"
+        ),
+    );
+    let b = cache_proxy("transaction", &shared);
+    let addr = proxy_metrics(&a);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, text) = support::http::http_get(&addr, "/metrics");
+        if text.lines().any(|l| l == "pgcache_replication_up 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "change stream not up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let proxies = [a, b];
+    check_run("two proxies + direct writes", p, &proxies, true).await;
+    drop(proxies);
+    for _ in 0..100 {
+        let left = direct(&format!(
+            "select count(*) from (select pg_drop_replication_slot(slot_name) from pg_replication_slots \
+             where slot_name = '{slot}' and not active) d; select count(*) from pg_replication_slots where slot_name = '{slot}'"
+        ));
+        if left.trim().ends_with('0') {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
