@@ -81,6 +81,12 @@ TARGETS=(direct pgbouncer pgcache cached)
 # *plain*: pgcache with query insight off, for the select workloads: what per-statement stats cost.
 # INSIGHT_OVERHEAD=0 leaves it out.
 [ "${INSIGHT_OVERHEAD:-1}" = 1 ] && TARGETS+=(plain)
+# *redis*: the cache-on pgcache plus the shared tier ([cache.redis], a local redis-server);
+# *l2*: the same with an L1 of one entry, so its hits come from Redis. Select workloads only.
+# REDIS_TIER=0 leaves them out.
+REDIS_SERVER="${REDIS_SERVER:-$(command -v redis-server || echo /usr/bin/redis-server)}"
+[ "${REDIS_TIER:-1}" = 1 ] && TARGETS+=(redis l2)
+has_target() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'compare.sh: %s\n' "$*" >&2; exit 1; }
@@ -125,6 +131,7 @@ stop_pid() {
 stop_pgcache() {
     stop_pid "$PGCACHE_PID"; PGCACHE_PID=""; stop_pid "$CACHED_PID"; CACHED_PID=""
     stop_pid "${PLAIN_PID:-}"; PLAIN_PID=""
+    stop_pid "${REDIS_T_PID:-}"; REDIS_T_PID=""; stop_pid "${L2_PID:-}"; L2_PID=""
 }
 stop_pgbouncer() {
     [ -n "$BOUNCER_PIDFILE" ] || return 0
@@ -142,6 +149,7 @@ cleanup() {
     set +e
     stop_pgcache
     stop_pgbouncer
+    stop_pid "${REDIS_PID:-}"
     if [ "$PG_STARTED" = 1 ]; then
         as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m immediate -w -t 20 stop >/dev/null 2>&1
     fi
@@ -300,6 +308,20 @@ start_pgcache() {
     if [ "$cached" = plain ]; then
         cache_toml="[insight]
 enabled = false"
+    elif [ "$cached" = redis ] || [ "$cached" = l2 ]; then
+        metrics="$(free_port)"
+        cache_toml="[metrics]
+listen = \"127.0.0.1:$metrics\"
+[cache]
+enabled = true
+default_ttl = \"1h\"
+max_entries = $([ "$cached" = l2 ] && echo 1 || echo 5000000)
+max_bytes = 4294967296
+[cache.redis]
+url = \"redis://127.0.0.1:$REDIS_PORT\"
+key_prefix = \"bench-$cached:\"
+[[cache.rules]]
+tables = [\"pgbench_*\"]"
     elif [ -n "$cached" ]; then
         metrics="$(free_port)"
         cache_toml="[metrics]
@@ -335,6 +357,10 @@ EOF
     "$PGCACHE_BIN" --config "$dir/proxy.toml" >"$dir/pgcache.log" 2>&1 &
     if [ "$cached" = plain ]; then
         PLAIN_PID=$!; PLAIN_PORT=$port
+    elif [ "$cached" = redis ]; then
+        REDIS_T_PID=$!; REDIS_T_PORT=$port; REDIS_T_METRICS=$metrics
+    elif [ "$cached" = l2 ]; then
+        L2_PID=$!; L2_PORT=$port; L2_METRICS=$metrics
     elif [ -n "$cached" ]; then
         CACHED_PID=$!; CACHED_PORT=$port; CACHED_LOG="$dir/pgcache.log"; CACHED_METRICS=$metrics
     else
@@ -344,15 +370,18 @@ EOF
         || { show "$dir/pgcache.log"; die "pgcache does not answer on port $port"; }
 }
 
-port_of() { case $1 in direct) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_PORT";; pgcache) echo "$PGCACHE_PORT";; cached) echo "$CACHED_PORT";; plain) echo "$PLAIN_PORT";; esac; }
-pid_of() { case $1 in direct) echo "";; pgbouncer) echo "$BOUNCER_PID";; pgcache) echo "$PGCACHE_PID";; cached) echo "$CACHED_PID";; plain) echo "$PLAIN_PID";; esac; }
-# plain runs the select workloads only.
-runs_on() { [ "$1" != plain ] || [[ "$2" == select-* ]]; }
+port_of() { case $1 in direct) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_PORT";; pgcache) echo "$PGCACHE_PORT";; cached) echo "$CACHED_PORT";; plain) echo "$PLAIN_PORT";; redis) echo "$REDIS_T_PORT";; l2) echo "$L2_PORT";; esac; }
+pid_of() { case $1 in direct) echo "";; pgbouncer) echo "$BOUNCER_PID";; pgcache) echo "$PGCACHE_PID";; cached) echo "$CACHED_PID";; plain) echo "$PLAIN_PID";; redis) echo "$REDIS_T_PID";; l2) echo "$L2_PID";; esac; }
+# Cache-on targets (hit ratios are recorded for them).
+is_cache_target() { case $1 in cached | redis | l2) return 0;; *) return 1;; esac; }
+# plain, redis and l2 run the select workloads only.
+runs_on() { case $1 in plain | redis | l2) [[ "$2" == select-* ]];; *) return 0;; esac; }
 
-# The cache-on instance's hit and miss counters, "hits misses", from its /metrics.
+# A cache-on instance's hit and miss counters, "hits misses", from its /metrics.
 cache_counters() {
-    local text
-    text="$(exec 3<>"/dev/tcp/127.0.0.1/$CACHED_METRICS" && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && cat <&3)" \
+    local text port
+    case ${1:-cached} in redis) port=$REDIS_T_METRICS;; l2) port=$L2_METRICS;; *) port=$CACHED_METRICS;; esac
+    text="$(exec 3<>"/dev/tcp/127.0.0.1/$port" && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && cat <&3)" \
         || { echo "NA NA"; return 0; }
     awk '$1 == "pgcache_cache_hits_total" { h = $2 } $1 == "pgcache_cache_misses_total" { m = $2 }
          END { print (h == "" ? "NA" : h), (m == "" ? "NA" : m) }' <<<"$text"
@@ -361,7 +390,17 @@ cache_counters() {
 start_pgbouncer 1000
 start_pgcache 1000
 start_pgcache 1000 cached
-[[ " ${TARGETS[*]} " == *" plain "* ]] && start_pgcache 1000 plain
+has_target plain && start_pgcache 1000 plain
+if has_target redis || has_target l2; then
+    [ -x "$REDIS_SERVER" ] || die "redis-server not found ($REDIS_SERVER); apt-get install redis-server, or REDIS_TIER=0"
+    REDIS_PORT="$(free_port)"
+    "$REDIS_SERVER" --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >"$TMP/redis.log" 2>&1 &
+    REDIS_PID=$!
+    wait_until 10 "redis-server (127.0.0.1:$REDIS_PORT)" bash -c "exec 3<>/dev/tcp/127.0.0.1/$REDIS_PORT" \
+        || { show "$TMP/redis.log"; die "redis-server did not start"; }
+    has_target redis && start_pgcache 1000 redis
+    has_target l2 && start_pgcache 1000 l2
+fi
 
 # ---------------------------------------------------------------------------------------------
 # 4. pgbench, interleaved. One line per run in $RUNS (tab-separated):
@@ -397,7 +436,8 @@ own_ticks() {
     mapfile -t kids < <(pgrep -P "$pm" || true)
     {
         sed 's/.*) //' "/proc/$pm/stat" | awk '{ print $12 + $13 + $14 + $15 }'
-        for p in "${kids[@]}" "$PGCACHE_PID" "${CACHED_PID:-}" "${PLAIN_PID:-}" "${BOUNCER_PID:-}"; do
+        for p in "${kids[@]}" "$PGCACHE_PID" "${CACHED_PID:-}" "${PLAIN_PID:-}" "${REDIS_T_PID:-}" \
+            "${L2_PID:-}" "${REDIS_PID:-}" "${BOUNCER_PID:-}"; do
             [ -r "/proc/$p/stat" ] || continue
             sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }' || true
         done
@@ -429,14 +469,14 @@ run_pgbench() {
         alive "$target" "$pid" "before $name"; reset_hwm "$pid"; cpu0="$(cpu_ticks "$pid")"
     fi
     local own0 own1 mach0 mach1 other hm0=""
-    [ "$target" = cached ] && hm0="$(cache_counters)"
+    is_cache_target "$target" && hm0="$(cache_counters "$target")"
     own0="$(own_ticks)"; times >"$dir/times0"; mach0="$(machine_ticks)"
     # shellcheck disable=SC2086  # $args is a list of pgbench flags
     PGPASSWORD=app "$PG_BIN/pgbench" -n -h 127.0.0.1 -p "$port" -U app -c "$clients" -j "$THREADS" \
         -T "$DURATION" $args -l --log-prefix="$dir/tx" bench >"$out" 2>&1 || rc=$?
     mach1="$(machine_ticks)"; times >"$dir/times1"; own1="$(own_ticks)"
-    if [ "$target" = cached ]; then
-        printf '%s\t%s\t%s\t%s\n' "$round" "$name" "$hm0" "$(cache_counters)" >>"$HITS"
+    if is_cache_target "$target"; then
+        printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$hm0" "$(cache_counters "$target")" "$target" >>"$HITS"
     fi
     other="$(awk -v m0="$mach0" -v m1="$mach1" -v o0="$own0" -v o1="$own1" \
         -v p0="$(times_ticks "$dir/times0")" -v p1="$(times_ticks "$dir/times1")" 'BEGIN {
@@ -486,13 +526,16 @@ done
 
 # The cache-on instance starts warm: every -S mode has its own keys (simple and extended batches
 # differ), so each runs for CACHE_WARMUP seconds first.
-log "cache warm-up: ${CACHE_WARMUP}s of -S per protocol mode through the cache-on pgcache (not recorded)"
-for mode in simple extended prepared; do
-    PGPASSWORD=app "$PG_BIN/pgbench" -n -S -M "$mode" -h 127.0.0.1 -p "$CACHED_PORT" -U app -c 32 \
-        -j "$THREADS" -T "$CACHE_WARMUP" bench >"$TMP/cache-warmup-$mode.out" 2>&1 \
-        || { show "$TMP/cache-warmup-$mode.out"; die "cache warm-up ($mode) failed"; }
+log "cache warm-up: ${CACHE_WARMUP}s of -S per protocol mode through each cache-on pgcache (not recorded)"
+for target in "${TARGETS[@]}"; do
+    is_cache_target "$target" || continue
+    for mode in simple extended prepared; do
+        PGPASSWORD=app "$PG_BIN/pgbench" -n -S -M "$mode" -h 127.0.0.1 -p "$(port_of "$target")" -U app -c 32 \
+            -j "$THREADS" -T "$CACHE_WARMUP" bench >"$TMP/cache-warmup-$target-$mode.out" 2>&1 \
+            || { show "$TMP/cache-warmup-$target-$mode.out"; die "cache warm-up ($target, $mode) failed"; }
+    done
+    log "$target after warm-up (hits misses): $(cache_counters "$target")"
 done
-log "cache after warm-up (hits misses): $(cache_counters)"
 
 START_TIME=$SECONDS
 for round in $(seq "$ROUNDS"); do

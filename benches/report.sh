@@ -79,7 +79,7 @@ mib() { awk -v k="$1" 'BEGIN { if (k == "NA" || k == "") print "—"; else print
 # with fewer than 100 lookups (TPC-B: its SELECT follows an UPDATE in the same transaction, so only
 # pgbench's start-up query is looked up) has no ratio worth printing
 hit_ratio() {
-    awk -F'\t' -v w="$1" '$2 == w {
+    awk -F'\t' -v w="$1" -v t="${2:-cached}" '$2 == w && $5 == t {
             split($3, a, " "); split($4, b, " ")
             if (a[1] == "NA" || b[1] == "NA") next
             h = b[1] - a[1]; m = b[2] - a[2]
@@ -138,7 +138,7 @@ dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
         echo "|---|---:|---:|---:|---:|---:|---:|---:|"
         for w in "${WORKLOADS[@]}"; do
             IFS='|' read -r name _ _ <<<"$w"
-            hr="$(hit_ratio "$name")"
+            hr="$(hit_ratio "$name" cached)"
             echo "| $name | $(dash "$(field "$name" cached 5)") | $hr | $(ratio "$(field "$name" cached 5)" "$(field "$name" direct 5)") | $(ratio "$(field "$name" cached 6)" "$(field "$name" direct 6)") | $(ratio "$(field "$name" cached 7)" "$(field "$name" direct 7)") | $(ratio "$(field "$name" cached 5)" "$(field "$name" pgcache 5)") | $(ratio "$(field "$name" cached 8)" "$(field "$name" pgcache 8)") |"
         done
     fi
@@ -154,6 +154,20 @@ dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
             IFS='|' read -r name _ _ <<<"$w"
             runs_on plain "$name" || continue
             echo "| $name | $(ratio "$(field "$name" pgcache 5)" "$(field "$name" plain 5)") | $(ratio "$(field "$name" pgcache 7)" "$(field "$name" plain 7)") | $(ratio "$(field "$name" pgcache 8)" "$(field "$name" plain 8)") |"
+        done
+    fi
+    if has_target redis || has_target l2; then
+        echo
+        echo "## Shared tier (Redis)"
+        echo
+        echo "*redis*: the *cached* settings plus \`[cache.redis]\` (a redis-server on loopback, eventual consistency): every miss asks Redis, every fill is stored there too. *l2*: the same with \`max_entries = 1\`, so nearly every hit is an L2 hit (a Redis round trip). Both warmed like *cached*."
+        echo
+        echo "| workload | TPS redis | hit ratio | TPS redis/cached (L1 only) | p99 redis/cached | TPS l2 | l2 hit ratio | mean latency l2/cached | mean latency l2 ms | TPS l2/pgcache (cache off) |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        for w in "${WORKLOADS[@]}"; do
+            IFS='|' read -r name _ _ <<<"$w"
+            runs_on redis "$name" || continue
+            echo "| $name | $(dash "$(field "$name" redis 5)") | $(hit_ratio "$name" redis) | $(ratio "$(field "$name" redis 5)" "$(field "$name" cached 5)") | $(ratio "$(field "$name" redis 7)" "$(field "$name" cached 7)") | $(dash "$(field "$name" l2 5)") | $(hit_ratio "$name" l2) | $(ratio "$(field "$name" l2 6)" "$(field "$name" cached 6)") | $(dash "$(field "$name" l2 6)") | $(ratio "$(field "$name" l2 5)" "$(field "$name" pgcache 5)") |"
         done
     fi
     if [ -s "$IDLE" ]; then
