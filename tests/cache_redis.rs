@@ -9,14 +9,53 @@ use std::time::{Duration, Instant};
 use support::cache::{app_url, cache_proxy, proxy_metrics, table, value};
 use support::connect;
 use support::http::http_get;
-use support::redis::RedisServer;
+use support::redis::{RedisCluster, RedisServer};
 
 fn redis_toml(redis: &RedisServer, consistency: &str, prefix: &str) -> String {
+    let ca = redis
+        .ca_path()
+        .map(|p| format!("ca_file = \"{}\"\n", p.display()))
+        .unwrap_or_default();
     format!(
         "[cache]\ndefault_ttl = \"1h\"\n[cache.redis]\nurl = \"{}\"\nconsistency = \"{consistency}\"\n\
-         key_prefix = \"{prefix}\"\ntimeout = \"200ms\"\n",
+         key_prefix = \"{prefix}\"\ntimeout = \"200ms\"\n{ca}",
         redis.url()
     )
+}
+
+fn cluster_toml(cluster: &RedisCluster, prefix: &str) -> String {
+    let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    format!(
+        "[cache]\ndefault_ttl = \"1h\"\n[cache.redis]\ncluster = [{}]\nconsistency = \"strict\"\n\
+         key_prefix = \"{prefix}\"\ntimeout = \"500ms\"\n",
+        nodes.join(", ")
+    )
+}
+
+/// Two proxies over `extra`: a read filled through B is served to A from Redis, and 50 writes
+/// through A are each read fresh through B at once. Returns B's hits.
+async fn shared_and_fresh(t: &str, extra: &str) -> f64 {
+    support::cache::direct(&format!("insert into {t} values (1, 0)"));
+    let a = cache_proxy("transaction", extra);
+    let b = cache_proxy("transaction", extra);
+    let (ma, mb) = (proxy_metrics(&a), proxy_metrics(&b));
+    wait_metric(&ma, "pgcache_redis_up", 1.0).await;
+    wait_metric(&mb, "pgcache_redis_up", 1.0).await;
+    let ca = connect(&app_url(&a)).await;
+    let cb = connect(&app_url(&b)).await;
+    let read = format!("select v from {t} where id = 1");
+    assert_eq!(value(&cb, &read).await, "0");
+    assert_eq!(value(&ca, &read).await, "0");
+    assert_eq!(metric(&ma, "pgcache_cache_l2_hits_total").await, 1.0);
+    for i in 1..=50 {
+        ca.simple_query(&format!("update {t} set v = {i} where id = 1"))
+            .await
+            .expect("write through A");
+        for _ in 0..2 {
+            assert_eq!(value(&cb, &read).await, i.to_string(), "stale through B");
+        }
+    }
+    metric(&mb, "pgcache_cache_hits_total").await
 }
 
 async fn scrape(addr: &str, path: &'static str) -> (u16, String) {
@@ -223,4 +262,20 @@ async fn a_slow_or_absent_redis_never_reaches_clients() {
     let timeouts = metric(&mb, "pgcache_redis_fallbacks_total{reason=\"error\"}").await;
     assert!(timeouts > 0.0, "the stall was noticed: {timeouts}");
     eprintln!("slow redis: {i} write/read rounds in 3 s, 0 stale, {timeouts} calls timed out on B");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_tier_works_over_tls() {
+    let redis = RedisServer::start_tls();
+    let t = table("tls_items", "id int primary key, v int");
+    let hits = shared_and_fresh(&t, &redis_toml(&redis, "strict", "tls:")).await;
+    assert!(hits >= 25.0, "{hits}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_tier_works_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let t = table("cluster_items", "id int primary key, v int");
+    let hits = shared_and_fresh(&t, &cluster_toml(&cluster, "cl:")).await;
+    assert!(hits >= 25.0, "{hits}");
 }

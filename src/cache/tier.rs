@@ -3,8 +3,9 @@
 //! tier behind the in-process LRU, and the circuit breaker that keeps a dead or slow Redis away
 //! from clients.
 //!
-//! Keys (under `key_prefix`): `v:<db>:<relation>` versions, `e:<db>` per-database epochs,
-//! `r:<sha256 of the entry key>` results; channel `<prefix>bumps`. A result in Redis carries the
+//! Keys (under `key_prefix`, a database's keys hash-tagged with it so one pipeline reaches them
+//! on a Redis Cluster): `{<db>}:v:<relation>` versions, `{<db>}:e` the database's epoch,
+//! `{<db>}:r:<sha256 of the entry key>` results; channel `<prefix>bumps` (cluster-wide). A result in Redis carries the
 //! Redis versions read before its query went upstream, and is served only while they are
 //! current.
 
@@ -25,10 +26,19 @@ struct Breaker {
     backoff: Duration,
 }
 
+/// A connection to one Redis or to a cluster.
+#[derive(Clone)]
+enum Conn {
+    One(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
 pub struct Tier {
     pub config: RedisConfig,
-    client: redis::Client,
-    conn: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// For the bump subscription: the Redis, or each cluster node in turn.
+    subscribe_to: Vec<redis::Client>,
+    cluster: Option<redis::cluster::ClusterClient>,
+    conn: tokio::sync::Mutex<Option<Conn>>,
     breaker: Mutex<Breaker>,
     up: AtomicBool,
     /// Databases with bumps Redis never heard of: their epoch is bumped in Redis first thing
@@ -49,18 +59,20 @@ pub struct Stored {
 
 impl Tier {
     pub fn new(config: &RedisConfig) -> Option<Arc<Tier>> {
-        let url = config.url.as_deref()?;
-        let client = match redis::Client::open(url) {
-            Ok(c) => c,
+        let made = Self::clients(config);
+        let (subscribe_to, cluster) = match made {
+            Ok(Some(c)) => c,
+            Ok(None) => return None,
             Err(e) => {
-                tracing::error!(error = %e, "cache.redis.url: cannot use it; no shared tier");
+                tracing::error!(error = %e, "cache.redis: cannot use it; no shared tier");
                 return None;
             }
         };
         METRICS.redis_up.set(0);
         Some(Arc::new(Tier {
             config: config.clone(),
-            client,
+            subscribe_to,
+            cluster,
             conn: tokio::sync::Mutex::new(None),
             breaker: Mutex::new(Breaker {
                 failures: 0,
@@ -73,6 +85,46 @@ impl Tier {
         }))
     }
 
+    /// Clients for the subscription, and the cluster client (with `cluster`).
+    #[allow(clippy::type_complexity)]
+    fn clients(
+        config: &RedisConfig,
+    ) -> redis::RedisResult<Option<(Vec<redis::Client>, Option<redis::cluster::ClusterClient>)>>
+    {
+        let ca = match &config.ca_file {
+            Some(f) => Some(std::fs::read(f).map_err(|e| {
+                redis::RedisError::from(std::io::Error::new(e.kind(), format!("{f}: {e}")))
+            })?),
+            None => None,
+        };
+        let certs = || redis::TlsCertificates {
+            client_tls: None,
+            root_cert: ca.clone(),
+        };
+        let open = |url: &str| match &ca {
+            Some(_) => redis::Client::build_with_tls(url, certs()),
+            None => redis::Client::open(url),
+        };
+        if let Some(url) = &config.url {
+            return Ok(Some((vec![open(url)?], None)));
+        }
+        if config.cluster.is_empty() {
+            return Ok(None);
+        }
+        let nodes = config
+            .cluster
+            .iter()
+            .map(|u| open(u))
+            .collect::<redis::RedisResult<Vec<_>>>()?;
+        let mut b = redis::cluster::ClusterClient::builder(config.cluster.clone())
+            .connection_timeout(config.timeout.max(Duration::from_millis(500)))
+            .response_timeout(config.timeout);
+        if ca.is_some() {
+            b = b.certs(certs());
+        }
+        Ok(Some((nodes, Some(b.build()?))))
+    }
+
     pub fn strict(&self) -> bool {
         self.config.consistency == Consistency::Strict
     }
@@ -81,18 +133,13 @@ impl Tier {
         self.up.load(Ordering::Relaxed)
     }
 
-    fn key(&self, parts: &[&str]) -> String {
-        let mut k = self.config.key_prefix.clone();
-        k.push_str(&parts.join(":"));
-        k
+    /// A key of database `db`: `<prefix>{<db>}:<parts>`.
+    fn key(&self, db: &str, parts: &[&str]) -> String {
+        format!("{}{{{db}}}:{}", self.config.key_prefix, parts.join(":"))
     }
 
     pub fn channel(&self) -> String {
-        self.key(&["bumps"])
-    }
-
-    pub fn client(&self) -> &redis::Client {
-        &self.client
+        format!("{}bumps", self.config.key_prefix)
     }
 
     /// Run `pipe` within `timeout`, through the breaker. `None` when Redis is unavailable
@@ -109,11 +156,17 @@ impl Tier {
         let result = tokio::time::timeout(self.config.timeout, async {
             let mut guard = self.conn.lock().await;
             if guard.is_none() {
-                *guard = Some(self.client.get_connection_manager().await?);
+                *guard = Some(match &self.cluster {
+                    Some(c) => Conn::Cluster(c.get_async_connection().await?),
+                    None => Conn::One(self.subscribe_to[0].get_connection_manager().await?),
+                });
             }
-            let mut conn = guard.as_ref().expect("just set").clone();
+            let conn = guard.as_ref().expect("just set").clone();
             drop(guard);
-            pipe.query_async::<T>(&mut conn).await
+            match conn {
+                Conn::One(mut c) => pipe.query_async::<T>(&mut c).await,
+                Conn::Cluster(mut c) => pipe.query_async::<T>(&mut c).await,
+            }
         })
         .await;
         match result {
@@ -147,6 +200,7 @@ impl Tier {
     }
 
     fn failed(&self, what: &str, error: &str) {
+        tracing::debug!(what, error, "redis call failed");
         METRICS.redis_fallbacks.with_label_values(&["error"]).inc();
         let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
         b.failures += 1;
@@ -179,10 +233,10 @@ impl Tier {
     pub async fn bump(&self, db: &str, rels: &[Arc<str>], all: bool) -> bool {
         let mut pipe = redis::pipe();
         if all {
-            pipe.incr(self.key(&["e", db]), 1).ignore();
+            pipe.incr(self.key(db, &["e"]), 1).ignore();
         }
         for r in rels {
-            pipe.incr(self.key(&["v", db, r]), 1).ignore();
+            pipe.incr(self.key(db, &["v", r]), 1).ignore();
         }
         let sent = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -193,8 +247,17 @@ impl Tier {
             msg.push('\t');
             msg.push_str(r);
         }
-        pipe.publish(self.channel(), msg).ignore();
-        let told = self.query::<()>("bump", pipe).await.is_some();
+        // On a cluster the channel hashes to a slot of its own: a second call.
+        let told = if self.cluster.is_some() {
+            self.query::<()>("bump", pipe).await.is_some() && {
+                let mut publish = redis::pipe();
+                publish.publish(self.channel(), msg).ignore();
+                self.query::<()>("publish", publish).await.is_some()
+            }
+        } else {
+            pipe.publish(self.channel(), msg).ignore();
+            self.query::<()>("bump", pipe).await.is_some()
+        };
         if !told {
             self.dirty
                 .lock()
@@ -237,16 +300,16 @@ impl Tier {
     }
 
     fn push_versions(&self, pipe: &mut redis::Pipeline, db: &str, rels: &[Arc<str>]) {
-        let mut keys = vec![self.key(&["e", db])];
-        keys.extend(rels.iter().map(|r| self.key(&["v", db, r])));
+        let mut keys = vec![self.key(db, &["e"])];
+        keys.extend(rels.iter().map(|r| self.key(db, &["v", r])));
         pipe.cmd("MGET").arg(keys);
     }
 
-    fn result_key(&self, entry_key: &[u8]) -> String {
+    fn result_key(&self, db: &str, entry_key: &[u8]) -> String {
         use sha2::Digest;
         let h = sha2::Sha256::digest(entry_key);
         let hex: String = h.iter().take(16).map(|b| format!("{b:02x}")).collect();
-        self.key(&["r", &hex])
+        self.key(db, &["r", &hex])
     }
 
     /// The stored result for `entry_key` and the current versions, in one round trip.
@@ -257,7 +320,7 @@ impl Tier {
         rels: &[Arc<str>],
     ) -> Option<(Option<Stored>, Remote)> {
         let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(self.result_key(entry_key));
+        pipe.cmd("GET").arg(self.result_key(db, entry_key));
         self.push_versions(&mut pipe, db, rels);
         let (raw, v): (Option<Vec<u8>>, Vec<Option<u64>>) = self.query("lookup", pipe).await?;
         let current: Remote = v.into_iter().map(|x| x.unwrap_or(0)).collect();
@@ -265,8 +328,8 @@ impl Tier {
     }
 
     /// Store a result (in the background: the client does not wait for it).
-    pub fn store(self: &Arc<Self>, entry_key: &[u8], s: Stored) {
-        let key = self.result_key(entry_key);
+    pub fn store(self: &Arc<Self>, db: &str, entry_key: &[u8], s: Stored) {
+        let key = self.result_key(db, entry_key);
         let tier = self.clone();
         tokio::spawn(async move {
             let mut pipe = redis::pipe();
@@ -351,9 +414,13 @@ pub async fn follow(shared: Arc<crate::listener::Shared>) {
     };
     let mut backoff = Duration::from_millis(250);
     let mut first = true;
+    let mut node = 0;
     loop {
+        // On a cluster, any node hears every PUBLISH: the next one after a failure.
+        let client = tier.subscribe_to[node % tier.subscribe_to.len()].clone();
+        node += 1;
         let subscribed = async {
-            let mut ps = tier.client().get_async_pubsub().await?;
+            let mut ps = client.get_async_pubsub().await?;
             ps.subscribe(tier.channel()).await?;
             redis::RedisResult::Ok(ps)
         };

@@ -1,4 +1,5 @@
-//! `[cache.redis]`: a shared second tier and the invalidation bus between proxies.
+//! `[cache.redis]`: a shared second tier and the invalidation bus between proxies (one Redis,
+//! with or without TLS, or a Redis Cluster).
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -16,8 +17,13 @@ pub enum Consistency {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`; unset = no shared tier.
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS; unset = no shared tier
+    /// (unless `cluster`).
     pub url: Option<String>,
+    /// Redis Cluster: the URLs of some of its nodes (instead of `url`).
+    pub cluster: Vec<String>,
+    /// PEM file of the CA that signed Redis's certificate (`rediss://`); default: the system's.
+    pub ca_file: Option<String>,
     /// Prefix of every key and of the bump channel: deployments sharing one Redis use their own.
     pub key_prefix: String,
     pub consistency: Consistency,
@@ -35,6 +41,8 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: None,
+            cluster: Vec::new(),
+            ca_file: None,
             key_prefix: "pgcache:".into(),
             consistency: Consistency::Eventual,
             timeout: Duration::from_millis(100),
@@ -46,17 +54,42 @@ impl Default for RedisConfig {
 
 pub(super) fn validate(c: &super::Config, bad: &mut impl FnMut(&str, String)) {
     let r = &c.cache.redis;
-    let Some(url) = &r.url else { return };
-    match url::Url::parse(url) {
-        Ok(u) if u.scheme() == "redis" => {}
-        Ok(u) => bad(
-            "cache.redis.url",
-            format!(
-                "scheme {}:// is not supported: use redis:// (TLS and Cluster are not built yet)",
-                u.scheme()
+    if r.url.is_some() && !r.cluster.is_empty() {
+        bad(
+            "cache.redis.cluster",
+            "give either cache.redis.url (one Redis) or cache.redis.cluster (its nodes), not both"
+                .into(),
+        );
+    }
+    let urls: Vec<(String, &String)> = match &r.url {
+        Some(u) => vec![("cache.redis.url".into(), u)],
+        None => r
+            .cluster
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (format!("cache.redis.cluster.{i}"), u))
+            .collect(),
+    };
+    if urls.is_empty() {
+        return;
+    }
+    for (key, url) in urls {
+        match url::Url::parse(url) {
+            Ok(u) if u.scheme() == "redis" || u.scheme() == "rediss" => {}
+            Ok(u) => bad(
+                &key,
+                format!(
+                    "scheme {}:// is not Redis: use redis:// or rediss://",
+                    u.scheme()
+                ),
             ),
-        ),
-        Err(e) => bad("cache.redis.url", format!("{url:?} is not a URL: {e}")),
+            Err(e) => bad(&key, format!("{url:?} is not a URL: {e}")),
+        }
+    }
+    if let Some(f) = &r.ca_file {
+        if std::fs::metadata(f).is_err() {
+            bad("cache.redis.ca_file", format!("cannot read {f}"));
+        }
     }
     if !c.cache.enabled {
         bad("cache.redis.url", "needs cache.enabled = true".into());

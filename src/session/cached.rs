@@ -466,6 +466,7 @@ impl Session {
         if let Some(f) = c.fill.as_mut().filter(|f| f.after > 0) {
             f.after -= 1;
         } else if let Some(f) = c.fill.take() {
+            let db = c.db.clone();
             match f.skip {
                 Some(reason) => METRICS.cache_fill_skips.with_label_values(&[reason]).inc(),
                 None if max_ok && !f.buf.is_empty() => {
@@ -473,8 +474,10 @@ impl Session {
                     METRICS.cache_fills.inc();
                     let bytes = f.buf.freeze();
                     let tier = self.shared.cache.tier.clone();
-                    if let (Some(t), Some(remote)) = (tier, f.snapshot.remote.clone()) {
+                    if let (Some(t), Some(remote), Some(db)) = (tier, f.snapshot.remote.clone(), db)
+                    {
                         t.store(
+                            &db.name,
                             &f.key,
                             crate::cache::tier::Stored {
                                 remote,

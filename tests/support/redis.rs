@@ -1,5 +1,6 @@
 //! A real redis-server on a free loopback port, no persistence; killed when dropped. `kill` and
-//! `start` again on the same port simulate an outage.
+//! `start` again on the same port simulate an outage. `start_tls` serves TLS only (with the test
+//! CA); `RedisCluster` is three masters made into a cluster with `redis-cli --cluster create`.
 
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
@@ -8,26 +9,88 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    extra: Vec<String>,
+    /// TLS files (and the temp dir holding them) when serving TLS.
+    tls: Option<(super::TlsFiles, tempfile::TempDir)>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        Self::start_with(Vec::new(), None)
+    }
+
+    fn start_with(extra: Vec<String>, tls: Option<(super::TlsFiles, tempfile::TempDir)>) -> Self {
         let mut r = RedisServer {
             port: super::free_port(),
             child: None,
+            extra,
+            tls,
         };
         r.restart();
         r
     }
 
+    /// TLS on the port (no plain port); clients need the CA (`ca_path`).
+    pub fn start_tls() -> RedisServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let files = super::make_tls_files(dir.path());
+        Self::start_with(Vec::new(), Some((files, dir)))
+    }
+
+    /// A cluster-enabled node (config file in `dir`).
+    fn start_cluster_node(dir: &std::path::Path) -> RedisServer {
+        let port = super::free_port();
+        let conf = dir.join(format!("nodes-{port}.conf"));
+        let mut r = RedisServer {
+            port,
+            child: None,
+            extra: vec![
+                "--cluster-enabled".into(),
+                "yes".into(),
+                "--cluster-config-file".into(),
+                conf.display().to_string(),
+            ],
+            tls: None,
+        };
+        r.restart();
+        r
+    }
+
+    pub fn ca_path(&self) -> Option<std::path::PathBuf> {
+        self.tls.as_ref().map(|(f, _)| f.ca.clone())
+    }
+
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        // The test certificate names localhost and 127.0.0.1.
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Start it (again) on its port and wait until it accepts connections.
     pub fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut cmd = Command::new("redis-server");
+        match &self.tls {
+            Some((f, _)) => {
+                cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
+                    .arg("--tls-cert-file")
+                    .arg(&f.cert)
+                    .arg("--tls-key-file")
+                    .arg(&f.key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&f.ca)
+                    .args(["--tls-auth-clients", "no"]);
+            }
+            None => {
+                cmd.args(["--port", &self.port.to_string()]);
+            }
+        }
+        let child = cmd
+            .args(["--bind", "127.0.0.1"])
+            .args(&self.extra)
             .args([
                 "--save",
                 "",
@@ -79,5 +142,55 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Three cluster masters holding every slot.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| RedisServer::start_cluster_node(dir.path()))
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for n in &nodes {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string(), "cluster", "info"])
+                    .output()
+                    .expect("redis-cli cluster info");
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster never became ok");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        RedisCluster { nodes, _dir: dir }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.url()).collect()
     }
 }
