@@ -86,6 +86,9 @@ TARGETS=(direct pgbouncer pgcache cached)
 # REDIS_TIER=0 leaves them out.
 REDIS_SERVER="${REDIS_SERVER:-$(command -v redis-server || echo /usr/bin/redis-server)}"
 [ "${REDIS_TIER:-1}" = 1 ] && TARGETS+=(redis l2)
+# *limit*: benches/canned.rs, a server that answers every statement with a canned row: the most
+# pgbench can drive here (select workloads). MACHINE_LIMIT=0 leaves it out.
+[ "${MACHINE_LIMIT:-1}" = 1 ] && TARGETS+=(limit)
 has_target() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -132,6 +135,7 @@ stop_pgcache() {
     stop_pid "$PGCACHE_PID"; PGCACHE_PID=""; stop_pid "$CACHED_PID"; CACHED_PID=""
     stop_pid "${PLAIN_PID:-}"; PLAIN_PID=""
     stop_pid "${REDIS_T_PID:-}"; REDIS_T_PID=""; stop_pid "${L2_PID:-}"; L2_PID=""
+    stop_pid "${CANNED_PID:-}"; CANNED_PID=""
 }
 stop_pgbouncer() {
     [ -n "$BOUNCER_PIDFILE" ] || return 0
@@ -219,6 +223,13 @@ if [ "$IDLE_CLIENTS" -gt 0 ] || [ "$IDLE_CLIENTS_MAX" -gt 0 ]; then
     IDLE_BIN="$(cargo bench --no-run --bench idle_clients --message-format=json \
         | grep '"name":"idle_clients"' | grep -o '"executable":"[^"]*"' | tail -n 1 | sed 's/"executable":"//; s/"$//' || true)"
     [ -x "$IDLE_BIN" ] || die "cannot find the idle_clients executable after the build"
+fi
+CANNED_BIN=""
+if has_target limit; then
+    log "cargo bench --no-run --bench canned"
+    CANNED_BIN="$(cargo bench --no-run --bench canned --message-format=json \
+        | grep '"name":"canned"' | grep -o '"executable":"[^"]*"' | tail -n 1 | sed 's/"executable":"//; s/"$//' || true)"
+    [ -x "$CANNED_BIN" ] || die "cannot find the canned executable after the build"
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -370,12 +381,12 @@ EOF
         || { show "$dir/pgcache.log"; die "pgcache does not answer on port $port"; }
 }
 
-port_of() { case $1 in direct) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_PORT";; pgcache) echo "$PGCACHE_PORT";; cached) echo "$CACHED_PORT";; plain) echo "$PLAIN_PORT";; redis) echo "$REDIS_T_PORT";; l2) echo "$L2_PORT";; esac; }
-pid_of() { case $1 in direct) echo "";; pgbouncer) echo "$BOUNCER_PID";; pgcache) echo "$PGCACHE_PID";; cached) echo "$CACHED_PID";; plain) echo "$PLAIN_PID";; redis) echo "$REDIS_T_PID";; l2) echo "$L2_PID";; esac; }
+port_of() { case $1 in direct) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_PORT";; pgcache) echo "$PGCACHE_PORT";; cached) echo "$CACHED_PORT";; plain) echo "$PLAIN_PORT";; redis) echo "$REDIS_T_PORT";; l2) echo "$L2_PORT";; limit) echo "$CANNED_PORT";; esac; }
+pid_of() { case $1 in direct) echo "";; pgbouncer) echo "$BOUNCER_PID";; pgcache) echo "$PGCACHE_PID";; cached) echo "$CACHED_PID";; plain) echo "$PLAIN_PID";; redis) echo "$REDIS_T_PID";; l2) echo "$L2_PID";; limit) echo "";; esac; }
 # Cache-on targets (hit ratios are recorded for them).
 is_cache_target() { case $1 in cached | redis | l2) return 0;; *) return 1;; esac; }
 # plain, redis and l2 run the select workloads only.
-runs_on() { case $1 in plain | redis | l2) [[ "$2" == select-* ]];; *) return 0;; esac; }
+runs_on() { case $1 in plain | redis | l2 | limit) [[ "$2" == select-* ]];; *) return 0;; esac; }
 
 # A cache-on instance's hit and miss counters, "hits misses", from its /metrics.
 cache_counters() {
@@ -400,6 +411,13 @@ if has_target redis || has_target l2; then
         || { show "$TMP/redis.log"; die "redis-server did not start"; }
     has_target redis && start_pgcache 1000 redis
     has_target l2 && start_pgcache 1000 l2
+fi
+if has_target limit; then
+    CANNED_PORT="$(free_port)"
+    "$CANNED_BIN" --port "$CANNED_PORT" >"$TMP/canned.log" 2>&1 &
+    CANNED_PID=$!
+    wait_until 10 "canned-row server (127.0.0.1:$CANNED_PORT)" psql_app "$CANNED_PORT" \
+        || { show "$TMP/canned.log"; die "the canned-row server did not start"; }
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +455,7 @@ own_ticks() {
     {
         sed 's/.*) //' "/proc/$pm/stat" | awk '{ print $12 + $13 + $14 + $15 }'
         for p in "${kids[@]}" "$PGCACHE_PID" "${CACHED_PID:-}" "${PLAIN_PID:-}" "${REDIS_T_PID:-}" \
-            "${L2_PID:-}" "${REDIS_PID:-}" "${BOUNCER_PID:-}"; do
+            "${L2_PID:-}" "${REDIS_PID:-}" "${CANNED_PID:-}" "${BOUNCER_PID:-}"; do
             [ -r "/proc/$p/stat" ] || continue
             sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }' || true
         done

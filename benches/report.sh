@@ -156,6 +156,20 @@ dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
             echo "| $name | $(ratio "$(field "$name" pgcache 5)" "$(field "$name" plain 5)") | $(ratio "$(field "$name" pgcache 7)" "$(field "$name" plain 7)") | $(ratio "$(field "$name" pgcache 8)" "$(field "$name" plain 8)") |"
         done
     fi
+    if has_target limit; then
+        echo
+        echo "## Machine limit"
+        echo
+        echo "*limit*: \`benches/canned.rs\`, a server that answers every statement with a canned row (no parsing, no storage): the most pgbench can drive on this machine. The cache-warm target is *cached* (its hit ratio is in *Cache on*)."
+        echo
+        echo "| workload | TPS limit | direct/limit | pgcache/limit | cached/limit | redis/limit |"
+        echo "|---|---:|---:|---:|---:|---:|"
+        for w in "${WORKLOADS[@]}"; do
+            IFS='|' read -r name _ _ <<<"$w"
+            runs_on limit "$name" || continue
+            echo "| $name | $(dash "$(field "$name" limit 5)") | $(ratio "$(field "$name" direct 5)" "$(field "$name" limit 5)") | $(ratio "$(field "$name" pgcache 5)" "$(field "$name" limit 5)") | $(ratio "$(field "$name" cached 5)" "$(field "$name" limit 5)") | $(ratio "$(field "$name" redis 5)" "$(field "$name" limit 5)") |"
+        done
+    fi
     if has_target redis || has_target l2; then
         echo
         echo "## Shared tier (Redis)"
@@ -211,10 +225,44 @@ dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
     done <"$IDLE"
 } >"$CSV"
 
+# The chart: median TPS per workload and target, each workload's bars scaled to its own best.
+SVG="$RESULTS_DIR/$DATE-$HOST$SUFFIX.svg"
+awk -F'\t' -v title="pgcache vs PgBouncer vs PostgreSQL direct — $DATE, $HOST$([ "$SMOKE" = 1 ] && echo ' (smoke: timings meaningless)')" '
+    function esc(s) { gsub(/&/, "\\&amp;", s); gsub(/</, "\\&lt;", s); return s }
+    $5 != "NA" && $5 + 0 > 0 {
+        if (!($1 in seen)) { seen[$1] = 1; order[++nw] = $1 }
+        n[$1]++; tgt[$1, n[$1]] = $2; tps[$1, n[$1]] = $5
+        if ($5 + 0 > top[$1]) top[$1] = $5 + 0
+    }
+    END {
+        colour["direct"] = "#4c78a8"; colour["pgbouncer"] = "#9d755d"; colour["pgcache"] = "#f58518"
+        colour["cached"] = "#54a24b"; colour["plain"] = "#bab0ac"; colour["redis"] = "#b279a2"
+        colour["l2"] = "#ff9da6"; colour["limit"] = "#e45756"
+        y = 40; body = ""
+        for (i = 1; i <= nw; i++) {
+            w = order[i]
+            body = body sprintf("<text x=\"10\" y=\"%d\" font-weight=\"bold\">%s</text>\n", y, esc(w))
+            y += 8
+            for (j = 1; j <= n[w]; j++) {
+                t = tgt[w, j]; v = tps[w, j]; len = 560 * v / top[w]
+                c = (t in colour) ? colour[t] : "#888888"
+                body = body sprintf("<text x=\"110\" y=\"%d\" text-anchor=\"end\">%s</text>", y + 12, esc(t))
+                body = body sprintf("<rect x=\"120\" y=\"%d\" width=\"%.1f\" height=\"15\" fill=\"%s\"/>", y, len, c)
+                body = body sprintf("<text x=\"%.1f\" y=\"%d\">%d TPS</text>\n", 126 + len, y + 12, v)
+                y += 19
+            }
+            y += 18
+        }
+        printf "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"800\" height=\"%d\" font-family=\"sans-serif\" font-size=\"12\">\n", y
+        printf "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n"
+        printf "<text x=\"10\" y=\"20\" font-size=\"14\">%s (median TPS; bars scaled per workload)</text>\n", esc(title)
+        printf "%s</svg>\n", body
+    }' "$SUMMARY" >"$SVG"
+
 echo
 cat "$MD"
 echo
-log "wrote $CSV and $MD"
+log "wrote $CSV, $MD and $SVG"
 if [ ${#BROKEN[@]} -gt 0 ]; then
     log "BROKEN:"; printf '  %s\n' "${BROKEN[@]}" >&2
     exit 1
