@@ -39,8 +39,12 @@ pub struct Metrics {
     pub cache_fill_skips: IntCounterVec,
     /// Entries pushed out by the entry or byte bound.
     pub cache_evictions: IntCounter,
-    /// Entries found stale (a relation they read was written) or expired, and dropped.
+    /// Entries found stale (a relation they read was written) at lookup, and dropped.
     pub cache_stale_dropped: IntCounter,
+    /// Entries found past their TTL at lookup, and dropped.
+    pub cache_expired: IntCounter,
+    /// Results stored in the shared tier.
+    pub cache_l2_fills: IntCounter,
     /// Entries held now.
     pub cache_entries: IntGauge,
     /// Bytes held now.
@@ -302,7 +306,17 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         cache_stale_dropped: counter(
             &r,
             "pgcache_cache_stale_dropped_total",
-            "Entries found stale or expired at lookup and dropped",
+            "Entries found stale (a relation they read was written) at lookup and dropped",
+        ),
+        cache_expired: counter(
+            &r,
+            "pgcache_cache_expired_total",
+            "Entries found past their TTL at lookup and dropped",
+        ),
+        cache_l2_fills: counter(
+            &r,
+            "pgcache_cache_l2_fills_total",
+            "Results stored in the shared tier (Redis)",
         ),
         cache_entries: gauge(&r, "pgcache_cache_entries", "Entries in the cache"),
         cache_bytes: gauge(&r, "pgcache_cache_bytes", "Bytes held by the cache"),

@@ -45,6 +45,8 @@ async fn shared_and_fresh(t: &str, extra: &str) -> f64 {
     let cb = connect(&app_url(&b)).await;
     let read = format!("select v from {t} where id = 1");
     assert_eq!(value(&cb, &read).await, "0");
+    // Stored in Redis in the background.
+    wait_metric(&mb, "pgcache_cache_l2_fills_total", 1.0).await;
     assert_eq!(value(&ca, &read).await, "0");
     assert_eq!(metric(&ma, "pgcache_cache_l2_hits_total").await, 1.0);
     for i in 1..=50 {
@@ -93,8 +95,9 @@ async fn strict_mode_never_serves_a_peer_proxys_write_stale() {
     let ca = connect(&app_url(&a)).await;
     let cb = connect(&app_url(&b)).await;
     let read = format!("select v from {t} where id = 1");
-    // Filled through B, served to A from Redis.
+    // Filled through B (stored in Redis in the background), served to A from Redis.
     assert_eq!(value(&cb, &read).await, "0");
+    wait_metric(&mb, "pgcache_cache_l2_fills_total", 1.0).await;
     assert_eq!(value(&ca, &read).await, "0");
     assert_eq!(metric(&ma, "pgcache_cache_l2_hits_total").await, 1.0);
     let mut stale = 0;

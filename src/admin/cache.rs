@@ -91,6 +91,7 @@ pub fn figures(shared: &Shared) -> Vec<(&'static str, String)> {
         ("fills", m.cache_fills.get().to_string()),
         ("evictions", m.cache_evictions.get().to_string()),
         ("stale_dropped", m.cache_stale_dropped.get().to_string()),
+        ("expired", m.cache_expired.get().to_string()),
         ("invalidations_write", inv("write").to_string()),
         ("invalidations_ddl", inv("ddl").to_string()),
         ("invalidations_explicit", inv("explicit").to_string()),
@@ -106,6 +107,7 @@ pub fn figures(shared: &Shared) -> Vec<(&'static str, String)> {
         ),
         ("l2_hits", m.cache_l2_hits.get().to_string()),
         ("l2_misses", m.cache_l2_misses.get().to_string()),
+        ("l2_fills", m.cache_l2_fills.get().to_string()),
         (
             "redis_fallbacks",
             ["open", "error"]

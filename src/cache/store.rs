@@ -69,7 +69,8 @@ impl Store {
 
     pub fn get(&self, key: &[u8], db: &Db) -> Option<Arc<Entry>> {
         let e = self.lock().lru.get(key)?.clone();
-        if e.expires > Instant::now() && db.current(&e.snapshot) {
+        let expired = e.expires <= Instant::now();
+        if !expired && db.current(&e.snapshot) {
             return Some(e);
         }
         let mut g = self.lock();
@@ -78,7 +79,11 @@ impl Store {
                 g.bytes -= old.cost(&k);
             }
             drop(g);
-            METRICS.cache_stale_dropped.inc();
+            if expired {
+                METRICS.cache_expired.inc();
+            } else {
+                METRICS.cache_stale_dropped.inc();
+            }
             self.publish();
         }
         None

@@ -339,7 +339,9 @@ impl Tier {
                 .arg("PX")
                 .arg(s.ttl_ms.max(1))
                 .ignore();
-            tier.query::<()>("store", pipe).await;
+            if tier.query::<()>("store", pipe).await.is_some() {
+                METRICS.cache_l2_fills.inc();
+            }
         });
     }
 }
