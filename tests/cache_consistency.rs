@@ -207,10 +207,19 @@ async fn client(proxy_url: String, p: String, seed: u64, f: Arc<Floors>) {
         let floor = floor_of[k].load(Ordering::SeqCst);
         let got = int(&c, &sql).await;
         check(&f, floor, got, &sql);
-        // The table only the direct writer writes (never written through a proxy).
+    }
+}
+
+/// Reads of the table only the direct writer writes (never written through a proxy).
+async fn direct_reader(url: String, p: String, seed: u64, f: Arc<Floors>) {
+    let c = connect(&url).await;
+    let mut rng = Rng(seed);
+    let end = Instant::now() + RUN_FOR;
+    while Instant::now() < end {
+        let k = rng.below(ACCOUNTS);
         let floor = f.direct_floor(k);
-        let sql = format!("select ver from {p}_direct where id = {k}");
-        check(&f, floor, got, &sql);
+        let got = int(&c, &format!("select ver from {p}_direct where id = {k}")).await;
+        check(&f, floor, got, "direct table");
     }
 }
 
@@ -236,7 +245,7 @@ async fn run(mode: &str) {
 
 /// Clients spread over `proxies` (and, with `direct`, one writer straight to PostgreSQL); fails
 /// on any stale read.
-async fn check_run(what: &str, p: &str, proxies: &[support::Proxy], direct: bool) {
+async fn check_run(mode: &str, p: &str, proxies: &[support::Proxy], direct: bool) {
     let floors = Arc::new(Floors::new());
     let mut tasks: Vec<_> = (0..CLIENTS)
         .map(|i| {
@@ -263,23 +272,12 @@ async fn check_run(what: &str, p: &str, proxies: &[support::Proxy], direct: bool
         // often enough above to hide a change stream that misses something).
         let mut readers: Vec<_> = (0..4)
             .map(|i| {
-                let (url, p, f) = (
+                tokio::spawn(direct_reader(
                     app_url(&proxies[i % proxies.len()]),
                     p.to_string(),
+                    i as u64 + 11,
                     floors.clone(),
-                );
-                tokio::spawn(async move {
-                    let c = connect(&url).await;
-                    let mut rng = Rng(i as u64 + 11);
-                    let end = Instant::now() + RUN_FOR;
-                    while Instant::now() < end {
-                        let k = rng.below(ACCOUNTS);
-                        let floor = f.direct_floor(k);
-                        let got =
-                            int(&c, &format!("select ver from {p}_direct where id = {k}")).await;
-                        check(&f, floor, got, "direct table");
-                    }
-                })
+                ))
             })
             .collect();
         readers.push(tokio::spawn(direct_writer(
@@ -291,7 +289,6 @@ async fn check_run(what: &str, p: &str, proxies: &[support::Proxy], direct: bool
             t.await.expect("reader task");
         }
     }
-    let mode = what;
     let mut figures = cache_figures(&proxies[0]).await;
     for proxy in &proxies[1..] {
         for (k, v) in cache_figures(proxy).await {
