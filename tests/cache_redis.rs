@@ -32,32 +32,93 @@ fn cluster_toml(cluster: &RedisCluster, prefix: &str) -> String {
     )
 }
 
-/// Two proxies over `extra`: a read filled through B is served to A from Redis, and 50 writes
-/// through A are each read fresh through B at once. Returns B's hits.
-async fn shared_and_fresh(t: &str, extra: &str) -> f64 {
+/// Two proxies over one Redis in front of a fresh table holding the row (1, 0), a client of
+/// each, and their metrics addresses.
+struct Pair {
+    _a: support::Proxy,
+    _b: support::Proxy,
+    ma: String,
+    mb: String,
+    ca: tokio_postgres::Client,
+    cb: tokio_postgres::Client,
+    t: String,
+    /// Reads the row.
+    read: String,
+}
+
+async fn pair(table_name: &str, extra: &str) -> Pair {
+    let t = table(table_name, "id int primary key, v int");
     support::cache::direct(&format!("insert into {t} values (1, 0)"));
     let a = cache_proxy("transaction", extra);
     let b = cache_proxy("transaction", extra);
     let (ma, mb) = (proxy_metrics(&a), proxy_metrics(&b));
-    wait_metric(&ma, "pgcache_redis_up", 1.0).await;
-    wait_metric(&mb, "pgcache_redis_up", 1.0).await;
     let ca = connect(&app_url(&a)).await;
     let cb = connect(&app_url(&b)).await;
     let read = format!("select v from {t} where id = 1");
-    assert_eq!(value(&cb, &read).await, "0");
-    // Stored in Redis in the background.
-    wait_metric(&mb, "pgcache_cache_l2_fills_total", 1.0).await;
-    assert_eq!(value(&ca, &read).await, "0");
-    assert_eq!(metric(&ma, "pgcache_cache_l2_hits_total").await, 1.0);
-    for i in 1..=50 {
-        ca.simple_query(&format!("update {t} set v = {i} where id = 1"))
-            .await
-            .expect("write through A");
-        for _ in 0..2 {
-            assert_eq!(value(&cb, &read).await, i.to_string(), "stale through B");
-        }
+    Pair {
+        _a: a,
+        _b: b,
+        ma,
+        mb,
+        ca,
+        cb,
+        t,
+        read,
     }
-    metric(&mb, "pgcache_cache_hits_total").await
+}
+
+impl Pair {
+    async fn redis_up(&self) {
+        wait_metric(&self.ma, "pgcache_redis_up", 1.0).await;
+        wait_metric(&self.mb, "pgcache_redis_up", 1.0).await;
+    }
+
+    /// Set the row to `v` through A.
+    async fn write(&self, v: i32) {
+        self.ca
+            .simple_query(&format!("update {} set v = {v} where id = 1", self.t))
+            .await
+            .unwrap_or_else(|e| panic!("write {v} through A: {e:?}"));
+    }
+
+    /// The row read through B.
+    async fn read_b(&self) -> String {
+        value(&self.cb, &self.read).await
+    }
+
+    /// A read filled through B (stored in Redis in the background) is served to A from Redis.
+    async fn shared_through_redis(&self) {
+        assert_eq!(self.read_b().await, "0");
+        wait_metric(&self.mb, "pgcache_cache_l2_fills_total", 1.0).await;
+        assert_eq!(value(&self.ca, &self.read).await, "0");
+        assert_eq!(metric(&self.ma, "pgcache_cache_l2_hits_total").await, 1.0);
+    }
+
+    /// `n` writes through A, each followed by two reads through B (the second may be a hit) and
+    /// one through A; returns the stale reads through B.
+    async fn stale_after_writes(&self, n: i32) -> usize {
+        let mut stale = 0;
+        for i in 1..=n {
+            self.write(i).await;
+            for _ in 0..2 {
+                if self.read_b().await != i.to_string() {
+                    stale += 1;
+                }
+            }
+            assert_eq!(value(&self.ca, &self.read).await, i.to_string());
+        }
+        stale
+    }
+}
+
+/// Strict sharing over `extra`: a result filled through B is served to A from Redis, and 50
+/// writes through A are each read fresh through B at once. Returns B's hits.
+async fn shared_and_fresh(table_name: &str, extra: &str) -> f64 {
+    let p = pair(table_name, extra).await;
+    p.redis_up().await;
+    p.shared_through_redis().await;
+    assert_eq!(p.stale_after_writes(50).await, 0, "stale through B");
+    metric(&p.mb, "pgcache_cache_hits_total").await
 }
 
 async fn scrape(addr: &str, path: &'static str) -> (u16, String) {
@@ -85,36 +146,12 @@ async fn wait_metric(addr: &str, name: &str, want: f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_mode_never_serves_a_peer_proxys_write_stale() {
     let redis = RedisServer::start();
-    let t = table("shared_items", "id int primary key, v int");
-    support::cache::direct(&format!("insert into {t} values (1, 0)"));
-    let a = cache_proxy("transaction", &redis_toml(&redis, "strict", "strict:"));
-    let b = cache_proxy("transaction", &redis_toml(&redis, "strict", "strict:"));
-    let (ma, mb) = (proxy_metrics(&a), proxy_metrics(&b));
-    wait_metric(&ma, "pgcache_redis_up", 1.0).await;
-    wait_metric(&mb, "pgcache_redis_up", 1.0).await;
-    let ca = connect(&app_url(&a)).await;
-    let cb = connect(&app_url(&b)).await;
-    let read = format!("select v from {t} where id = 1");
-    // Filled through B (stored in Redis in the background), served to A from Redis.
-    assert_eq!(value(&cb, &read).await, "0");
-    wait_metric(&mb, "pgcache_cache_l2_fills_total", 1.0).await;
-    assert_eq!(value(&ca, &read).await, "0");
-    assert_eq!(metric(&ma, "pgcache_cache_l2_hits_total").await, 1.0);
-    let mut stale = 0;
-    for i in 1..=100 {
-        ca.simple_query(&format!("update {t} set v = {i} where id = 1"))
-            .await
-            .expect("write through A");
-        // Read through B right after A answered, twice (the second may be a hit).
-        for _ in 0..2 {
-            if value(&cb, &read).await != i.to_string() {
-                stale += 1;
-            }
-        }
-        assert_eq!(value(&ca, &read).await, i.to_string());
-    }
+    let p = pair("shared_items", &redis_toml(&redis, "strict", "strict:")).await;
+    p.redis_up().await;
+    p.shared_through_redis().await;
+    let stale = p.stale_after_writes(100).await;
     assert_eq!(stale, 0, "stale reads through the other proxy");
-    let hits = metric(&mb, "pgcache_cache_hits_total").await;
+    let hits = metric(&p.mb, "pgcache_cache_hits_total").await;
     assert!(
         hits >= 50.0,
         "B served its second reads from the cache: {hits}"
@@ -125,25 +162,15 @@ async fn strict_mode_never_serves_a_peer_proxys_write_stale() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eventual_mode_sees_a_peer_write_within_the_measured_delay() {
     let redis = RedisServer::start();
-    let t = table("eventual_items", "id int primary key, v int");
-    support::cache::direct(&format!("insert into {t} values (1, 0)"));
-    let a = cache_proxy("transaction", &redis_toml(&redis, "eventual", "ev:"));
-    let b = cache_proxy("transaction", &redis_toml(&redis, "eventual", "ev:"));
-    let (ma, mb) = (proxy_metrics(&a), proxy_metrics(&b));
-    wait_metric(&ma, "pgcache_redis_up", 1.0).await;
-    wait_metric(&mb, "pgcache_redis_up", 1.0).await;
-    let ca = connect(&app_url(&a)).await;
-    let cb = connect(&app_url(&b)).await;
-    let read = format!("select v from {t} where id = 1");
+    let p = pair("eventual_items", &redis_toml(&redis, "eventual", "ev:")).await;
+    p.redis_up().await;
     let mut worst = Duration::ZERO;
     for i in 1..=20 {
-        assert_eq!(value(&cb, &read).await, (i - 1).to_string());
-        assert_eq!(value(&cb, &read).await, (i - 1).to_string()); // cached in B
-        ca.simple_query(&format!("update {t} set v = {i} where id = 1"))
-            .await
-            .expect("write through A");
+        assert_eq!(p.read_b().await, (i - 1).to_string());
+        assert_eq!(p.read_b().await, (i - 1).to_string()); // cached in B
+        p.write(i).await;
         let started = Instant::now();
-        while value(&cb, &read).await != i.to_string() {
+        while p.read_b().await != i.to_string() {
             assert!(
                 started.elapsed() < Duration::from_secs(5),
                 "B never saw write {i}"
@@ -152,8 +179,8 @@ async fn eventual_mode_sees_a_peer_write_within_the_measured_delay() {
         }
         worst = worst.max(started.elapsed());
     }
-    let n = metric(&mb, "pgcache_redis_propagation_seconds_count").await;
-    let sum = metric(&mb, "pgcache_redis_propagation_seconds_sum").await;
+    let n = metric(&p.mb, "pgcache_redis_propagation_seconds_count").await;
+    let sum = metric(&p.mb, "pgcache_redis_propagation_seconds_sum").await;
     assert!(n >= 20.0, "{n} bumps applied");
     eprintln!(
         "eventual: a write through A reached B's reads within {worst:?} (worst of 20); mean broadcast delay {:.3} ms",
@@ -164,20 +191,12 @@ async fn eventual_mode_sees_a_peer_write_within_the_measured_delay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted_under_load_costs_no_errors_and_no_stale_reads() {
     let mut redis = RedisServer::start();
-    let t = table("outage_items", "id int primary key, v int");
-    support::cache::direct(&format!("insert into {t} values (1, 0)"));
-    let a = cache_proxy("transaction", &redis_toml(&redis, "strict", "outage:"));
-    let b = cache_proxy("transaction", &redis_toml(&redis, "strict", "outage:"));
-    let (ma, mb) = (proxy_metrics(&a), proxy_metrics(&b));
-    wait_metric(&ma, "pgcache_redis_up", 1.0).await;
-    wait_metric(&mb, "pgcache_redis_up", 1.0).await;
-    let ca = connect(&app_url(&a)).await;
-    let cb = connect(&app_url(&b)).await;
-    let read = format!("select v from {t} where id = 1");
+    let p = pair("outage_items", &redis_toml(&redis, "strict", "outage:")).await;
+    p.redis_up().await;
+    let (mb, ca, cb, read, t) = (&p.mb, &p.ca, &p.cb, &p.read, &p.t);
     let mut stale = 0;
     let mut i = 0;
     let mut round = |phase: &'static str| {
-        let (ca, cb, read, t) = (&ca, &cb, &read, &t);
         i += 1;
         let v = i;
         async move {
@@ -208,21 +227,20 @@ async fn redis_killed_and_restarted_under_load_costs_no_errors_and_no_stale_read
     for _ in 0..30 {
         stale += round("redis down").await;
     }
-    let (status, body) = scrape(&mb, "/health").await;
+    let (status, body) = scrape(mb, "/health").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("redis"), "{body}");
-    assert_eq!(metric(&mb, "pgcache_redis_up").await, 0.0);
+    assert_eq!(metric(mb, "pgcache_redis_up").await, 0.0);
     redis.restart();
-    wait_metric(&mb, "pgcache_redis_up", 1.0).await;
-    wait_metric(&ma, "pgcache_redis_up", 1.0).await;
+    p.redis_up().await;
     for _ in 0..20 {
         stale += round("redis back").await;
     }
     assert_eq!(stale, 0);
-    let fallbacks = metric(&mb, "pgcache_redis_fallbacks_total{reason=\"error\"}").await
-        + metric(&mb, "pgcache_redis_fallbacks_total{reason=\"open\"}").await;
+    let fallbacks = metric(mb, "pgcache_redis_fallbacks_total{reason=\"error\"}").await
+        + metric(mb, "pgcache_redis_fallbacks_total{reason=\"open\"}").await;
     assert!(fallbacks > 0.0, "{fallbacks}");
-    let (status, body) = scrape(&mb, "/health").await;
+    let (status, body) = scrape(mb, "/health").await;
     assert_eq!(status, 200, "{body}");
 }
 
@@ -231,21 +249,13 @@ async fn a_slow_or_absent_redis_never_reaches_clients() {
     // Absent at start: the proxy serves, says degraded, and picks Redis up when it appears.
     let mut redis = RedisServer::start();
     redis.kill();
-    let t = table("slow_items", "id int primary key, v int");
-    support::cache::direct(&format!("insert into {t} values (1, 0)"));
-    let a = cache_proxy("transaction", &redis_toml(&redis, "strict", "slow:"));
-    let b = cache_proxy("transaction", &redis_toml(&redis, "strict", "slow:"));
-    let (ma, mb) = (proxy_metrics(&a), proxy_metrics(&b));
-    let ca = connect(&app_url(&a)).await;
-    let cb = connect(&app_url(&b)).await;
-    let read = format!("select v from {t} where id = 1");
-    assert_eq!(value(&ca, &read).await, "0");
-    assert_eq!(value(&cb, &read).await, "0");
-    let (status, body) = scrape(&ma, "/health").await;
+    let p = pair("slow_items", &redis_toml(&redis, "strict", "slow:")).await;
+    assert_eq!(value(&p.ca, &p.read).await, "0");
+    assert_eq!(p.read_b().await, "0");
+    let (status, body) = scrape(&p.ma, "/health").await;
     assert_eq!(status, 503, "{body}");
     redis.restart();
-    wait_metric(&ma, "pgcache_redis_up", 1.0).await;
-    wait_metric(&mb, "pgcache_redis_up", 1.0).await;
+    p.redis_up().await;
     // Slow: Redis blocked for 1.5 s while clients write and read through both proxies.
     redis.stall(1.5);
     let started = Instant::now();
@@ -253,16 +263,13 @@ async fn a_slow_or_absent_redis_never_reaches_clients() {
     let mut i = 0;
     while started.elapsed() < Duration::from_secs(3) {
         i += 1;
-        ca.simple_query(&format!("update {t} set v = {i} where id = 1"))
-            .await
-            .expect("write during a slow Redis");
-        let got = value(&cb, &read).await;
-        if got != i.to_string() {
+        p.write(i).await;
+        if p.read_b().await != i.to_string() {
             stale += 1;
         }
     }
     assert_eq!(stale, 0, "{i} rounds");
-    let timeouts = metric(&mb, "pgcache_redis_fallbacks_total{reason=\"error\"}").await;
+    let timeouts = metric(&p.mb, "pgcache_redis_fallbacks_total{reason=\"error\"}").await;
     assert!(timeouts > 0.0, "the stall was noticed: {timeouts}");
     eprintln!("slow redis: {i} write/read rounds in 3 s, 0 stale, {timeouts} calls timed out on B");
 }
@@ -270,15 +277,13 @@ async fn a_slow_or_absent_redis_never_reaches_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shared_tier_works_over_tls() {
     let redis = RedisServer::start_tls();
-    let t = table("tls_items", "id int primary key, v int");
-    let hits = shared_and_fresh(&t, &redis_toml(&redis, "strict", "tls:")).await;
+    let hits = shared_and_fresh("tls_items", &redis_toml(&redis, "strict", "tls:")).await;
     assert!(hits >= 25.0, "{hits}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shared_tier_works_on_a_redis_cluster() {
     let cluster = RedisCluster::start();
-    let t = table("cluster_items", "id int primary key, v int");
-    let hits = shared_and_fresh(&t, &cluster_toml(&cluster, "cl:")).await;
+    let hits = shared_and_fresh("cluster_items", &cluster_toml(&cluster, "cl:")).await;
     assert!(hits >= 25.0, "{hits}");
 }

@@ -17,7 +17,7 @@ mod promql;
 mod support;
 
 use files::*;
-use live::{get, start_deployed, workload};
+use live::{get, serving};
 use promql::{metric_refs, referenced_metrics, scrape_samples, Named};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -472,15 +472,9 @@ fn kubernetes_probes_ports_and_drain_match_the_configmap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployed_configs_serve_clients_with_their_environment() {
     for d in deployed_configs() {
-        let (proxy, metrics) = tokio::task::spawn_blocking({
-            let d = d.clone();
-            move || start_deployed(&d)
-        })
-        .await
-        .expect("start proxy");
         // The upstream password exists only in the environment (the file's [users] hold SCRAM
-        // secrets), so these statements prove PGCACHE_UPSTREAM_* overrides reach the pools.
-        let _client = workload(&proxy, &d).await;
+        // secrets), so the workload proves PGCACHE_UPSTREAM_* overrides reach the pools.
+        let (_proxy, metrics, _client) = serving(&d).await;
         for path in ["/ready", "/health"] {
             let (status, body) = get(&metrics, path).await;
             assert_eq!(status, 200, "{} {path}: {body}", d.origin);
@@ -514,13 +508,7 @@ async fn dashboard_and_alerts_use_only_metrics_the_proxy_exports() {
     // Scrape every deployed config after a workload (some series exist only once used).
     let mut samples: BTreeMap<String, Vec<BTreeMap<String, String>>> = BTreeMap::new();
     for d in deployed_configs() {
-        let (proxy, metrics) = tokio::task::spawn_blocking({
-            let d = d.clone();
-            move || start_deployed(&d)
-        })
-        .await
-        .expect("start proxy");
-        let _client = workload(&proxy, &d).await;
+        let (_proxy, metrics, _client) = serving(&d).await;
         let (status, text) = get(&metrics, "/metrics").await;
         assert_eq!(status, 200, "{text}");
         for (name, sets) in scrape_samples(&text) {

@@ -33,7 +33,7 @@ fn redis() -> &'static RedisServer {
 /// A proxy running `d` as deployed, except that it listens on free loopback ports and its
 /// upstream is the test server (given as `PGCACHE_UPSTREAM_*` overrides, as an operator would).
 /// Returns the proxy and its metrics address.
-pub fn start_deployed(d: &Deployed) -> (Proxy, String) {
+fn start_deployed(d: &Deployed) -> (Proxy, String) {
     let mut config = toml_table(&d.toml, &d.origin);
     let listen = format!("127.0.0.1:{}", free_port());
     let metrics = format!("127.0.0.1:{}", free_port());
@@ -94,6 +94,19 @@ pub fn start_deployed(d: &Deployed) -> (Proxy, String) {
     (proxy, metrics)
 }
 
+/// `start_deployed` (off the async threads), then `workload`: the proxy, its metrics address
+/// and the workload's client, still connected.
+pub async fn serving(d: &Deployed) -> (Proxy, String, tokio_postgres::Client) {
+    let (proxy, metrics) = tokio::task::spawn_blocking({
+        let d = d.clone();
+        move || start_deployed(&d)
+    })
+    .await
+    .expect("start proxy");
+    let client = workload(&proxy, d).await;
+    (proxy, metrics, client)
+}
+
 pub async fn get(addr: &str, path: &'static str) -> (u16, String) {
     let addr = addr.to_string();
     tokio::task::spawn_blocking(move || http_get(&addr, path))
@@ -104,7 +117,7 @@ pub async fn get(addr: &str, path: &'static str) -> (u16, String) {
 /// Statements through the proxy that touch every part the dashboard shows: a table written and
 /// read twice in both protocols (a cache fill and hit where the cache is on), an error, a wrong
 /// password. Returns the client, still connected (so client gauges have a sample).
-pub async fn workload(proxy: &Proxy, d: &Deployed) -> tokio_postgres::Client {
+async fn workload(proxy: &Proxy, d: &Deployed) -> tokio_postgres::Client {
     let wrong = try_connect(&proxy.url("app", "not-the-password", "app")).await;
     assert!(wrong.is_err(), "{}: a wrong password got in", d.origin);
     let client = connect(&proxy.url("app", d.client_password, "app")).await;
