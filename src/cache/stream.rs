@@ -113,27 +113,22 @@ impl Stream {
                 m = conn.read() => {
                     let (tag, body) = m.map_err(|e| e.to_string())?;
                     let report = match tag {
-                        b'd' => self.on_copy_data(body, shared, &db)?,
+                        b'd' => self.on_copy_data(body, &db)?,
                         b'E' => return Err(format!("change stream: {}", error_text(&body))),
                         b'c' => return Err("the server ended the change stream".into()),
                         _ => false,
                     };
                     if report {
-                        self.status(&mut conn, false).await?;
+                        self.status(&mut conn).await?;
                     }
                 }
-                _ = tick.tick() => self.status(&mut conn, false).await?,
+                _ = tick.tick() => self.status(&mut conn).await?,
             }
         }
     }
 
     /// One `CopyData`: true when the server asked for a status now, or a commit was applied.
-    fn on_copy_data(
-        &mut self,
-        mut body: Bytes,
-        shared: &Shared,
-        db: &crate::cache::Db,
-    ) -> Result<bool, String> {
+    fn on_copy_data(&mut self, mut body: Bytes, db: &crate::cache::Db) -> Result<bool, String> {
         let short = || "short replication message".to_string();
         if body.is_empty() {
             return Err(short());
@@ -150,7 +145,7 @@ impl Stream {
                     .replication_lag_bytes
                     .set(wal_end.saturating_sub(start) as i64);
                 // Positions advance at commits (and keepalives between transactions) only.
-                self.on_pgoutput(body, shared, db)
+                self.on_pgoutput(body, db)
             }
             b'k' => {
                 if body.len() < 17 {
@@ -171,12 +166,7 @@ impl Stream {
     }
 
     /// A `pgoutput` message (protocol 1); true after a commit that was applied.
-    fn on_pgoutput(
-        &mut self,
-        mut m: Bytes,
-        shared: &Shared,
-        db: &crate::cache::Db,
-    ) -> Result<bool, String> {
+    fn on_pgoutput(&mut self, mut m: Bytes, db: &crate::cache::Db) -> Result<bool, String> {
         let short = || "short pgoutput message".to_string();
         if m.is_empty() {
             return Err(short());
@@ -222,7 +212,7 @@ impl Stream {
                 let _commit_lsn = m.get_u64();
                 let end_lsn = m.get_u64();
                 let at = m.get_i64();
-                self.commit(shared, db, at);
+                self.commit(db, at);
                 self.received = self.received.max(end_lsn);
                 self.in_transaction = false;
                 return Ok(true);
@@ -243,7 +233,7 @@ impl Stream {
     }
 
     /// Bump what the transaction changed, and what writes to those reach.
-    fn commit(&mut self, _shared: &Shared, db: &crate::cache::Db, at_pg_us: i64) {
+    fn commit(&mut self, db: &crate::cache::Db, at_pg_us: i64) {
         if self.changed.is_empty() {
             return;
         }
@@ -276,7 +266,7 @@ impl Stream {
     }
 
     /// Standby status update: written, flushed and applied up to `received`.
-    async fn status(&mut self, conn: &mut ServerConn, reply: bool) -> Result<(), String> {
+    async fn status(&mut self, conn: &mut ServerConn) -> Result<(), String> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_micros() as i64)
@@ -288,7 +278,7 @@ impl Stream {
             body.extend_from_slice(&self.received.to_be_bytes());
         }
         body.extend_from_slice(&now.to_be_bytes());
-        body.push(u8::from(reply));
+        body.push(0); // no reply wanted
         let mut out = BytesMut::new();
         wire::frame(b'd', &[&body], &mut out);
         conn.send(&out).await.map_err(|e| e.to_string())
@@ -427,20 +417,9 @@ async fn prepare(
     Ok(true)
 }
 
-/// The first column of the first row of `sql`, if any.
+/// `ServerConn::scalar`, its error naming the statement.
 async fn scalar(conn: &mut ServerConn, sql: &str) -> Result<Option<String>, String> {
-    let replies = conn
-        .simple_query(sql)
-        .await
-        .map_err(|e| format!("{sql}: {e}"))?;
-    Ok(replies
-        .iter()
-        .find(|(t, _)| *t == b'D')
-        .and_then(|(_, row)| {
-            let len = i32::from_be_bytes(row.get(2..6)?.try_into().ok()?);
-            let v = row.get(6..6 + usize::try_from(len).ok()?)?;
-            Some(String::from_utf8_lossy(v).into_owned())
-        }))
+    conn.scalar(sql).await.map_err(|e| format!("{sql}: {e}"))
 }
 
 fn cstr(m: &mut Bytes) -> Option<String> {

@@ -58,7 +58,7 @@ async fn explain_on(
     let replies = if analyze {
         // Two replies to read: BEGIN's, then the EXPLAIN's.
         let _ = conn.exchange(&out).await;
-        let r = read_more(conn).await;
+        let r = conn.exchange(&[]).await.map_err(|e| e.to_string());
         let _ = conn.simple_query("ROLLBACK").await;
         r?
     } else {
@@ -67,7 +67,7 @@ async fn explain_on(
     let json = replies
         .iter()
         .find(|(t, _)| *t == b'D')
-        .and_then(|(_, body)| first_column(body))
+        .and_then(|(_, body)| wire::data_row_texts(body)?.into_iter().next().flatten())
         .ok_or("EXPLAIN returned no plan")?;
     let plan: serde_json::Value =
         serde_json::from_str(&json).map_err(|e| format!("EXPLAIN output: {e}"))?;
@@ -101,13 +101,6 @@ async fn explain_on(
     Ok(found.join("; "))
 }
 
-/// The `Sync`-terminated reply after the one `exchange` read (used with `BEGIN` first).
-async fn read_more(
-    conn: &mut crate::pool::upstream::ServerConn,
-) -> Result<Vec<(u8, bytes::Bytes)>, String> {
-    conn.exchange(&[]).await.map_err(|e| e.to_string())
-}
-
 /// Parameter formats and values of a `Bind` body after its names, without the result formats.
 fn bind_params(rest: &[u8]) -> Option<&[u8]> {
     let i16_at = |p: usize| -> Option<usize> {
@@ -124,12 +117,6 @@ fn bind_params(rest: &[u8]) -> Option<&[u8]> {
         p += 4 + usize::try_from(len).unwrap_or(0);
     }
     rest.get(..p)
-}
-
-fn first_column(row: &[u8]) -> Option<String> {
-    let len = i32::from_be_bytes(row.get(2..6)?.try_into().ok()?);
-    let v = row.get(6..6 + usize::try_from(len).ok()?)?;
-    Some(String::from_utf8_lossy(v).into_owned())
 }
 
 struct Scan {
@@ -167,9 +154,7 @@ async fn reltuples(
         lit(schema),
         lit(rel)
     );
-    let replies = conn.simple_query(&sql).await.ok()?;
-    let (_, row) = replies.iter().find(|(t, _)| *t == b'D')?;
-    first_column(row)?.parse().ok()
+    conn.scalar(&sql).await.ok()??.parse().ok()
 }
 
 /// Columns an index would serve for `filter` (an `EXPLAIN` filter expression): those compared

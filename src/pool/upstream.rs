@@ -326,6 +326,15 @@ impl ServerConn {
         self.exchange(&out).await
     }
 
+    /// The first column of the first row `sql` returns (`None`: no row, or NULL).
+    pub async fn scalar(&mut self, sql: &str) -> Result<Option<String>, UpstreamError> {
+        let replies = self.simple_query(sql).await?;
+        Ok(replies
+            .iter()
+            .find(|(tag, _)| *tag == b'D')
+            .and_then(|(_, row)| wire::data_row_texts(row)?.into_iter().next().flatten()))
+    }
+
     /// Send `out` (messages ending in one `Query` or `Sync`) and read to `ReadyForQuery`, as
     /// `simple_query` does.
     pub async fn exchange(&mut self, out: &[u8]) -> Result<Vec<(u8, Bytes)>, UpstreamError> {
