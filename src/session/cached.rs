@@ -281,9 +281,10 @@ impl Session {
     ) -> bool {
         let started = Instant::now();
         let key = self.cache_key(db, plan, parts);
-        // Before anything else: a local bump during the Redis round trip makes it stale.
-        let mut snapshot = db.snapshot(&plan.deps);
         let tier = db.tier.clone();
+        // With Redis, before the round trip: a local bump during it makes the snapshot stale.
+        // Without, a hit needs none; a miss takes it below, before the query goes upstream.
+        let mut early = tier.as_ref().map(|_| db.snapshot(&plan.deps));
         let strict = tier.as_ref().is_some_and(|t| t.strict());
         let mut found = self.shared.cache.get(&key, db);
         let mut current = None;
@@ -312,11 +313,12 @@ impl Session {
                 Some(s) => {
                     // From the shared tier: kept here too, under the versions read before.
                     METRICS.cache_l2_hits.inc();
+                    let mut snapshot = early.take().unwrap_or_else(|| db.snapshot(&plan.deps));
                     snapshot.remote = current.clone();
                     let bytes = s.bytes.clone();
                     let e = Entry {
                         bytes: s.bytes,
-                        snapshot: snapshot.clone(),
+                        snapshot,
                         expires: Instant::now() + Duration::from_millis(s.ttl_ms),
                         name: s.name,
                         fingerprint: s.fingerprint,
@@ -354,6 +356,7 @@ impl Session {
         };
         let name = crate::cache::entry_name(&db.name, role, &plan.fingerprint, parts);
         tracing::trace!(%name, "miss");
+        let mut snapshot = early.unwrap_or_else(|| db.snapshot(&plan.deps));
         snapshot.remote = current;
         if let Some(c) = self.cache.as_deref_mut() {
             c.fill = Some(Fill {
