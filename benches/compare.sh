@@ -310,41 +310,36 @@ EOF
     BOUNCER_PID="$(cat "$BOUNCER_PIDFILE")"
 }
 
-# start_pgcache MAX_CLIENTS [cached]: pgcache in transaction mode, pool POOL_SIZE, SCRAM; with
-# `cached`, a second instance with the result cache on for the pgbench tables (CACHED_*).
+# start_pgcache MAX_CLIENTS [VARIANT]: pgcache in transaction mode, pool POOL_SIZE, SCRAM. Variants:
+# `cached`, the result cache on for the pgbench tables (CACHED_*); `redis`, the same plus the shared
+# tier (REDIS_T_*); `l2`, that with a one-entry L1 (L2_*); `plain`, query insight off (PLAIN_*).
 start_pgcache() {
     local max_clients=$1 cached=${2:-} dir="$TMP/pgcache.$RANDOM" port metrics="" cache_toml=""
     port="$(free_port)"
     mkdir -p "$dir"
-    if [ "$cached" = plain ]; then
-        cache_toml="[insight]
+    case $cached in
+        plain)
+            cache_toml="[insight]
 enabled = false"
-    elif [ "$cached" = redis ] || [ "$cached" = l2 ]; then
-        metrics="$(free_port)"
-        cache_toml="[metrics]
+            ;;
+        cached | redis | l2)
+            metrics="$(free_port)"
+            local redis_toml=""
+            [ "$cached" = cached ] || redis_toml="[cache.redis]
+url = \"redis://127.0.0.1:$REDIS_PORT\"
+key_prefix = \"bench-$cached:\""
+            cache_toml="[metrics]
 listen = \"127.0.0.1:$metrics\"
 [cache]
 enabled = true
 default_ttl = \"1h\"
 max_entries = $([ "$cached" = l2 ] && echo 1 || echo 5000000)
 max_bytes = 4294967296
-[cache.redis]
-url = \"redis://127.0.0.1:$REDIS_PORT\"
-key_prefix = \"bench-$cached:\"
+$redis_toml
 [[cache.rules]]
 tables = [\"pgbench_*\"]"
-    elif [ -n "$cached" ]; then
-        metrics="$(free_port)"
-        cache_toml="[metrics]
-listen = \"127.0.0.1:$metrics\"
-[cache]
-enabled = true
-default_ttl = \"1h\"
-max_entries = 5000000
-max_bytes = 4294967296
-[[cache.rules]]
-tables = [\"pgbench_*\"]"
-    fi
+            ;;
+    esac
     cat >"$dir/proxy.toml" <<EOF
 [proxy]
 listen = ["127.0.0.1:$port"]
