@@ -98,8 +98,22 @@ async fn metrics_count_a_known_workload_exactly() {
         .expect_err("duplicate key");
     assert_eq!(e.code().map(|c| c.code()), Some("23505"));
 
-    let (status, text) = get(&addr, "/metrics").await;
-    assert_eq!(status, 200);
+    // A client hears of a failed simple query at its ErrorResponse; the proxy counts it at the
+    // ReadyForQuery right behind. Scrape once the last one is counted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let (status, text) = get(&addr, "/metrics").await;
+        assert_eq!(status, 200);
+        let errors = metric(
+            &text,
+            "pgcache_queries_total",
+            &[("protocol", "simple"), ("outcome", "error")],
+        );
+        if errors >= 4.0 || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let m = |name: &str, labels: &[(&str, &str)]| metric(&text, name, labels);
     // 10 identical simple reads: one miss fills, nine hits; 4 extended reads: one miss, 3 hits.
     assert_eq!(m("pgcache_cache_misses_total", &[]), 2.0);
