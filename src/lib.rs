@@ -17,6 +17,7 @@ mod pool;
 mod probe;
 mod session;
 mod shutdown;
+mod sqltext;
 mod stream;
 mod tls;
 mod wire;

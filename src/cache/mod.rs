@@ -297,10 +297,13 @@ impl Cache {
             .collect()
     }
 
-    /// The plan for `sql` in `db`, made again when the catalog or rules changed.
+    /// The plan for `sql` in `db`, made again when the catalog or rules changed. Memoized by the
+    /// text with its numbers blanked out (texts that differ only in numbers have one plan), so a
+    /// simple-protocol client sending a new literal each time costs one parse in all.
     pub fn plan(&self, db: &Db, sql: &str) -> Arc<Plan> {
         let generation = db.generation.load(Ordering::SeqCst);
-        if let Some(p) = db.lock_plans().get(sql) {
+        let key = crate::sqltext::plan_key(sql);
+        if let Some(p) = db.lock_plans().get(&key) {
             if p.generation == generation {
                 return p.clone();
             }
@@ -313,7 +316,7 @@ impl Cache {
             &self.config(),
             generation,
         ));
-        db.lock_plans().put(sql.into(), p.clone());
+        db.lock_plans().put(key, p.clone());
         p
     }
 
@@ -359,6 +362,20 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn texts_that_differ_in_numbers_share_a_plan_and_strings_do_not() {
+        let cache = Cache::new(&CacheConfig::default());
+        let db = cache.db("app");
+        let a = cache.plan(&db, "SELECT * FROM t WHERE id = 1 LIMIT 5");
+        let b = cache.plan(&db, "SELECT  *  FROM t WHERE id = 2\nLIMIT 10");
+        assert!(Arc::ptr_eq(&a, &b));
+        let d = cache.plan(&db, "SELECT * FROM t WHERE d = '2024-01-01'");
+        let now = cache.plan(&db, "SELECT * FROM t WHERE d = 'now'");
+        assert!(!Arc::ptr_eq(&d, &now));
+        let hinted = cache.plan(&db, "SELECT /* pgcache: ttl=5s */ * FROM t WHERE id = 1");
+        assert!(!Arc::ptr_eq(&a, &hinted));
+    }
 
     #[test]
     fn invalidation_patterns_may_name_a_schema() {

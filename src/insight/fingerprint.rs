@@ -59,7 +59,7 @@ impl Default for Memo {
 impl Memo {
     pub fn get(&self, sql: &str) -> Arc<Fingerprint> {
         let mut h = self.hasher.build_hasher();
-        shape(sql, &mut h);
+        crate::sqltext::shape(sql, &mut h, crate::sqltext::Blind::All);
         let key = h.finish();
         if let Some(f) = self.lock().get(&key) {
             return f.clone();
@@ -123,164 +123,9 @@ fn kind_of(normalized: &str) -> Kind {
     }
 }
 
-/// Feed `sql` to `h` with literals and comments blanked out and whitespace runs collapsed.
-/// Identifiers (quoted or not) and keywords stay: `t1` and `t2` are different shapes.
-fn shape(sql: &str, h: &mut impl Hasher) {
-    let b = sql.as_bytes();
-    let mut i = 0;
-    let mut space = false;
-    while i < b.len() {
-        let c = b[i];
-        let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
-        let next = b.get(i + 1).copied();
-        if c.is_ascii_whitespace() {
-            space = true;
-            i += 1;
-            continue;
-        }
-        // Comments count as whitespace.
-        if c == b'-' && next == Some(b'-') {
-            while i < b.len() && b[i] != b'\n' {
-                i += 1;
-            }
-            space = true;
-            continue;
-        }
-        if space && !(c == b'/' && next == Some(b'*')) {
-            h.write_u8(b' ');
-            space = false;
-        }
-        match c {
-            b'/' if next == Some(b'*') => {
-                // Comments nest in PostgreSQL; hints live in comments and change nothing here.
-                let mut depth = 0;
-                while i < b.len() {
-                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
-                        depth += 1;
-                        i += 2;
-                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
-                        depth -= 1;
-                        i += 2;
-                        if depth == 0 {
-                            break;
-                        }
-                    } else {
-                        i += 1;
-                    }
-                }
-                space = true;
-            }
-            b'\'' => {
-                let escapes = i > 0 && matches!(b[i - 1], b'e' | b'E');
-                i = skip_quoted(b, i, b'\'', escapes);
-                h.write_u8(b'?');
-            }
-            b'"' => {
-                let end = skip_quoted(b, i, b'"', false);
-                h.write(&b[i..end]);
-                i = end;
-            }
-            b'$' if next.is_some_and(|n| n == b'$' || n.is_ascii_alphabetic() || n == b'_') => {
-                // Dollar quoting: $tag$ ... $tag$.
-                let tag_end = b[i + 1..].iter().position(|&x| x == b'$');
-                match tag_end {
-                    Some(t) if b[i + 1..i + 1 + t].iter().all(|&x| ident(x) && x != b'$') => {
-                        let tag = &b[i..i + t + 2];
-                        let body = i + t + 2;
-                        let close = b[body..].windows(tag.len()).position(|w| w == tag);
-                        i = close.map_or(b.len(), |p| body + p + tag.len());
-                        h.write_u8(b'?');
-                    }
-                    _ => {
-                        h.write_u8(c);
-                        i += 1;
-                    }
-                }
-            }
-            b'0'..=b'9' => {
-                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.' || b[i] == b'_')
-                {
-                    i += 1;
-                }
-                h.write_u8(b'#');
-            }
-            c if ident(c) => {
-                let start = i;
-                while i < b.len() && ident(b[i]) {
-                    i += 1;
-                }
-                h.write(&b[start..i]);
-            }
-            _ => {
-                h.write_u8(c);
-                i += 1;
-            }
-        }
-    }
-}
-
-/// Index just past a quoted run starting at `start` (doubled quotes stay inside; with
-/// `escapes`, so do backslash-escaped ones).
-fn skip_quoted(b: &[u8], start: usize, q: u8, escapes: bool) -> usize {
-    let mut i = start + 1;
-    while i < b.len() {
-        if escapes && b[i] == b'\\' {
-            i += 2;
-            continue;
-        }
-        if b[i] == q {
-            if b.get(i + 1) == Some(&q) {
-                i += 2;
-                continue;
-            }
-            return i + 1;
-        }
-        i += 1;
-    }
-    b.len()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn shape_of(s: &str) -> u64 {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        shape(s, &mut h);
-        h.finish()
-    }
-
-    #[test]
-    fn shapes_ignore_constants_comments_and_spacing() {
-        let a = shape_of("SELECT abalance FROM pgbench_accounts WHERE aid = 12;");
-        assert_eq!(
-            a,
-            shape_of("SELECT abalance  FROM pgbench_accounts\nWHERE aid = 99817;")
-        );
-        assert_eq!(
-            a,
-            shape_of("SELECT abalance FROM /* x */ pgbench_accounts WHERE aid = 1; -- c")
-        );
-        assert_ne!(
-            a,
-            shape_of("SELECT abalance FROM pgbench_accounts WHERE bid = 12;")
-        );
-        assert_ne!(
-            a,
-            shape_of("SELECT abalance FROM pgbench_accounts2 WHERE aid = 12;")
-        );
-        let s = shape_of("SELECT * FROM t WHERE name = 'it''s' AND x = E'a\\'b'");
-        assert_eq!(
-            s,
-            shape_of("SELECT * FROM t WHERE name = 'other' AND x = E'c'")
-        );
-        assert_eq!(shape_of("SELECT $q$ a ' b $q$"), shape_of("SELECT $$ z $$"));
-        assert_ne!(
-            shape_of("SELECT \"a\" FROM t"),
-            shape_of("SELECT \"b\" FROM t")
-        );
-        assert_ne!(shape_of("SELECT $1"), shape_of("SELECT $2"));
-    }
 
     #[test]
     fn one_fingerprint_for_texts_that_differ_in_constants() {

@@ -1,0 +1,257 @@
+//! Literal-blind views of SQL text, from one quick scan (no parse): the *shape* insight keys its
+//! fingerprint memo by (every constant and comment blanked out), and the *plan key* the cache
+//! keys its plan memo by (only numbers blanked out). Simple-protocol clients send a new text for
+//! every new constant; these keep such texts to one pg_query parse.
+
+use std::hash::Hasher;
+
+/// What a shape leaves out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blind {
+    /// Every constant (numbers, strings, dollar-quoted) and comment: one shape per fingerprint.
+    All,
+    /// Only numeric constants. String constants stay (`'now'::timestamptz` is not cacheable, a
+    /// date is) and so do comments (`/* pgcache: ttl=30s */`).
+    Numbers,
+}
+
+/// The cache plan memo's key: `sql` with every numeric constant replaced by a NUL (which no
+/// statement text can hold, so a key never equals another statement's text) and whitespace
+/// runs collapsed. Texts with one key have the same plan: what a statement reads and writes,
+/// whether it may be cached and for how long do not depend on the value of a number in it.
+pub fn plan_key(sql: &str) -> Box<str> {
+    let mut out = Collect(Vec::with_capacity(sql.len()));
+    shape(sql, &mut out, Blind::Numbers);
+    // Only whole runs of the (UTF-8) input and ASCII bytes were written.
+    String::from_utf8(out.0)
+        .unwrap_or_else(|_| sql.to_string())
+        .into_boxed_str()
+}
+
+/// A `Hasher` that keeps what it is fed.
+struct Collect(Vec<u8>);
+
+impl Hasher for Collect {
+    fn finish(&self) -> u64 {
+        0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+}
+
+/// Feed `sql` to `h` with whitespace runs collapsed and what `blind` says blanked out.
+/// Identifiers (quoted or not) and keywords stay: `t1` and `t2` are different shapes.
+pub fn shape(sql: &str, h: &mut impl Hasher, blind: Blind) {
+    let all = blind == Blind::All;
+    // A string constant: its text, or `?` when every constant is blanked out.
+    let constant = |h: &mut _, text: &[u8]| {
+        if all {
+            Hasher::write_u8(h, b'?')
+        } else {
+            Hasher::write(h, text)
+        }
+    };
+    let b = sql.as_bytes();
+    let mut i = 0;
+    let mut space = false;
+    while i < b.len() {
+        let c = b[i];
+        let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
+        let next = b.get(i + 1).copied();
+        if c.is_ascii_whitespace() {
+            space = true;
+            i += 1;
+            continue;
+        }
+        // Comments count as whitespace (unless kept: hints live in them).
+        if c == b'-' && next == Some(b'-') {
+            let start = i;
+            while i < b.len() && b[i] != b'\n' {
+                i += 1;
+            }
+            if !all {
+                h.write_u8(b' ');
+                h.write(&b[start..i]);
+            }
+            space = true;
+            continue;
+        }
+        if space && !(all && c == b'/' && next == Some(b'*')) {
+            h.write_u8(b' ');
+            space = false;
+        }
+        match c {
+            b'/' if next == Some(b'*') => {
+                // Comments nest in PostgreSQL.
+                let start = i;
+                let mut depth = 0;
+                while i < b.len() {
+                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+                        depth += 1;
+                        i += 2;
+                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+                if !all {
+                    h.write(&b[start..i]);
+                }
+                space = true;
+            }
+            b'\'' => {
+                let escapes = i > 0 && matches!(b[i - 1], b'e' | b'E');
+                let start = i;
+                i = skip_quoted(b, i, b'\'', escapes);
+                constant(h, &b[start..i]);
+            }
+            b'"' => {
+                let end = skip_quoted(b, i, b'"', false);
+                h.write(&b[i..end]);
+                i = end;
+            }
+            b'$' if next.is_some_and(|n| n == b'$' || n.is_ascii_alphabetic() || n == b'_') => {
+                // Dollar quoting: $tag$ ... $tag$.
+                let tag_end = b[i + 1..].iter().position(|&x| x == b'$');
+                match tag_end {
+                    Some(t) if b[i + 1..i + 1 + t].iter().all(|&x| ident(x) && x != b'$') => {
+                        let tag = &b[i..i + t + 2];
+                        let body = i + t + 2;
+                        let close = b[body..].windows(tag.len()).position(|w| w == tag);
+                        let start = i;
+                        i = close.map_or(b.len(), |p| body + p + tag.len());
+                        constant(h, &b[start..i]);
+                    }
+                    _ => {
+                        h.write_u8(c);
+                        i += 1;
+                    }
+                }
+            }
+            b'0'..=b'9' => {
+                // Digits, points and separators only: letters after them (an exponent, a hex
+                // prefix, `1FROM`) are kept as words, so no two differently read texts meet.
+                while i < b.len() && (b[i].is_ascii_digit() || b[i] == b'.' || b[i] == b'_') {
+                    i += 1;
+                }
+                h.write_u8(if all { b'#' } else { 0 });
+            }
+            c if ident(c) => {
+                let start = i;
+                while i < b.len() && ident(b[i]) {
+                    i += 1;
+                }
+                h.write(&b[start..i]);
+            }
+            _ => {
+                h.write_u8(c);
+                i += 1;
+            }
+        }
+    }
+}
+
+/// Index just past a quoted run starting at `start` (doubled quotes stay inside; with
+/// `escapes`, so do backslash-escaped ones).
+fn skip_quoted(b: &[u8], start: usize, q: u8, escapes: bool) -> usize {
+    let mut i = start + 1;
+    while i < b.len() {
+        if escapes && b[i] == b'\\' {
+            i += 2;
+            continue;
+        }
+        if b[i] == q {
+            if b.get(i + 1) == Some(&q) {
+                i += 2;
+                continue;
+            }
+            return i + 1;
+        }
+        i += 1;
+    }
+    b.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape_of(s: &str) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        shape(s, &mut h, Blind::All);
+        h.finish()
+    }
+
+    #[test]
+    fn shapes_ignore_constants_comments_and_spacing() {
+        let a = shape_of("SELECT abalance FROM pgbench_accounts WHERE aid = 12;");
+        assert_eq!(
+            a,
+            shape_of("SELECT abalance  FROM pgbench_accounts\nWHERE aid = 99817;")
+        );
+        assert_eq!(
+            a,
+            shape_of("SELECT abalance FROM /* x */ pgbench_accounts WHERE aid = 1; -- c")
+        );
+        assert_ne!(
+            a,
+            shape_of("SELECT abalance FROM pgbench_accounts WHERE bid = 12;")
+        );
+        assert_ne!(
+            a,
+            shape_of("SELECT abalance FROM pgbench_accounts2 WHERE aid = 12;")
+        );
+        let s = shape_of("SELECT * FROM t WHERE name = 'it''s' AND x = E'a\\'b'");
+        assert_eq!(
+            s,
+            shape_of("SELECT * FROM t WHERE name = 'other' AND x = E'c'")
+        );
+        assert_eq!(shape_of("SELECT $q$ a ' b $q$"), shape_of("SELECT $$ z $$"));
+        assert_ne!(
+            shape_of("SELECT \"a\" FROM t"),
+            shape_of("SELECT \"b\" FROM t")
+        );
+        assert_ne!(shape_of("SELECT $1"), shape_of("SELECT $2"));
+    }
+
+    #[test]
+    fn plan_keys_blank_numbers_only() {
+        let k = plan_key("SELECT abalance FROM pgbench_accounts WHERE aid = 12;");
+        assert_eq!(&*k, "SELECT abalance FROM pgbench_accounts WHERE aid = \0;");
+        assert_eq!(
+            k,
+            plan_key("SELECT abalance  FROM pgbench_accounts\nWHERE aid = 99817;")
+        );
+        // Strings, comments (hints), parameters and identifiers with digits stay.
+        for (a, b) in [
+            (
+                "SELECT * FROM t WHERE d = 'now'",
+                "SELECT * FROM t WHERE d = '2024-01-01'",
+            ),
+            (
+                "SELECT /* pgcache: ttl=30s */ 1",
+                "SELECT /* pgcache: ttl=60s */ 1",
+            ),
+            ("SELECT 1 -- pgcache: nocache", "SELECT 1"),
+            ("SELECT $1", "SELECT $2"),
+            ("SELECT * FROM t1", "SELECT * FROM t2"),
+            ("SELECT $q$ 1 $q$", "SELECT $q$ 2 $q$"),
+            ("SELECT E'\\' 1'", "SELECT E'\\' 2'"),
+            ("SELECT a # b", "SELECT a 5 b"),
+        ] {
+            assert_ne!(plan_key(a), plan_key(b), "{a} / {b}");
+        }
+        assert_eq!(plan_key("SELECT 1.5, 1_000"), plan_key("SELECT 2, 7"));
+        assert_ne!(plan_key("SELECT 1FROM t"), plan_key("SELECT 1 t"));
+        assert_eq!(
+            &*plan_key("SELECT 'é', \"ü\" FROM t"),
+            "SELECT 'é', \"ü\" FROM t"
+        );
+    }
+}
