@@ -11,7 +11,9 @@
 #      secret copied from pg_authid;
 #   4. runs the same pgbench workloads against each target, interleaved A B C D over ROUNDS rounds
 #      so that machine drift shows: select-only (-S) with -M simple/extended/prepared at 32 clients,
-#      TPC-B-like (default script) at 16 clients, and a connection storm (-C -S) at 16 clients;
+#      the same statement over a hot set of HOT_KEYS accounts (hot-*: direct, pgcache, cached and
+#      the machine's limit), TPC-B-like (default script) at 16 clients, and a connection storm
+#      (-C -S) at 16 clients;
 #   5. measures idle client connections (benches/idle_clients.rs) through fresh instances of each
 #      proxy: RSS per client and the server connection count;
 #   6. per run records TPS, mean/p99 latency, proxy CPU and peak RSS, and the CPU used by anything
@@ -22,16 +24,18 @@
 # Everything it started is stopped and its temp dir removed on exit.
 #
 # Settings (environment):
-#   DURATION=10        seconds per pgbench run            ROUNDS=3        interleaved rounds
+#   DURATION=5         seconds per pgbench run            ROUNDS=2        interleaved rounds
 #   POOL_SIZE=20       server connections per proxy       SCALE=10        pgbench scale factor
-#   IDLE_CLIENTS=5000  idle clients per proxy (0 = skip)  IDLE_CLIENTS_MAX=10000  a second, larger
-#                      idle run per proxy if the fd limit allows (0 = skip)
+#   IDLE_CLIENTS=5000  idle clients per proxy (0 = skip)  IDLE_CLIENTS_MAX=0  a second, larger
+#                      idle run per proxy if the fd limit allows (e.g. 10000; 0 = skip)
+#   HOT_KEYS=10000     accounts the hot-* workloads draw from (the -S statement, same text)
 #   SMOKE=1            CI smoke: DURATION=2 ROUNDS=1 IDLE_CLIENTS=200 IDLE_CLIENTS_MAX=0, short warm-up
 #   PG_BIN             PostgreSQL bin dir (default: newest /usr/lib/postgresql/*/bin)
 #   PGBOUNCER          pgbouncer binary (default: /usr/sbin/pgbouncer or on PATH)
 #   RESULTS_DIR        where result files go (default: benches/results)
 #   WARMUP=3           seconds of unrecorded -S per target before the rounds
-#   CACHE_WARMUP=20    seconds of unrecorded -S per protocol mode through the cache-on pgcache
+#   CACHE_WARMUP=10    seconds of unrecorded -S per protocol mode through the cache-on pgcache
+#   HOT_WARMUP=4       then seconds of unrecorded hot-* per protocol mode
 #   KEEP_TMP=1         keep the temp dir (logs) after the run
 #   ONLY=a,b           run only these workloads (names as in the table: select-simple, tpcb...)
 # Exit status: non-zero only when something is broken (a server does not start, pgbench fails against
@@ -49,25 +53,33 @@ SMOKE="${SMOKE:-0}"
 if [ "$SMOKE" = 1 ]; then
     DURATION="${DURATION:-2}"; ROUNDS="${ROUNDS:-1}"; IDLE_CLIENTS="${IDLE_CLIENTS:-200}"
     IDLE_CLIENTS_MAX="${IDLE_CLIENTS_MAX:-0}"; WARMUP="${WARMUP:-1}"; CACHE_WARMUP="${CACHE_WARMUP:-1}"
+    HOT_WARMUP="${HOT_WARMUP:-1}"
 fi
-DURATION="${DURATION:-10}"
-ROUNDS="${ROUNDS:-3}"
+DURATION="${DURATION:-5}"
+ROUNDS="${ROUNDS:-2}"
 POOL_SIZE="${POOL_SIZE:-20}"
 SCALE="${SCALE:-10}"
 IDLE_CLIENTS="${IDLE_CLIENTS:-5000}"
-IDLE_CLIENTS_MAX="${IDLE_CLIENTS_MAX:-10000}"
+IDLE_CLIENTS_MAX="${IDLE_CLIENTS_MAX:-0}"
 WARMUP="${WARMUP:-3}"
-CACHE_WARMUP="${CACHE_WARMUP:-20}"
+CACHE_WARMUP="${CACHE_WARMUP:-10}"
+HOT_WARMUP="${HOT_WARMUP:-4}"
+HOT_KEYS="${HOT_KEYS:-10000}"
 THREADS=2
 RESULTS_DIR="${RESULTS_DIR:-$ROOT/benches/results}"
 PG_BIN="${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}"
 PGBOUNCER="${PGBOUNCER:-$(command -v pgbouncer || echo /usr/sbin/pgbouncer)}"
 
-# Workloads: name | clients | pgbench arguments. Same list, same order, for every target.
+# Workloads: name | clients | pgbench arguments. Same list, same order, for every target (runs_on
+# says which run where). @HOT@ is the hot-set script: pgbench's -S statement, aid drawn from
+# 1..HOT_KEYS, so a warm cache holds every key.
 WORKLOADS=(
     "select-simple|32|-S -M simple"
     "select-extended|32|-S -M extended"
     "select-prepared|32|-S -M prepared"
+    "hot-simple|32|-f @HOT@ -M simple"
+    "hot-extended|32|-f @HOT@ -M extended"
+    "hot-prepared|32|-f @HOT@ -M prepared"
     "tpcb|16|-M simple"
     "connect-storm|16|-C -S -M simple"
 )
@@ -79,15 +91,15 @@ if [ -n "${ONLY:-}" ]; then
 fi
 TARGETS=(direct pgbouncer pgcache cached)
 # *plain*: pgcache with query insight off, for the select workloads: what per-statement stats cost.
-# INSIGHT_OVERHEAD=0 leaves it out.
-[ "${INSIGHT_OVERHEAD:-1}" = 1 ] && TARGETS+=(plain)
+# INSIGHT_OVERHEAD=1 adds it.
+[ "${INSIGHT_OVERHEAD:-0}" = 1 ] && TARGETS+=(plain)
 # *redis*: the cache-on pgcache plus the shared tier ([cache.redis], a local redis-server);
 # *l2*: the same with an L1 of one entry, so its hits come from Redis. Select workloads only.
-# REDIS_TIER=0 leaves them out.
+# REDIS_TIER=1 adds them.
 REDIS_SERVER="${REDIS_SERVER:-$(command -v redis-server || echo /usr/bin/redis-server)}"
-[ "${REDIS_TIER:-1}" = 1 ] && TARGETS+=(redis l2)
+[ "${REDIS_TIER:-0}" = 1 ] && TARGETS+=(redis l2)
 # *limit*: benches/canned.rs, a server that answers every statement with a canned row: the most
-# pgbench can drive here (select workloads). MACHINE_LIMIT=0 leaves it out.
+# pgbench can drive here (hot-* workloads). MACHINE_LIMIT=0 leaves it out.
 [ "${MACHINE_LIMIT:-1}" = 1 ] && TARGETS+=(limit)
 has_target() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 
@@ -119,6 +131,8 @@ CLK_TCK="$(getconf CLK_TCK)"
 TMP="$(mktemp -d /tmp/pgcache-bench.XXXXXX)"
 chmod 755 "$TMP"
 PG_DATA="$TMP/pg/data"
+HOT_SQL="$TMP/hot.sql"
+printf '\\set aid random(1, %s)\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n' "$HOT_KEYS" >"$HOT_SQL"
 PGCACHE_PID=""
 CACHED_PID=""
 BOUNCER_PIDFILE=""
@@ -380,8 +394,16 @@ port_of() { case $1 in direct) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_PORT"
 pid_of() { case $1 in direct) echo "";; pgbouncer) echo "$BOUNCER_PID";; pgcache) echo "$PGCACHE_PID";; cached) echo "$CACHED_PID";; plain) echo "$PLAIN_PID";; redis) echo "$REDIS_T_PID";; l2) echo "$L2_PID";; limit) echo "";; esac; }
 # Cache-on targets (hit ratios are recorded for them).
 is_cache_target() { case $1 in cached | redis | l2) return 0;; *) return 1;; esac; }
-# plain, redis and l2 run the select workloads only.
-runs_on() { case $1 in plain | redis | l2 | limit) [[ "$2" == select-* ]];; *) return 0;; esac; }
+# plain, redis and l2 run the select workloads only; the hot set runs on direct, pgcache, cached and
+# limit (the machine's limit is measured there; PgBouncer would repeat its select-* figures).
+runs_on() {
+    case $1 in
+        plain | redis | l2) [[ "$2" == select-* ]] ;;
+        limit) [[ "$2" == hot-* ]] ;;
+        pgbouncer) [[ "$2" != hot-* ]] ;;
+        *) return 0 ;;
+    esac
+}
 
 # A cache-on instance's hit and miss counters, "hits misses", from its /metrics.
 cache_counters() {
@@ -474,7 +496,7 @@ alive() {
 
 # run_pgbench ROUND WORKLOAD TARGET CLIENTS ARGS
 run_pgbench() {
-    local round=$1 name=$2 target=$3 clients=$4 args=$5
+    local round=$1 name=$2 target=$3 clients=$4 args=${5//@HOT@/$HOT_SQL}
     local port pid dir out rc=0 cpu0=0 cpu1=0 rss="" tps tx conn stats note="" status=ok
     port="$(port_of "$target")"; pid="$(pid_of "$target")"
     dir="$TMP/run/$round-$name-$target"; mkdir -p "$dir"; out="$dir/pgbench.out"
@@ -539,13 +561,18 @@ done
 
 # The cache-on instance starts warm: every -S mode has its own keys (simple and extended batches
 # differ), so each runs for CACHE_WARMUP seconds first.
-log "cache warm-up: ${CACHE_WARMUP}s of -S per protocol mode through each cache-on pgcache (not recorded)"
+log "cache warm-up: ${CACHE_WARMUP}s of -S, then ${HOT_WARMUP}s of the hot set, per protocol mode through each cache-on pgcache (not recorded)"
 for target in "${TARGETS[@]}"; do
     is_cache_target "$target" || continue
     for mode in simple extended prepared; do
         PGPASSWORD=app "$PG_BIN/pgbench" -n -S -M "$mode" -h 127.0.0.1 -p "$(port_of "$target")" -U app -c 32 \
             -j "$THREADS" -T "$CACHE_WARMUP" bench >"$TMP/cache-warmup-$target-$mode.out" 2>&1 \
             || { show "$TMP/cache-warmup-$target-$mode.out"; die "cache warm-up ($target, $mode) failed"; }
+    done
+    for mode in simple extended prepared; do
+        PGPASSWORD=app "$PG_BIN/pgbench" -n -f "$HOT_SQL" -M "$mode" -h 127.0.0.1 -p "$(port_of "$target")" -U app \
+            -c 32 -j "$THREADS" -T "$HOT_WARMUP" bench >"$TMP/hot-warmup-$target-$mode.out" 2>&1 \
+            || { show "$TMP/hot-warmup-$target-$mode.out"; die "hot-set warm-up ($target, $mode) failed"; }
     done
     log "$target after warm-up (hits misses): $(cache_counters "$target")"
 done

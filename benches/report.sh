@@ -92,6 +92,45 @@ hit_ratio() {
         }' "$HITS"
 }
 dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
+# verdict VALUE OP LIMIT: "met"/"**missed**" (OP is >= or <=), "—" without a value
+verdict() {
+    awk -v v="$1" -v op="$2" -v l="$3" 'BEGIN {
+        if (v == "—" || v == "" || v == "NA") { print "—"; exit }
+        ok = (op == ">=") ? (v + 0 >= l + 0) : (v + 0 <= l + 0)
+        print ok ? "met" : "**missed**" }'
+}
+idle_per_client() { awk -F'\t' -v t="$1" -v n="$IDLE_CLIENTS" '$1 == t && $2 == n' "$IDLE" | grep -o 'per_client_bytes=[0-9]*' | cut -d= -f2 || true; }
+
+# The issue-8 targets, each with this run's figure (ratios as in the tables above).
+targets_section() {
+    local m r
+    echo
+    echo "## Targets"
+    echo
+    echo "| target | workload | figure | goal | verdict |"
+    echo "|---|---|---:|---:|---|"
+    for m in simple extended prepared; do
+        r="$(ratio "$(field "select-$m" pgcache 5)" "$(field "select-$m" pgbouncer 5)")"
+        echo "| pass-through TPS pgcache/PgBouncer | select-$m | $r | ≥ 1 | $(verdict "$r" '>=' 1) |"
+        r="$(ratio "$(field "select-$m" pgcache 7)" "$(field "select-$m" pgbouncer 7)")"
+        echo "| pass-through p99 pgcache/PgBouncer | select-$m | $r | ≤ 1 | $(verdict "$r" '<=' 1) |"
+        r="$(ratio "$(field "select-$m" pgcache 8)" "$(field "select-$m" pgbouncer 8)")"
+        echo "| pass-through CPU per tx pgcache/PgBouncer | select-$m | $r | ≤ 1 | $(verdict "$r" '<=' 1) |"
+    done
+    for m in simple extended prepared; do
+        r="$(ratio "$(field "hot-$m" cached 5)" "$(field "hot-$m" limit 5)")"
+        echo "| cache warm TPS cached/machine limit | hot-$m | $r | ≥ 0.8 | $(verdict "$r" '>=' 0.8) |"
+        r="$(ratio "$(field "hot-$m" cached 7)" "$(field "hot-$m" direct 7)")"
+        echo "| cache warm p99 cached/direct | hot-$m | $r | < 0.5 | $(verdict "$r" '<=' 0.4999) |"
+    done
+    r="$(ratio "$(field tpcb cached 5)" "$(field tpcb pgcache 5)")"
+    echo "| TPC-B-like TPS cache on/cache off | tpcb | $r | ≥ 0.95 | $(verdict "$r" '>=' 0.95) |"
+    if [ -s "$IDLE" ]; then
+        r="$(ratio "$(idle_per_client pgcache)" "$(idle_per_client pgbouncer)")"
+        [ -n "$r" ] || r="—"
+        echo "| RSS per idle client pgcache/PgBouncer | $IDLE_CLIENTS idle clients | $r | ≤ 2 | $(verdict "$r" '<=' 2) |"
+    fi
+}
 
 {
     echo "# pgcache vs PgBouncer vs PostgreSQL direct — $DATE on $HOST$([ "$SMOKE" = 1 ] && echo ' (smoke run: timings meaningless)')"
@@ -103,7 +142,7 @@ dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
     echo "- pgbench $THREADS threads, ${DURATION}s per run, $ROUNDS round(s) interleaved direct → PgBouncer → pgcache → pgcache with the cache on (*cached*)$([[ " ${TARGETS[*]} " == *" plain "* ]] && echo ' → pgcache with query insight off (*plain*, select workloads only)') per workload; ${WARMUP}s warm-up per target first; pgbench phase ${PGBENCH_SECS}s. 1-minute load average before the script started: $LOAD_START (other work on the machine; ideally ~0)"
     echo "- TPS: median over rounds of pgbench's \`tps\` (with \`-C\`: including reconnection times). Latency: every transaction logged (\`pgbench -l\`); mean and p99 (nearest rank) per run, median over rounds. pgbench logs a transaction's latency without connection set-up; for \`-C\` its mean connection time is the *connect ms* column."
     echo "- Other CPU: CPU time used during a run by anything but pgbench, PostgreSQL and the proxies (from /proc/stat, plus hypervisor steal), as % of the machine; max over rounds. Within ±5% is accounting noise; more means other work disturbed the run."
-    echo "- *cached*: a second pgcache, same settings plus \`[cache] enabled\` with one rule for \`pgbench_*\` (TTL 1 h: only the proxy writes these tables; room for every key); warmed with ${CACHE_WARMUP}s of \`-S\` per protocol mode before the rounds. Hit ratio: hits / (hits + misses) over the run, from its \`/metrics\`, median over rounds. \`pgbench -S\` draws from $((SCALE * 100000)) accounts, so the ratio says how much of that key space the cache holds."
+    echo "- *cached*: a second pgcache, same settings plus \`[cache] enabled\` with one rule for \`pgbench_*\` (TTL 1 h: only the proxy writes these tables; room for every key); warmed with ${CACHE_WARMUP}s of \`-S\` and ${HOT_WARMUP}s of the hot set per protocol mode before the rounds. Hit ratio: hits / (hits + misses) over the run, from its \`/metrics\`, median over rounds. \`pgbench -S\` (*select-\**) draws from $((SCALE * 100000)) accounts, so there the ratio says how much of that key space the cache holds; *hot-\** sends the same statement with the account drawn from 1..$HOT_KEYS, a working set the warm cache holds (what a cache is for). PgBouncer does not run *hot-\** (its figures would repeat *select-\**)."
     echo "- Proxy CPU: utime+stime of the proxy process (/proc/<pid>/stat) over the run, per 10k transactions, median over rounds. Peak RSS: VmHWM, reset before each run (clear_refs), max over rounds."
     echo
     echo "## Throughput and latency"
@@ -160,7 +199,7 @@ dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
         echo
         echo "## Machine limit"
         echo
-        echo "*limit*: \`benches/canned.rs\`, a server that answers every statement with a canned row (no parsing, no storage): the most pgbench can drive on this machine. The cache-warm target is *cached* (its hit ratio is in *Cache on*)."
+        echo "*limit*: \`benches/canned.rs\`, a server that answers every statement with a canned row (no parsing, no storage): the most pgbench can drive on this machine, measured on the hot-set workloads. The cache-warm target is *cached* (its hit ratio is in *Cache on*)."
         echo
         echo "| workload | TPS limit | direct/limit | pgcache/limit | cached/limit | redis/limit |"
         echo "|---|---:|---:|---:|---:|---:|"
@@ -184,6 +223,7 @@ dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
             echo "| $name | $(dash "$(field "$name" redis 5)") | $(hit_ratio "$name" redis) | $(ratio "$(field "$name" redis 5)" "$(field "$name" cached 5)") | $(ratio "$(field "$name" redis 7)" "$(field "$name" cached 7)") | $(dash "$(field "$name" l2 5)") | $(hit_ratio "$name" l2) | $(ratio "$(field "$name" l2 6)" "$(field "$name" cached 6)") | $(dash "$(field "$name" l2 6)") | $(ratio "$(field "$name" l2 5)" "$(field "$name" pgcache 5)") |"
         done
     fi
+    targets_section
     if [ -s "$IDLE" ]; then
         echo
         echo "## Idle clients"
@@ -197,10 +237,8 @@ dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
             get() { tr ' ' '\n' <<<"$kv" | awk -F= -v k="$1" '$1 == k { print $2 }'; }
             echo "| $t | $n | $(get connected) | $(mib "$(get rss_before_kb)") | $(mib "$(get rss_after_kb)") | $(awk -v b="$(get per_client_bytes)" 'BEGIN { printf "%.1f", b / 1024 }') | $(mib "$(get hwm_kb)") | $(get max_server_conns) | $(mib "$(get rss_closed_kb)") | $(get connect_secs) | $( [ "$(get ok)" = true ] && echo ok || echo '**failed**') |"
         done <"$IDLE"
-        p5="$(awk -F'\t' -v n="$IDLE_CLIENTS" '$1 == "pgcache" && $2 == n' "$IDLE" | grep -o 'per_client_bytes=[0-9]*' | cut -d= -f2 || true)"
-        b5="$(awk -F'\t' -v n="$IDLE_CLIENTS" '$1 == "pgbouncer" && $2 == n' "$IDLE" | grep -o 'per_client_bytes=[0-9]*' | cut -d= -f2 || true)"
         echo
-        echo "RSS per idle client, pgcache/PgBouncer at $IDLE_CLIENTS clients: $(ratio "${p5:-NA}" "${b5:-NA}")"
+        echo "RSS per idle client, pgcache/PgBouncer at $IDLE_CLIENTS clients: $(ratio "$(idle_per_client pgcache)" "$(idle_per_client pgbouncer)")"
     fi
     if [ ${#BROKEN[@]} -gt 0 ]; then
         echo
