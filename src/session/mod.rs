@@ -92,7 +92,8 @@ pub struct Session {
     to_client: BytesMut,
     client_needs_flush: bool,
     cscan: Scanner,
-    server: Option<Attached>,
+    /// Boxed: an idle client (most of them, with transaction pooling) holds no room for it.
+    server: Option<Box<Attached>>,
     tx: Tx,
     /// Transaction mode: what each reply from the server answers, in order.
     queue: VecDeque<Expect>,
@@ -125,7 +126,7 @@ impl Session {
         key: PoolKey,
         settings: Settings,
         peer: std::net::SocketAddr,
-    ) -> Option<Session> {
+    ) -> Option<Box<Session>> {
         let config = shared.config();
         let mode = config.pool_mode(&key.database, &key.user);
         let max = config.proxy.max_message_bytes;
@@ -133,7 +134,9 @@ impl Session {
         let shutdown = shared.shutdown.clone();
         let ticket = shared.registry.client(key.clone(), peer);
         let stats = shared.registry.stats(&key);
-        let mut s = Session {
+        // On the heap, and so is the task's: an idle client's task holds a pointer, not a second
+        // copy of the session (an async fn keeps its moved-in argument beside its locals).
+        let mut s = Box::new(Session {
             shared,
             key,
             mode,
@@ -163,7 +166,7 @@ impl Session {
             stats,
             cache: None,
             insight: None,
-        };
+        });
         if config.insight.enabled {
             s.insight = Some(Box::default());
         }
@@ -193,7 +196,7 @@ impl Session {
         Some(s)
     }
 
-    pub async fn run(mut self) {
+    pub async fn run(mut self: Box<Self>) {
         let end = self.serve().await;
         Box::pin(async {
             self.flush_client().await;
@@ -223,9 +226,11 @@ impl Session {
                 _ = shutdown.changed() => continue,
             };
             let step = match event {
-                io::Event::Client => self.on_client_input().await,
+                // Boxed: a task is as large as its largest state, and an idle client waits in
+                // the select above; it should not carry the size of handling a message.
+                io::Event::Client => Box::pin(self.on_client_input()).await,
                 io::Event::ClientGone => Err(End::ClientLeft),
-                io::Event::Server => self.on_server_input().await,
+                io::Event::Server => Box::pin(self.on_server_input()).await,
                 io::Event::ServerGone => Err(self.server_lost()),
                 io::Event::Timer => Box::pin(self.on_timer()).await,
             };
@@ -277,14 +282,14 @@ impl Session {
         self.registration
             .attach(Some(conn.cancel_key(self.shared.pools.target())));
         let max = self.shared.config().proxy.max_message_bytes;
-        self.server = Some(Attached {
+        self.server = Some(Box::new(Attached {
             conn,
             to_server: BytesMut::new(),
             needs_flush: false,
             scan: Scanner::new(max),
             unnamed_valid: false,
             fatal: false,
-        });
+        }));
         Ok(())
     }
 
