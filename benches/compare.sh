@@ -478,6 +478,22 @@ own_ticks() {
         done
     } | awk '{ s += $1 } END { print s + 0 }'
 }
+# postgres_kids: how many processes the postmaster has (backends included).
+postgres_kids() { pgrep -P "$(head -n 1 "$PG_DATA/postmaster.pid")" | wc -l; }
+# settle_backends N: after a run, wait (at most 1 s) until the backends of pgbench's connections
+# have exited and been reaped: back to N processes, or a count that stays put for 200 ms (a
+# proxy's pool may have grown). A backend still exiting is counted neither among the live ones
+# nor in the postmaster's reaped-children time, and would be charged to the next run instead.
+settle_backends() {
+    local n last="" same=0
+    for _ in $(seq 20); do
+        n="$(postgres_kids)"
+        [ "$n" -le "$1" ] && return 0
+        if [ "$n" = "$last" ]; then same=$((same + 1)); [ "$same" -ge 4 ] && return 0; else same=0; fi
+        last=$n
+        sleep 0.05
+    done
+}
 # times_ticks FILE: CPU of the shell's reaped children, from the output of the `times` builtin.
 times_ticks() {
     awk -v t="$CLK_TCK" 'NR == 2 {
@@ -505,10 +521,13 @@ run_pgbench() {
     fi
     local own0 own1 mach0 mach1 other hm0=""
     is_cache_target "$target" && hm0="$(cache_counters "$target")"
+    local kids0
+    kids0="$(postgres_kids)"
     own0="$(own_ticks)"; times >"$dir/times0"; mach0="$(machine_ticks)"
     # shellcheck disable=SC2086  # $args is a list of pgbench flags
     PGPASSWORD=app "$PG_BIN/pgbench" -n -h 127.0.0.1 -p "$port" -U app -c "$clients" -j "$THREADS" \
         -T "$DURATION" $args -l --log-prefix="$dir/tx" bench >"$out" 2>&1 || rc=$?
+    settle_backends "$kids0"
     mach1="$(machine_ticks)"; times >"$dir/times1"; own1="$(own_ticks)"
     if is_cache_target "$target"; then
         printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$hm0" "$(cache_counters "$target")" "$target" >>"$HITS"
