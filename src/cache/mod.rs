@@ -302,6 +302,14 @@ impl Cache {
     /// simple-protocol client sending a new literal each time costs one parse in all.
     pub fn plan(&self, db: &Db, sql: &str) -> Arc<Plan> {
         let generation = db.generation.load(Ordering::SeqCst);
+        // A text with no numbers and single spaces is its own key (drivers' `$1` statements):
+        // found without making the key. (No text holds the NUL a key has for each number, so
+        // a text equal to a key is that key's statement, spaced the same.)
+        if let Some(p) = db.lock_plans().get(sql) {
+            if p.generation == generation {
+                return p.clone();
+            }
+        }
         let key = crate::sqltext::plan_key(sql);
         if let Some(p) = db.lock_plans().get(&key) {
             if p.generation == generation {
