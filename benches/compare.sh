@@ -473,7 +473,8 @@ own_ticks() {
         sed 's/.*) //' "/proc/$pm/stat" | awk '{ print $12 + $13 + $14 + $15 }'
         for p in "${kids[@]}" "$PGCACHE_PID" "${CACHED_PID:-}" "${PLAIN_PID:-}" "${REDIS_T_PID:-}" \
             "${L2_PID:-}" "${REDIS_PID:-}" "${CANNED_PID:-}" "${BOUNCER_PID:-}"; do
-            [ -r "/proc/$p/stat" ] || continue
+            # An unset pid must not make this /proc//stat, the machine's own counters.
+            [ -n "$p" ] && [ -r "/proc/$p/stat" ] || continue
             sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }' || true
         done
     } | awk '{ s += $1 } END { print s + 0 }'
@@ -532,6 +533,9 @@ run_pgbench() {
     if is_cache_target "$target"; then
         printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$hm0" "$(cache_counters "$target")" "$target" >>"$HITS"
     fi
+    # The raw counters, for a look with KEEP_TMP=1 when the figure seems off.
+    printf 'machine %s / %s; own %s / %s; pgbench %s / %s\n' "$mach0" "$mach1" "$own0" "$own1" \
+        "$(times_ticks "$dir/times0")" "$(times_ticks "$dir/times1")" >"$dir/accounting"
     other="$(awk -v m0="$mach0" -v m1="$mach1" -v o0="$own0" -v o1="$own1" \
         -v p0="$(times_ticks "$dir/times0")" -v p1="$(times_ticks "$dir/times1")" 'BEGIN {
             split(m0, a, " "); split(m1, b, " ")
