@@ -92,6 +92,8 @@ hit_ratio() {
         }' "$HITS"
 }
 dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
+# versus WORKLOAD A B COLUMN -> target A's figure over target B's (a summary column), or —
+versus() { ratio "$(field "$1" "$2" "$4")" "$(field "$1" "$3" "$4")"; }
 # verdict VALUE OP LIMIT: "met"/"**missed**" (OP is >= or <=), "—" without a value
 verdict() {
     awk -v v="$1" -v op="$2" -v l="$3" 'BEGIN {
@@ -101,34 +103,30 @@ verdict() {
 }
 idle_per_client() { awk -F'\t' -v t="$1" -v n="$IDLE_CLIENTS" '$1 == t && $2 == n' "$IDLE" | grep -o 'per_client_bytes=[0-9]*' | cut -d= -f2 || true; }
 
+# target_row WHAT WORKLOAD FIGURE GOAL OP LIMIT: one row, its verdict from FIGURE OP LIMIT
+target_row() { echo "| $1 | $2 | $3 | $4 | $(verdict "$3" "$5" "$6") |"; }
+
 # The issue-8 targets, each with this run's figure (ratios as in the tables above).
 targets_section() {
-    local m r
+    local m
     echo
     echo "## Targets"
     echo
     echo "| target | workload | figure | goal | verdict |"
     echo "|---|---|---:|---:|---|"
     for m in simple extended prepared; do
-        r="$(ratio "$(field "select-$m" pgcache 5)" "$(field "select-$m" pgbouncer 5)")"
-        echo "| pass-through TPS pgcache/PgBouncer | select-$m | $r | ≥ 1 | $(verdict "$r" '>=' 1) |"
-        r="$(ratio "$(field "select-$m" pgcache 7)" "$(field "select-$m" pgbouncer 7)")"
-        echo "| pass-through p99 pgcache/PgBouncer | select-$m | $r | ≤ 1 | $(verdict "$r" '<=' 1) |"
-        r="$(ratio "$(field "select-$m" pgcache 8)" "$(field "select-$m" pgbouncer 8)")"
-        echo "| pass-through CPU per tx pgcache/PgBouncer | select-$m | $r | ≤ 1 | $(verdict "$r" '<=' 1) |"
+        target_row "pass-through TPS pgcache/PgBouncer" "select-$m" "$(versus "select-$m" pgcache pgbouncer 5)" "≥ 1" '>=' 1
+        target_row "pass-through p99 pgcache/PgBouncer" "select-$m" "$(versus "select-$m" pgcache pgbouncer 7)" "≤ 1" '<=' 1
+        target_row "pass-through CPU per tx pgcache/PgBouncer" "select-$m" "$(versus "select-$m" pgcache pgbouncer 8)" "≤ 1" '<=' 1
     done
     for m in simple extended prepared; do
-        r="$(ratio "$(field "hot-$m" cached 5)" "$(field "hot-$m" limit 5)")"
-        echo "| cache warm TPS cached/machine limit | hot-$m | $r | ≥ 0.8 | $(verdict "$r" '>=' 0.8) |"
-        r="$(ratio "$(field "hot-$m" cached 7)" "$(field "hot-$m" direct 7)")"
-        echo "| cache warm p99 cached/direct | hot-$m | $r | < 0.5 | $(verdict "$r" '<=' 0.4999) |"
+        target_row "cache warm TPS cached/machine limit" "hot-$m" "$(versus "hot-$m" cached limit 5)" "≥ 0.8" '>=' 0.8
+        target_row "cache warm p99 cached/direct" "hot-$m" "$(versus "hot-$m" cached direct 7)" "< 0.5" '<=' 0.4999
     done
-    r="$(ratio "$(field tpcb cached 5)" "$(field tpcb pgcache 5)")"
-    echo "| TPC-B-like TPS cache on/cache off | tpcb | $r | ≥ 0.95 | $(verdict "$r" '>=' 0.95) |"
+    target_row "TPC-B-like TPS cache on/cache off" tpcb "$(versus tpcb cached pgcache 5)" "≥ 0.95" '>=' 0.95
     if [ -s "$IDLE" ]; then
-        r="$(ratio "$(idle_per_client pgcache)" "$(idle_per_client pgbouncer)")"
-        [ -n "$r" ] || r="—"
-        echo "| RSS per idle client pgcache/PgBouncer | $IDLE_CLIENTS idle clients | $r | ≤ 2 | $(verdict "$r" '<=' 2) |"
+        target_row "RSS per idle client pgcache/PgBouncer" "$IDLE_CLIENTS idle clients" \
+            "$(ratio "$(idle_per_client pgcache)" "$(idle_per_client pgbouncer)")" "≤ 2" '<=' 2
     fi
 }
 
@@ -167,7 +165,7 @@ targets_section() {
     echo "|---|---:|---:|---:|---:|---:|"
     for w in "${WORKLOADS[@]}"; do
         IFS='|' read -r name _ _ <<<"$w"
-        echo "| $name | $(ratio "$(field "$name" pgcache 5)" "$(field "$name" pgbouncer 5)") | $(ratio "$(field "$name" pgcache 7)" "$(field "$name" pgbouncer 7)") | $(ratio "$(field "$name" pgcache 8)" "$(field "$name" pgbouncer 8)") | $(ratio "$(field "$name" pgcache 5)" "$(field "$name" direct 5)") | $(ratio "$(field "$name" pgcache 7)" "$(field "$name" direct 7)") |"
+        echo "| $name | $(versus "$name" pgcache pgbouncer 5) | $(versus "$name" pgcache pgbouncer 7) | $(versus "$name" pgcache pgbouncer 8) | $(versus "$name" pgcache direct 5) | $(versus "$name" pgcache direct 7) |"
     done
     if [ -s "$HITS" ]; then
         echo
@@ -178,7 +176,7 @@ targets_section() {
         for w in "${WORKLOADS[@]}"; do
             IFS='|' read -r name _ _ <<<"$w"
             hr="$(hit_ratio "$name" cached)"
-            echo "| $name | $(dash "$(field "$name" cached 5)") | $hr | $(ratio "$(field "$name" cached 5)" "$(field "$name" direct 5)") | $(ratio "$(field "$name" cached 6)" "$(field "$name" direct 6)") | $(ratio "$(field "$name" cached 7)" "$(field "$name" direct 7)") | $(ratio "$(field "$name" cached 5)" "$(field "$name" pgcache 5)") | $(ratio "$(field "$name" cached 8)" "$(field "$name" pgcache 8)") |"
+            echo "| $name | $(dash "$(field "$name" cached 5)") | $hr | $(versus "$name" cached direct 5) | $(versus "$name" cached direct 6) | $(versus "$name" cached direct 7) | $(versus "$name" cached pgcache 5) | $(versus "$name" cached pgcache 8) |"
         done
     fi
     if [[ " ${TARGETS[*]} " == *" plain "* ]]; then
@@ -192,7 +190,7 @@ targets_section() {
         for w in "${WORKLOADS[@]}"; do
             IFS='|' read -r name _ _ <<<"$w"
             runs_on plain "$name" || continue
-            echo "| $name | $(ratio "$(field "$name" pgcache 5)" "$(field "$name" plain 5)") | $(ratio "$(field "$name" pgcache 7)" "$(field "$name" plain 7)") | $(ratio "$(field "$name" pgcache 8)" "$(field "$name" plain 8)") |"
+            echo "| $name | $(versus "$name" pgcache plain 5) | $(versus "$name" pgcache plain 7) | $(versus "$name" pgcache plain 8) |"
         done
     fi
     if has_target limit; then
@@ -206,7 +204,7 @@ targets_section() {
         for w in "${WORKLOADS[@]}"; do
             IFS='|' read -r name _ _ <<<"$w"
             runs_on limit "$name" || continue
-            echo "| $name | $(dash "$(field "$name" limit 5)") | $(ratio "$(field "$name" direct 5)" "$(field "$name" limit 5)") | $(ratio "$(field "$name" pgcache 5)" "$(field "$name" limit 5)") | $(ratio "$(field "$name" cached 5)" "$(field "$name" limit 5)") | $(ratio "$(field "$name" redis 5)" "$(field "$name" limit 5)") |"
+            echo "| $name | $(dash "$(field "$name" limit 5)") | $(versus "$name" direct limit 5) | $(versus "$name" pgcache limit 5) | $(versus "$name" cached limit 5) | $(versus "$name" redis limit 5) |"
         done
     fi
     if has_target redis || has_target l2; then
@@ -220,7 +218,7 @@ targets_section() {
         for w in "${WORKLOADS[@]}"; do
             IFS='|' read -r name _ _ <<<"$w"
             runs_on redis "$name" || continue
-            echo "| $name | $(dash "$(field "$name" redis 5)") | $(hit_ratio "$name" redis) | $(ratio "$(field "$name" redis 5)" "$(field "$name" cached 5)") | $(ratio "$(field "$name" redis 7)" "$(field "$name" cached 7)") | $(dash "$(field "$name" l2 5)") | $(hit_ratio "$name" l2) | $(ratio "$(field "$name" l2 6)" "$(field "$name" cached 6)") | $(dash "$(field "$name" l2 6)") | $(ratio "$(field "$name" l2 5)" "$(field "$name" pgcache 5)") |"
+            echo "| $name | $(dash "$(field "$name" redis 5)") | $(hit_ratio "$name" redis) | $(versus "$name" redis cached 5) | $(versus "$name" redis cached 7) | $(dash "$(field "$name" l2 5)") | $(hit_ratio "$name" l2) | $(versus "$name" l2 cached 6) | $(dash "$(field "$name" l2 6)") | $(versus "$name" l2 pgcache 5) |"
         done
     fi
     targets_section
