@@ -61,7 +61,6 @@ pub struct Store {
     /// Entries and bytes per shard, readable without its lock (for choosing whom to evict).
     sizes: Box<[(AtomicUsize, AtomicUsize)]>,
     hasher: RandomState,
-    evictions: AtomicU64,
 }
 
 impl Store {
@@ -79,7 +78,6 @@ impl Store {
                 .map(|_| (AtomicUsize::new(0), AtomicUsize::new(0)))
                 .collect(),
             hasher: RandomState::new(),
-            evictions: AtomicU64::new(0),
         }
     }
 
@@ -135,7 +133,6 @@ impl Store {
         self.note(i, &g);
         drop(g);
         let evicted = self.shrink(config, Some(i));
-        self.evictions.fetch_add(evicted, Ordering::Relaxed);
         METRICS.cache_evictions.inc_by(evicted);
         self.publish();
     }
