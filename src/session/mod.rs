@@ -208,9 +208,7 @@ impl Session {
     }
 
     async fn serve(&mut self) -> End {
-        // One wait for the shutdown phase to change, kept across events: a new one per event
-        // registered with (and left) the channel every session shares, under its lock.
-        let mut phase = std::pin::pin!(phase_change(self.shutdown.clone()));
+        let mut shutdown = self.shutdown.clone();
         // Bytes the client sent right behind its startup packet: no read will announce them.
         if !self.c_in.is_empty() {
             if let Err(end) = self.on_client_input().await {
@@ -225,10 +223,7 @@ impl Session {
             let event = tokio::select! {
                 ev = std::future::poll_fn(|cx| self.poll_io(cx)) => ev,
                 _ = sleep_until(deadline) => io::Event::Timer,
-                s = &mut phase => {
-                    phase.set(phase_change(s));
-                    continue;
-                }
+                _ = shutdown.changed() => continue,
             };
             let step = match event {
                 // Boxed: a task is as large as its largest state, and an idle client waits in
@@ -548,12 +543,6 @@ impl AcquireError {
     fn refused_by_upstream(&self) -> bool {
         matches!(self, AcquireError::Upstream(e) if e.is_fatal_refusal())
     }
-}
-
-/// Resolves, handing the receiver back, when the shutdown phase changes.
-async fn phase_change(mut shutdown: Shutdown) -> Shutdown {
-    shutdown.changed().await;
-    shutdown
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
