@@ -407,9 +407,9 @@ mod tests {
     }
 
     /// What every idle client costs: its task's future (as large as its largest state) and the
-    /// session on the heap. 10,000 idle clients should be a few tens of MiB, not hundreds: login,
-    /// the console and message handling are boxed, and so is the session. (Measured in a debug
-    /// build: 856 and 512 bytes when this was written; release builds are no larger.)
+    /// session on the heap. 10,000 idle clients should be a few tens of MiB, not hundreds: login
+    /// and the console are boxed futures, and the session lives on the heap. (Measured in a
+    /// debug build: 856 and 512 bytes when this was written; release builds are no larger.)
     #[test]
     fn an_idle_client_task_stays_small() {
         let task = future_size(handle);

@@ -226,11 +226,9 @@ impl Session {
                 _ = shutdown.changed() => continue,
             };
             let step = match event {
-                // Boxed: a task is as large as its largest state, and an idle client waits in
-                // the select above; it should not carry the size of handling a message.
-                io::Event::Client => Box::pin(self.on_client_input()).await,
+                io::Event::Client => self.on_client_input().await,
                 io::Event::ClientGone => Err(End::ClientLeft),
-                io::Event::Server => Box::pin(self.on_server_input()).await,
+                io::Event::Server => self.on_server_input().await,
                 io::Event::ServerGone => Err(self.server_lost()),
                 io::Event::Timer => Box::pin(self.on_timer()).await,
             };
