@@ -575,27 +575,29 @@ expected_failure() {
         && [ "$(printf '%s\n1.21\n' "$BOUNCER_VERSION" | sort -V | head -n 1)" != 1.21 ]
 }
 
+# warm NAME TARGET SECONDS PGBENCH-ARGS...: unrecorded pgbench, 32 clients; a failure is fatal.
+warm() {
+    local name=$1 target=$2 secs=$3 out="$TMP/$1-$2.out"
+    shift 3
+    PGPASSWORD=app "$PG_BIN/pgbench" -n "$@" -h 127.0.0.1 -p "$(port_of "$target")" -U app -c 32 \
+        -j "$THREADS" -T "$secs" bench >"$out" 2>&1 || { show "$out"; die "$name against $target failed"; }
+}
+
 log "warm-up: ${WARMUP}s of -S per target (fills the pools; not recorded)"
 for target in "${TARGETS[@]}"; do
-    PGPASSWORD=app "$PG_BIN/pgbench" -n -S -h 127.0.0.1 -p "$(port_of "$target")" -U app -c 32 \
-        -j "$THREADS" -T "$WARMUP" bench >"$TMP/warmup-$target.out" 2>&1 \
-        || { show "$TMP/warmup-$target.out"; die "warm-up against $target failed"; }
+    warm warm-up "$target" "$WARMUP" -S
 done
 
 # The cache-on instance starts warm: every -S mode has its own keys (simple and extended batches
-# differ), so each runs for CACHE_WARMUP seconds first.
+# differ), so each runs for CACHE_WARMUP seconds first, then the hot set for HOT_WARMUP.
 log "cache warm-up: ${CACHE_WARMUP}s of -S, then ${HOT_WARMUP}s of the hot set, per protocol mode through each cache-on pgcache (not recorded)"
 for target in "${TARGETS[@]}"; do
     is_cache_target "$target" || continue
     for mode in simple extended prepared; do
-        PGPASSWORD=app "$PG_BIN/pgbench" -n -S -M "$mode" -h 127.0.0.1 -p "$(port_of "$target")" -U app -c 32 \
-            -j "$THREADS" -T "$CACHE_WARMUP" bench >"$TMP/cache-warmup-$target-$mode.out" 2>&1 \
-            || { show "$TMP/cache-warmup-$target-$mode.out"; die "cache warm-up ($target, $mode) failed"; }
+        warm "cache-warm-up-$mode" "$target" "$CACHE_WARMUP" -S -M "$mode"
     done
     for mode in simple extended prepared; do
-        PGPASSWORD=app "$PG_BIN/pgbench" -n -f "$HOT_SQL" -M "$mode" -h 127.0.0.1 -p "$(port_of "$target")" -U app \
-            -c 32 -j "$THREADS" -T "$HOT_WARMUP" bench >"$TMP/hot-warmup-$target-$mode.out" 2>&1 \
-            || { show "$TMP/hot-warmup-$target-$mode.out"; die "hot-set warm-up ($target, $mode) failed"; }
+        warm "hot-set-warm-up-$mode" "$target" "$HOT_WARMUP" -f "$HOT_SQL" -M "$mode"
     done
     log "$target after warm-up (hits misses): $(cache_counters "$target")"
 done
