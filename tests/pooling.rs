@@ -348,3 +348,37 @@ async fn dead_idle_server_connection_is_replaced_by_health_check() {
     assert_ne!(new_pid, pid);
     assert_eq!(simple_value(&next, "select 1").await, "1");
 }
+
+/// `proxy.max_clients`: a client over the limit hears `53300` and the clients already in are
+/// untouched; the slot of a client that leaves is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_over_max_clients_are_turned_away_until_one_leaves() {
+    let proxy = start("[proxy]\nmax_clients = 2\n[pool]\nmode = \"transaction\"\n");
+    let url = proxy.url("app", "app", "app");
+    let first = connect(&url).await;
+    let second = connect(&url).await;
+    let err = try_connect(&url)
+        .await
+        .err()
+        .expect("a third client is over max_clients");
+    let db = err.as_db_error().unwrap_or_else(|| panic!("{err:?}"));
+    assert_eq!(db.code().code(), "53300", "{db:?}");
+    assert_eq!(db.message(), "sorry, too many clients already");
+    assert_eq!(simple_value(&first, "select 1").await, "1");
+    assert_eq!(simple_value(&second, "select 2").await, "2");
+
+    drop(second);
+    let deadline = Instant::now() + HANG;
+    let third = loop {
+        match try_connect(&url).await {
+            Ok(c) => break c,
+            Err(e) => {
+                // The proxy may not have seen the second client go yet.
+                assert!(Instant::now() < deadline, "slot never came back: {e:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(simple_value(&third, "select 3").await, "3");
+    assert_eq!(simple_value(&first, "select 1").await, "1");
+}

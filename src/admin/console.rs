@@ -335,7 +335,8 @@ fn show(shared: &Shared, what: &str) -> Option<Table> {
             ]);
             let clients = registry.clients();
             let servers = registry.servers();
-            let mut keys: Vec<_> = clients.iter().map(|c| c.pool.clone()).collect();
+            let mut keys: Vec<crate::pool::PoolKey> =
+                clients.iter().map(|c| (*c.pool).clone()).collect();
             keys.extend(servers.iter().map(|s| s.pool.clone()));
             keys.sort_by_key(|k| k.to_string());
             keys.dedup();
@@ -343,7 +344,7 @@ fn show(shared: &Shared, what: &str) -> Option<Table> {
                 let count = |state: &str| {
                     clients
                         .iter()
-                        .filter(|c| c.pool == k && c.state() == state)
+                        .filter(|c| *c.pool == k && c.state() == state)
                         .count()
                         .to_string()
                 };

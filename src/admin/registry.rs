@@ -22,7 +22,7 @@ pub enum ClientState {
 #[derive(Debug)]
 pub struct ClientInfo {
     pub id: u64,
-    pub pool: PoolKey,
+    pub pool: Arc<PoolKey>,
     pub addr: SocketAddr,
     pub connected: SystemTime,
     state: AtomicU8,
@@ -128,7 +128,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Registry {
-    pub fn client(self: &Arc<Self>, pool: PoolKey, addr: SocketAddr) -> ClientTicket {
+    pub fn client(self: &Arc<Self>, pool: Arc<PoolKey>, addr: SocketAddr) -> ClientTicket {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let info = Arc::new(ClientInfo {
             id,
@@ -209,7 +209,7 @@ mod tests {
             database: "d".into(),
             user: "u".into(),
         };
-        let c = r.client(key.clone(), "127.0.0.1:1".parse().unwrap());
+        let c = r.client(Arc::new(key.clone()), "127.0.0.1:1".parse().unwrap());
         let s = r.server(42, key);
         c.info.set_state(ClientState::Waiting);
         assert_eq!(r.clients()[0].state(), "waiting");

@@ -82,7 +82,9 @@ async fn warm(shared: &Shared, w: &CacheWarm) -> Outcome {
             return Outcome::Retry;
         }
     };
-    let settings = Settings::new(w.settings.clone().into_iter().collect());
+    let settings = Settings::new(std::sync::Arc::new(
+        w.settings.clone().into_iter().collect(),
+    ));
     if let Err(e) = settings.apply(&mut conn).await {
         tracing::warn!(pool = %pool, error = %e, "cache warm: applying settings failed; will retry");
         conn.broken = true;

@@ -9,6 +9,7 @@ use crate::admin::registry::Registry;
 use crate::config::{Config, PoolConfig};
 use crate::error::{sqlstate, PgError, Severity};
 use crate::metrics::METRICS;
+use crate::session::settings::SettingMap;
 use arc_swap::ArcSwap;
 use bb8::{ErrorSink, ManageConnection, PooledConnection, RunError};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -95,19 +96,23 @@ impl ErrorSink<Arc<UpstreamError>> for Sink {
 }
 
 struct Entry {
+    /// The pool's key, shared by every client of the pool (one copy, not one per client).
+    key: Arc<PoolKey>,
     pool: bb8::Pool<Manager>,
     errors: broadcast::Sender<Arc<UpstreamError>>,
     /// Server names of statements this pool's server has parsed without error.
     known: Mutex<HashSet<String>>,
     /// The `ParameterStatus` set a login with these startup settings got (transaction mode answers
     /// later logins from it without borrowing a connection).
-    login_params: Mutex<HashMap<Vec<(String, String)>, Params>>,
+    login_params: Mutex<HashMap<Arc<SettingMap>, Params>>,
+    /// Startup settings as the pool's clients share them: most send the same ones.
+    startups: Mutex<HashSet<Arc<SettingMap>>>,
 }
 
 /// `ParameterStatus` names and values.
 type Params = BTreeMap<String, String>;
 
-/// Bound on `Entry::login_params`; past it the map starts over.
+/// Bound on `Entry::login_params` and `Entry::startups`; past it they start over.
 const MAX_LOGIN_VARIANTS: usize = 64;
 
 /// Bound on `Entry::known`; past it the set starts over.
@@ -210,13 +215,20 @@ impl Pools {
                 health_check_delay: p.health_check_delay,
             });
         let entry = Arc::new(Entry {
+            key: Arc::new(key.clone()),
             pool,
             errors,
             known: Mutex::new(HashSet::new()),
             login_params: Mutex::new(HashMap::new()),
+            startups: Mutex::new(HashSet::new()),
         });
         pools.insert(key.clone(), entry.clone());
         entry
+    }
+
+    /// `key` as every client of its pool holds it.
+    pub fn shared_key(&self, key: &PoolKey) -> Arc<PoolKey> {
+        self.entry(key).key.clone()
     }
 
     /// A connection outside every pool, logged in as `key`'s pool would be: the proxy's own reads
@@ -286,11 +298,26 @@ impl Pools {
         known.contains(server_name)
     }
 
+    /// `settings` as the pool's other clients with the same startup settings hold them.
+    pub fn shared_settings(&self, key: &PoolKey, settings: SettingMap) -> Arc<SettingMap> {
+        let entry = self.entry(key);
+        let mut known = entry.startups.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = known.get(&settings) {
+            return s.clone();
+        }
+        if known.len() >= MAX_LOGIN_VARIANTS {
+            known.clear();
+        }
+        let shared = Arc::new(settings);
+        known.insert(shared.clone());
+        shared
+    }
+
     /// Remember what a login with `settings` was told.
     pub fn note_login_params(
         &self,
         key: &PoolKey,
-        settings: Vec<(String, String)>,
+        settings: Arc<SettingMap>,
         params: BTreeMap<String, String>,
     ) {
         let entry = self.entry(key);
@@ -305,7 +332,7 @@ impl Pools {
     pub fn login_params(
         &self,
         key: &PoolKey,
-        settings: &[(String, String)],
+        settings: &SettingMap,
     ) -> Option<BTreeMap<String, String>> {
         let entry = self.entry(key);
         let map = entry.login_params.lock().unwrap_or_else(|p| p.into_inner());

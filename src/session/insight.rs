@@ -28,13 +28,16 @@ pub struct Pending {
     explain: Option<ExplainArgs>,
 }
 
+/// A bound portal's name, its statement's fingerprint, and what `EXPLAIN` needs (explain on).
+type Bound = (Box<str>, Arc<Fingerprint>, Option<Box<ExplainArgs>>);
+
 #[derive(Default)]
 pub(super) struct SessionInsight {
     last_done: Option<Instant>,
     runs: Runs,
     /// The statement behind the last `Bind`: its portal, fingerprint, and (explain on) what
-    /// `EXPLAIN` needs.
-    bound: Option<(Box<str>, Arc<Fingerprint>, Option<ExplainArgs>)>,
+    /// `EXPLAIN` needs (boxed: an idle client keeps this struct, usually without it).
+    bound: Option<Bound>,
     /// Fingerprint of the client's unnamed statement, made at its first `Bind`.
     unnamed_fp: Option<Arc<Fingerprint>>,
 }
@@ -50,7 +53,7 @@ impl Session {
         self.insight.as_ref()?;
         let fp = self.shared.insight.memo.get(sql);
         let explain = (self.explaining() && fp.statements == 1).then(|| ExplainArgs {
-            key: self.key.clone(),
+            key: (*self.key).clone(),
             sql: sql.to_string(),
             parse_types: None,
             bind: None,
@@ -99,11 +102,13 @@ impl Session {
             Some(cell) => cell.get_or_init(|| memo.get(sql)).clone(),
             None => si.unnamed_fp.get_or_insert_with(|| memo.get(sql)).clone(),
         };
-        let explain = explaining.then(|| ExplainArgs {
-            key: self.key.clone(),
-            sql: sql.to_string(),
-            parse_types: Some(Bytes::copy_from_slice(types)),
-            bind: Some(Bytes::copy_from_slice(rest)),
+        let explain = explaining.then(|| {
+            Box::new(ExplainArgs {
+                key: (*self.key).clone(),
+                sql: sql.to_string(),
+                parse_types: Some(Bytes::copy_from_slice(types)),
+                bind: Some(Bytes::copy_from_slice(rest)),
+            })
         });
         si.bound = Some((portal.into(), fp, explain));
     }
@@ -121,7 +126,7 @@ impl Session {
             rows: 0,
             error: None,
             protocol: metrics::EXTENDED,
-            explain: explain.clone(),
+            explain: explain.as_deref().cloned(),
         }))
     }
 
@@ -192,7 +197,7 @@ impl Session {
             at: SystemTime::now(),
             us,
             fp: p.fp,
-            key: self.key.clone(),
+            key: (*self.key).clone(),
             client: self.ticket.info.addr,
             rows: p.rows,
             cached,

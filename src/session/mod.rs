@@ -27,6 +27,7 @@ use crate::analysis::PinReason;
 use crate::config::PoolMode;
 use crate::error::{sqlstate, PgError, Severity};
 use crate::listener::Shared;
+use crate::metrics::ClientGauge;
 use crate::pool::upstream::ServerConn;
 use crate::pool::{AcquireError, PoolKey, ServerGuard};
 use crate::shutdown::{Phase, Shutdown};
@@ -41,6 +42,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 /// A server connection lent to this client.
@@ -85,7 +87,7 @@ pub enum End {
 
 pub struct Session {
     shared: Arc<Shared>,
-    key: PoolKey,
+    key: Arc<PoolKey>,
     mode: PoolMode,
     client: Stream,
     c_in: BytesMut,
@@ -114,6 +116,8 @@ pub struct Session {
     cache: Option<Box<cached::SessionCache>>,
     /// Statement timing and runs; none when `insight.enabled` is off.
     insight: Option<Box<insight::SessionInsight>>,
+    /// The client's `max_clients` slot and its gauge, given back when the session ends.
+    slot: Option<(OwnedSemaphorePermit, ClientGauge)>,
 }
 
 impl Session {
@@ -123,7 +127,7 @@ impl Session {
         shared: Arc<Shared>,
         client: Stream,
         c_in: BytesMut,
-        key: PoolKey,
+        key: Arc<PoolKey>,
         settings: Settings,
         peer: std::net::SocketAddr,
     ) -> Option<Box<Session>> {
@@ -166,6 +170,7 @@ impl Session {
             stats,
             cache: None,
             insight: None,
+            slot: None,
         });
         if config.insight.enabled {
             s.insight = Some(Box::default());
@@ -175,7 +180,7 @@ impl Session {
         }
         // Transaction mode answers a login like one it has seen without borrowing a connection:
         // a busy pool must not keep clients from connecting.
-        let startup = s.settings.startup();
+        let startup = s.settings.startup().clone();
         if s.mode == PoolMode::Transaction {
             if let Some(params) = s.shared.pools.login_params(&s.key, &startup) {
                 startup::reply(&params, s.registration.key, &mut s.to_client);
@@ -194,6 +199,11 @@ impl Session {
             Box::pin(s.release()).await;
         }
         Some(s)
+    }
+
+    /// Keep the client's slot and gauge for as long as the session lives.
+    pub fn hold(&mut self, permit: OwnedSemaphorePermit, gauge: ClientGauge) {
+        self.slot = Some((permit, gauge));
     }
 
     pub async fn run(mut self: Box<Self>) {

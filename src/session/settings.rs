@@ -9,6 +9,7 @@ use crate::analysis::SessionEffect;
 use crate::pool::upstream::{ServerConn, UpstreamError};
 use crate::wire;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Touch {
@@ -18,7 +19,7 @@ enum Touch {
 
 /// A few settings by name, in a sorted `Vec`: a client usually has two or three, and a
 /// `BTreeMap` node costs half a kilobyte per idle client.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Hash)]
 pub struct SettingMap(Vec<(String, String)>);
 
 impl SettingMap {
@@ -55,10 +56,11 @@ impl FromIterator<(String, String)> for SettingMap {
 
 #[derive(Debug, Default)]
 pub struct Settings {
-    /// From the startup packet; `RESET` returns to these, as in PostgreSQL.
-    startup: SettingMap,
-    /// What the client's session has now.
-    pub wanted: SettingMap,
+    /// From the startup packet; `RESET` returns to these, as in PostgreSQL. Shared by the clients
+    /// of a pool that sent the same ones (see `Pools::shared_settings`).
+    startup: Arc<SettingMap>,
+    /// What the client's session has now: the startup settings until it changes one.
+    pub wanted: Arc<SettingMap>,
     /// Changed by statements since the last capture.
     touched: BTreeMap<String, Touch>,
     reset_all: bool,
@@ -73,8 +75,7 @@ fn quote_ident(v: &str) -> String {
 }
 
 impl Settings {
-    pub fn new(startup: Vec<(String, String)>) -> Self {
-        let startup: SettingMap = startup.into_iter().collect();
+    pub fn new(startup: Arc<SettingMap>) -> Self {
         Settings {
             wanted: startup.clone(),
             startup,
@@ -82,9 +83,9 @@ impl Settings {
         }
     }
 
-    /// The startup settings, in a stable order.
-    pub fn startup(&self) -> Vec<(String, String)> {
-        self.startup.0.clone()
+    /// The startup settings.
+    pub fn startup(&self) -> &Arc<SettingMap> {
+        &self.startup
     }
 
     /// Note what a statement about to run does to session settings.
@@ -187,7 +188,7 @@ impl Settings {
                     (Touch::Reset, Some(s)) => s.clone(),
                     _ => v,
                 };
-                self.wanted.insert(name, wanted);
+                Arc::make_mut(&mut self.wanted).insert(name, wanted);
             }
         }
         Ok(())
@@ -198,9 +199,15 @@ impl Settings {
 mod tests {
     use super::*;
 
+    impl Settings {
+        fn of(pairs: Vec<(String, String)>) -> Self {
+            Settings::new(Arc::new(pairs.into_iter().collect()))
+        }
+    }
+
     #[test]
     fn sync_sql_sets_differences_and_resets_extras() {
-        let s = Settings::new(vec![("application_name".into(), "app".into())]);
+        let s = Settings::of(vec![("application_name".into(), "app".into())]);
         let mut applied = BTreeMap::new();
         applied.insert("work_mem".to_string(), "8MB".to_string());
         let sql = s.sync_sql(&applied, &BTreeMap::new()).unwrap();
@@ -218,14 +225,14 @@ mod tests {
 
     #[test]
     fn quotes_values() {
-        let s = Settings::new(vec![("search_path".into(), "it's, \"x\"".into())]);
+        let s = Settings::of(vec![("search_path".into(), "it's, \"x\"".into())]);
         let sql = s.sync_sql(&BTreeMap::new(), &BTreeMap::new()).unwrap();
         assert!(sql.contains("'it''s, \"x\"'"), "{sql}");
     }
 
     #[test]
     fn records_effects() {
-        let mut s = Settings::new(vec![]);
+        let mut s = Settings::of(vec![]);
         assert!(!s.dirty());
         s.record(&[SessionEffect::Set("TimeZone".into())]);
         assert!(s.dirty());
