@@ -15,6 +15,7 @@ use postgres_protocol::message::frontend;
 use rustls::pki_types::ServerName;
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -114,6 +115,8 @@ pub struct ServerConn {
     pub params: BTreeMap<String, String>,
     pub pid: i32,
     pub secret: pgwire::messages::startup::SecretKey,
+    /// Where a cancel request for this connection goes (none if the server sent no key).
+    pub cancel: Option<Arc<CancelKey>>,
     /// Set when the connection must not be reused (mid-query, protocol out of sync).
     pub broken: bool,
     /// Read buffer; empty whenever the connection is idle.
@@ -154,6 +157,7 @@ impl ServerConn {
             params: BTreeMap::new(),
             pid: 0,
             secret: Default::default(),
+            cancel: None,
             broken: false,
             buf: BytesMut::with_capacity(8192),
             prepared: LruCache::new(
@@ -165,6 +169,14 @@ impl ServerConn {
             max_message: target.max_message,
         };
         conn.startup(login, &addr).await?;
+        if conn.pid != 0 {
+            conn.cancel = Some(Arc::new(CancelKey {
+                host: target.host.clone(),
+                port: target.port,
+                pid: conn.pid,
+                secret: conn.secret.clone(),
+            }));
+        }
         Ok(conn)
     }
 
@@ -373,20 +385,10 @@ impl ServerConn {
             tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut self.stream), &mut cx, &mut rb);
         !poll.is_pending()
     }
-
-    /// A CancelRequest for whatever this connection runs, sent on a new plain TCP connection
-    /// (PostgreSQL reads cancel packets before TLS and authentication).
-    pub fn cancel_key(&self, target: &Target) -> CancelKey {
-        CancelKey {
-            host: target.host.clone(),
-            port: target.port,
-            pid: self.pid,
-            secret: self.secret.clone(),
-        }
-    }
 }
 
-/// Enough to cancel a query running on one server connection.
+/// Enough to cancel a query running on one server connection: a CancelRequest sent on a new
+/// plain TCP connection (PostgreSQL reads cancel packets before TLS and authentication).
 #[derive(Clone, Debug)]
 pub struct CancelKey {
     pub host: String,

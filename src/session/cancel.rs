@@ -1,7 +1,9 @@
 //! Cancel keys. Clients get the proxy's own `BackendKeyData`; a `CancelRequest` carrying it is
-//! mapped to the upstream backend currently serving that client and sent there.
+//! mapped to the upstream backend currently serving that client and sent there. Each client's
+//! target lives in a slot of its own, so pointing it at another server takes no lock.
 
 use crate::pool::upstream::CancelKey;
+use arc_swap::ArcSwapOption;
 use rand::RngCore;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,13 +17,17 @@ pub struct ClientKey {
 
 #[derive(Default)]
 pub struct CancelRegistry {
-    map: Mutex<HashMap<ClientKey, Option<CancelKey>>>,
+    map: Mutex<HashMap<ClientKey, Arc<Slot>>>,
 }
+
+/// The server connection a client's cancel request goes to, if it has one now.
+type Slot = ArcSwapOption<CancelKey>;
 
 /// Removes the client's key when the session ends.
 pub struct Registration {
     registry: Arc<CancelRegistry>,
     pub key: ClientKey,
+    slot: Arc<Slot>,
 }
 
 impl CancelRegistry {
@@ -34,34 +40,33 @@ impl CancelRegistry {
                 secret: rng.next_u32() as i32,
             };
             if let std::collections::hash_map::Entry::Vacant(v) = map.entry(key) {
-                v.insert(None);
+                let slot = v.insert(Arc::default()).clone();
                 return Registration {
                     registry: self.clone(),
                     key,
+                    slot,
                 };
             }
         }
     }
 
     /// The upstream target for a client's key, if the client is attached to a server now.
-    pub fn lookup(&self, pid: i32, secret: &[u8]) -> Option<CancelKey> {
+    pub fn lookup(&self, pid: i32, secret: &[u8]) -> Option<Arc<CancelKey>> {
         let secret: [u8; 4] = secret.try_into().ok()?;
         let key = ClientKey {
             pid,
             secret: i32::from_be_bytes(secret),
         };
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&key).cloned().flatten()
+        map.get(&key)?.load_full()
     }
 }
 
 impl Registration {
-    /// Point the client's key at the server connection now serving it (or none).
-    pub fn attach(&self, target: Option<CancelKey>) {
-        let mut map = self.registry.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(slot) = map.get_mut(&self.key) {
-            *slot = target;
-        }
+    /// Point the client's key at the server connection now serving it (or none). No lock: a
+    /// transaction-mode client does this twice per transaction.
+    pub fn attach(&self, target: Option<Arc<CancelKey>>) {
+        self.slot.store(target);
     }
 }
 

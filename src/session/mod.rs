@@ -287,8 +287,7 @@ impl Session {
         if let Some(t) = &conn.ticket {
             t.info.set_active(true);
         }
-        self.registration
-            .attach(Some(conn.cancel_key(self.shared.pools.target())));
+        self.registration.attach(conn.cancel.clone());
         let max = self.shared.config().proxy.max_message_bytes;
         self.server = Some(Box::new(Attached {
             conn,
@@ -477,8 +476,7 @@ impl Session {
         if self.tx.in_flight > 0 {
             if self.tx.query_deadline.is_some_and(|d| d <= now) {
                 self.tx.query_deadline = None;
-                if let Some(a) = &self.server {
-                    let key = a.conn.cancel_key(self.shared.pools.target());
+                if let Some(key) = self.server.as_ref().and_then(|a| a.conn.cancel.clone()) {
                     tracing::info!(pool = %self.key, "query_timeout reached: cancelling the statement");
                     tokio::spawn(async move {
                         if let Err(e) = key.send().await {
