@@ -28,6 +28,53 @@ pub fn plan_key(sql: &str) -> Box<str> {
         .into_boxed_str()
 }
 
+/// The hash of `sql`'s shape. `shape` feeds a token at a time; here the tokens reach `h` in
+/// blocks, so a streaming hasher (SipHash) pays its per-call cost once per block, not per token.
+/// The value is the same as feeding `h` directly.
+pub fn shape_hash<H: Hasher>(sql: &str, h: H, blind: Blind) -> u64 {
+    let mut b = Blocks {
+        h,
+        buf: [0; BLOCK],
+        len: 0,
+    };
+    shape(sql, &mut b, blind);
+    b.flush();
+    b.h.finish()
+}
+
+const BLOCK: usize = 128;
+
+/// Gathers writes into `BLOCK`-byte blocks for `h`.
+struct Blocks<H> {
+    h: H,
+    buf: [u8; BLOCK],
+    len: usize,
+}
+
+impl<H: Hasher> Blocks<H> {
+    fn flush(&mut self) {
+        self.h.write(&self.buf[..self.len]);
+        self.len = 0;
+    }
+}
+
+impl<H: Hasher> Hasher for Blocks<H> {
+    /// Of what was flushed only: `shape_hash` flushes before it finishes.
+    fn finish(&self) -> u64 {
+        self.h.finish()
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        if self.len + bytes.len() > BLOCK {
+            self.flush();
+            if bytes.len() > BLOCK {
+                return self.h.write(bytes);
+            }
+        }
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+}
+
 /// A `Hasher` that keeps what it is fed.
 struct Collect(Vec<u8>);
 
@@ -186,6 +233,23 @@ mod tests {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         shape(s, &mut h, Blind::All);
         h.finish()
+    }
+
+    #[test]
+    fn hashing_in_blocks_gives_the_same_value() {
+        let long = format!(
+            "SELECT {} FROM t WHERE x = 'a''b' -- c",
+            "col, ".repeat(200)
+        );
+        for sql in ["", "select 1", long.as_str()] {
+            for blind in [Blind::All, Blind::Numbers] {
+                let mut direct = std::collections::hash_map::DefaultHasher::new();
+                shape(sql, &mut direct, blind);
+                let blocks =
+                    shape_hash(sql, std::collections::hash_map::DefaultHasher::new(), blind);
+                assert_eq!(blocks, direct.finish(), "{sql}");
+            }
+        }
     }
 
     #[test]

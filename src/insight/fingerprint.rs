@@ -6,7 +6,7 @@
 //! and comments. Texts of one shape are fingerprinted once, from the first of them.
 
 use lru::LruCache;
-use std::hash::{BuildHasher, Hasher};
+use std::hash::BuildHasher;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
@@ -58,9 +58,8 @@ impl Default for Memo {
 
 impl Memo {
     pub fn get(&self, sql: &str) -> Arc<Fingerprint> {
-        let mut h = self.hasher.build_hasher();
-        crate::sqltext::shape(sql, &mut h, crate::sqltext::Blind::All);
-        let key = h.finish();
+        let h = self.hasher.build_hasher();
+        let key = crate::sqltext::shape_hash(sql, h, crate::sqltext::Blind::All);
         if let Some(f) = self.lock().get(&key) {
             return f.clone();
         }
