@@ -1,9 +1,9 @@
 //! Cancel keys. Clients get the proxy's own `BackendKeyData`; a `CancelRequest` carrying it is
 //! mapped to the upstream backend currently serving that client and sent there. Each client's
-//! target lives in a slot of its own, so pointing it at another server takes no lock.
+//! target lives in a slot of its own, so pointing it at another server takes only that slot's
+//! (uncontended) lock, not the registry's.
 
 use crate::pool::upstream::CancelKey;
-use arc_swap::ArcSwapOption;
 use rand::RngCore;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,7 +21,7 @@ pub struct CancelRegistry {
 }
 
 /// The server connection a client's cancel request goes to, if it has one now.
-type Slot = ArcSwapOption<CancelKey>;
+type Slot = Mutex<Option<Arc<CancelKey>>>;
 
 /// Removes the client's key when the session ends.
 pub struct Registration {
@@ -58,15 +58,17 @@ impl CancelRegistry {
             secret: i32::from_be_bytes(secret),
         };
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&key)?.load_full()
+        let slot = map.get(&key)?;
+        let target = slot.lock().unwrap_or_else(|p| p.into_inner());
+        target.clone()
     }
 }
 
 impl Registration {
-    /// Point the client's key at the server connection now serving it (or none). No lock: a
-    /// transaction-mode client does this twice per transaction.
+    /// Point the client's key at the server connection now serving it (or none). Only the
+    /// client's own slot is locked: a transaction-mode client does this twice per transaction.
     pub fn attach(&self, target: Option<Arc<CancelKey>>) {
-        self.slot.store(target);
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = target;
     }
 }
 
