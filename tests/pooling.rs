@@ -359,8 +359,7 @@ async fn clients_over_max_clients_are_turned_away_until_one_leaves() {
     let second = connect(&url).await;
     let err = try_connect(&url)
         .await
-        .err()
-        .expect("a third client is over max_clients");
+        .expect_err("a third client is over max_clients");
     let db = err.as_db_error().unwrap_or_else(|| panic!("{err:?}"));
     assert_eq!(db.code().code(), "53300", "{db:?}");
     assert_eq!(db.message(), "sorry, too many clients already");
