@@ -201,7 +201,7 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
     signals.wait_for_stop(&shared).await;
     let timeout = shared.config().proxy.shutdown_timeout;
     tracing::info!(?timeout, "shutting down: no new clients; draining sessions");
-    shared.trigger.set(shutdown::Phase::Drain);
+    shared.shut_down(shutdown::Phase::Drain);
     metrics::METRICS.draining.set(1);
     admin::control::resume(&shared);
     let _ = serving.await;
@@ -209,7 +209,7 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
     let drained = tokio::time::timeout(timeout, shared.clients.acquire_many(all)).await;
     if drained.is_err() {
         tracing::warn!("shutdown_timeout reached: closing the remaining sessions");
-        shared.trigger.set(shutdown::Phase::Force);
+        shared.shut_down(shutdown::Phase::Force);
         let grace = std::time::Duration::from_secs(2);
         let _ = tokio::time::timeout(grace, shared.clients.acquire_many(all)).await;
     }

@@ -62,6 +62,12 @@ impl Shared {
     pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
         self.config.load()
     }
+
+    /// Move shutdown on to `phase` and wake every client session to look at it.
+    pub fn shut_down(&self, phase: Phase) {
+        self.trigger.set(phase);
+        self.registry.wake_clients();
+    }
 }
 
 /// Accept on every listener until shutdown begins.

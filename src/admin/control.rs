@@ -102,5 +102,5 @@ pub async fn wait_unpaused(shared: &Shared) {
 
 pub fn shutdown(shared: &Shared) {
     tracing::info!("shutdown requested from the admin console");
-    shared.trigger.set(Phase::Drain);
+    shared.shut_down(Phase::Drain);
 }

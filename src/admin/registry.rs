@@ -2,6 +2,7 @@
 //! registers here and is removed when dropped. Sessions update their state with plain atomics.
 
 use crate::pool::PoolKey;
+use futures::task::AtomicWaker;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
@@ -29,9 +30,15 @@ pub struct ClientInfo {
     tx_status: AtomicU8,
     server_pid: AtomicI32,
     pinned: AtomicBool,
+    /// The session's task, woken when something outside it needs a look (shutdown).
+    waker: AtomicWaker,
 }
 
 impl ClientInfo {
+    /// Remember the session's task (cheap when it is the same task as last time).
+    pub fn register_waker(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
+    }
     pub fn set_state(&self, s: ClientState) {
         self.state.store(s as u8, Ordering::Relaxed);
     }
@@ -139,6 +146,7 @@ impl Registry {
             tx_status: AtomicU8::new(b'I'),
             server_pid: AtomicI32::new(0),
             pinned: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
         });
         lock(&self.clients).insert(id, info.clone());
         ClientTicket {
@@ -183,6 +191,15 @@ impl Registry {
 
     pub fn servers(&self) -> Vec<Arc<ServerInfo>> {
         lock(&self.servers).values().cloned().collect()
+    }
+}
+
+impl Registry {
+    /// Wake every client session (it then re-reads the shutdown phase).
+    pub fn wake_clients(&self) {
+        for c in lock(&self.clients).values() {
+            c.waker.wake();
+        }
     }
 }
 
