@@ -12,6 +12,7 @@ use crate::metrics::METRICS;
 use crate::session::settings::SettingMap;
 use arc_swap::ArcSwap;
 use bb8::{ErrorSink, ManageConnection, PooledConnection, RunError};
+use futures::FutureExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -38,15 +39,25 @@ pub struct Manager {
     login: Login,
     key: PoolKey,
     registry: Arc<Registry>,
-    health_check: bool,
-    health_check_delay: Duration,
+}
+
+/// What a connection just checked out of a pool needs before it is lent (`pool.health_check`).
+enum Health {
+    Good,
+    /// Readable while idle: EOF, an error, or bytes nobody asked for (the FATAL of a server
+    /// going away). Marked broken: it is closed, not returned.
+    Broken,
+    /// Idle longer than `health_check_delay`: worth a round trip first.
+    Unknown,
 }
 
 impl ManageConnection for Manager {
-    type Connection = ServerConn;
+    /// Boxed: bb8 moves connections in and out of its queue and guards on every check-out and
+    /// return, and a pointer is cheaper to move than a connection.
+    type Connection = Box<ServerConn>;
     type Error = Arc<UpstreamError>;
 
-    async fn connect(&self) -> Result<ServerConn, Self::Error> {
+    async fn connect(&self) -> Result<Box<ServerConn>, Self::Error> {
         let mut conn = ServerConn::connect(&self.target, &self.login)
             .await
             .map_err(|e| {
@@ -54,29 +65,15 @@ impl ManageConnection for Manager {
                 Arc::new(e)
             })?;
         conn.ticket = Some(self.registry.server(conn.pid, self.key.clone()));
-        Ok(conn)
+        Ok(Box::new(conn))
     }
 
-    async fn is_valid(&self, conn: &mut ServerConn) -> Result<(), Self::Error> {
-        if conn.readable_while_idle() {
-            // EOF, an error, or bytes nobody asked for (the FATAL of a server going away).
-            conn.broken = true;
-            return Err(Arc::new(UpstreamError::Io(
-                std::io::ErrorKind::UnexpectedEof.into(),
-            )));
-        }
-        if !self.health_check || conn.last_used.elapsed() < self.health_check_delay {
-            return Ok(());
-        }
-        // Stays set if this check is cut short (acquire timeout): the connection would go back
-        // to the pool with the check's reply still owed.
-        conn.broken = true;
-        conn.simple_query("").await.map_err(Arc::new)?;
-        conn.broken = false;
+    /// Not called: bb8 checks nothing on check-out (`Pools::health` does, after it).
+    async fn is_valid(&self, _: &mut Box<ServerConn>) -> Result<(), Self::Error> {
         Ok(())
     }
 
-    fn has_broken(&self, conn: &mut ServerConn) -> bool {
+    fn has_broken(&self, conn: &mut Box<ServerConn>) -> bool {
         conn.broken
     }
 }
@@ -203,7 +200,9 @@ impl Pools {
             .connection_timeout(p.acquire_timeout)
             .idle_timeout(nonzero(p.idle_timeout))
             .max_lifetime(nonzero(p.max_lifetime))
-            .test_on_check_out(p.health_check)
+            // Checked by `Pools::health` after check-out instead: the common case then needs
+            // no future (`try_acquire`).
+            .test_on_check_out(false)
             .retry_connection(false)
             .error_sink(Box::new(Sink(errors.clone())))
             .build_unchecked(Manager {
@@ -211,8 +210,6 @@ impl Pools {
                 login: self.login_for(key),
                 key: key.clone(),
                 registry: self.registry.clone(),
-                health_check: p.health_check,
-                health_check_delay: p.health_check_delay,
             });
         let entry = Arc::new(Entry {
             key: Arc::new(key.clone()),
@@ -244,12 +241,65 @@ impl Pools {
         ServerConn::connect(&self.target, &login).await
     }
 
+    fn health(&self, conn: &mut ServerConn, now: std::time::Instant) -> Health {
+        let c = self.config.load();
+        if !c.pool.health_check {
+            Health::Good
+        } else if conn.readable_while_idle() {
+            conn.broken = true;
+            Health::Broken
+        } else if now.saturating_duration_since(conn.last_used) >= c.pool.health_check_delay {
+            Health::Unknown
+        } else {
+            Health::Good
+        }
+    }
+
+    /// An idle connection for `key` without waiting, if the pool has one that needs no round
+    /// trip to check: transaction mode's common case, with no future and no timer.
+    pub fn try_acquire(&self, key: &PoolKey, now: std::time::Instant) -> Option<ServerGuard> {
+        let entry = self.entry(key);
+        // Cancel-safe: a connection not handed out stays in the pool.
+        let mut conn = entry.pool.get_owned().now_or_never()?.ok()?;
+        match self.health(&mut conn, now) {
+            Health::Good => Some(conn),
+            // Broken: closed on drop. Unknown: back to the pool, for `acquire` to check.
+            Health::Broken | Health::Unknown => None,
+        }
+    }
+
     /// Lend a server connection for `key`, waiting up to `pool.acquire_timeout`.
     pub async fn acquire(&self, key: &PoolKey) -> Result<ServerGuard, AcquireError> {
-        let entry = self.entry(key);
         let started = Instant::now();
+        let deadline = started + self.config.load().pool.acquire_timeout;
+        loop {
+            let mut conn = self.get(key, started, deadline).await?;
+            match self.health(&mut conn, std::time::Instant::now()) {
+                Health::Good => return Ok(conn),
+                Health::Broken => tracing::debug!(pool = %key, "idle server connection is dead"),
+                Health::Unknown => {
+                    // Stays set if the check fails or is cut short: the connection would go
+                    // back to the pool with the check's reply still owed.
+                    conn.broken = true;
+                    let ping = tokio::time::timeout_at(deadline, conn.simple_query(""));
+                    if let Ok(Ok(_)) = ping.await {
+                        conn.broken = false;
+                        return Ok(conn);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A connection from `key`'s pool as bb8 gives it, unchecked.
+    async fn get(
+        &self,
+        key: &PoolKey,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<ServerGuard, AcquireError> {
+        let entry = self.entry(key);
         let config = self.config.load_full();
-        let deadline = started + config.pool.acquire_timeout;
         let mut backoff = config.upstream.retry_backoff;
         let mut errors = entry.errors.subscribe();
         let mut last_error: Option<Arc<UpstreamError>> = None;

@@ -89,7 +89,6 @@ fn abort_probe(out: &mut BytesMut) {
 
 impl Session {
     pub(super) async fn on_client_input(&mut self) -> Result<(), End> {
-        self.tx.last_activity = tokio::time::Instant::now();
         if self.tracked() {
             self.pooled_client().await
         } else {
@@ -171,7 +170,14 @@ impl Session {
                 }
             }
             let Some(f) = frame else { return Ok(()) };
-            let msg = self.c_in.split_to(f.len);
+            let msg = if f.len == self.c_in.len() && self.server.is_none() {
+                // The one message that starts a transaction: the buffer goes with it (the
+                // session would let go of it after the transaction anyway), saving the split's
+                // bookkeeping allocation.
+                std::mem::take(&mut self.c_in)
+            } else {
+                self.c_in.split_to(f.len)
+            };
             self.cscan.consumed(f.len);
             self.on_message(msg).await?;
         }
@@ -216,9 +222,9 @@ impl Session {
             return Ok(());
         }
         if self.server.is_none() {
-            // Boxed: the acquire future is large and only lives while waiting for a connection;
-            // inline, every idle client's task would carry its size.
-            if let Err(e) = Box::pin(self.attach()).await {
+            // The waiting part of it is boxed: inline, every idle client's task would carry
+            // its size.
+            if let Err(e) = self.attach_fast().await {
                 tracing::info!(pool = %self.key, error = ?e, "no server connection for client");
                 self.cache_drop_fill();
                 let fatal = e.refused_by_upstream();
@@ -671,13 +677,10 @@ impl Session {
     }
 }
 
-/// Append `bytes` to `dst`, without copying when `dst` is empty.
+/// Append `bytes` to `dst`. No copy when `dst` is empty or ends where `bytes` begins (messages
+/// split one after another off the same read buffer); otherwise the bytes are copied.
 pub(super) fn forward(bytes: BytesMut, dst: &mut BytesMut) {
-    if dst.is_empty() {
-        *dst = bytes;
-    } else {
-        dst.extend_from_slice(&bytes);
-    }
+    dst.unsplit(bytes);
 }
 
 #[cfg(test)]

@@ -60,7 +60,7 @@ impl Session {
         });
         Some(Box::new(Pending {
             fp,
-            sent: Instant::now(),
+            sent: self.tx.last_activity.into_std(),
             rows: 0,
             error: None,
             protocol: metrics::SIMPLE,
@@ -122,7 +122,7 @@ impl Session {
         }
         Some(Box::new(Pending {
             fp: fp.clone(),
-            sent: Instant::now(),
+            sent: self.tx.last_activity.into_std(),
             rows: 0,
             error: None,
             protocol: metrics::EXTENDED,
@@ -165,7 +165,8 @@ impl Session {
         let Some(si) = self.insight.as_deref_mut() else {
             return;
         };
-        let now = Instant::now();
+        // This event's time (the reply was read then): one clock read per event, not per use.
+        let now = self.tx.last_activity.into_std();
         let start = si.last_done.map_or(p.sent, |d| d.max(p.sent));
         si.last_done = Some(now);
         let us =

@@ -16,6 +16,10 @@ use tokio_util::io::poll_read_buf;
 const HIGH_WATER: usize = 256 * 1024;
 /// Room to make in a read buffer before reading.
 const READ_CHUNK: usize = 16 * 1024;
+/// Room for the first read into an empty buffer (a client's next statement, usually small): an
+/// allocation this size comes from the allocator's per-thread cache. Busier streams grow to
+/// `READ_CHUNK`.
+const FIRST_READ: usize = 1024;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
@@ -29,6 +33,8 @@ pub enum Event {
     ServerGone,
     /// A timeout may have fired.
     Timer,
+    /// The shutdown phase changed.
+    Phase,
 }
 
 /// Write as much of `buf` as the socket takes. `Err` when the socket is gone.
@@ -64,13 +70,21 @@ fn poll_drain<W: AsyncWrite + Unpin>(
 }
 
 fn make_room(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+    if buf.capacity() == 0 {
+        buf.reserve(FIRST_READ);
+    } else if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
     }
 }
 
 impl Session {
-    pub(super) fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+    /// Write what is queued for the client, as far as the socket takes it without waiting.
+    pub(super) fn write_client_now(&mut self) {
+        // A failed write shows again at the next `poll_io`, which reports it.
+        let _ = self.drain_client(&mut Context::from_waker(std::task::Waker::noop()));
+    }
+
+    fn drain_client(&mut self, cx: &mut Context<'_>) -> Result<(), ()> {
         let queued = self.to_client.len();
         let drained = poll_drain(
             &mut self.client,
@@ -82,7 +96,16 @@ impl Session {
         if sent > 0 {
             METRICS.client_bytes_sent.inc_by(sent as u64);
         }
-        if drained.is_err() {
+        drained
+    }
+
+    pub(super) fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        // Registered before the phase is read: a change after the read wakes this task.
+        self.ticket.info.register_waker(cx.waker());
+        if self.shared.shutdown.phase() != self.phase_seen {
+            return Poll::Ready(Event::Phase);
+        }
+        if self.drain_client(cx).is_err() {
             return Poll::Ready(Event::ClientGone);
         }
         if let Some(a) = &mut self.server {

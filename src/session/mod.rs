@@ -30,7 +30,7 @@ use crate::listener::Shared;
 use crate::metrics::ClientGauge;
 use crate::pool::upstream::ServerConn;
 use crate::pool::{AcquireError, PoolKey, ServerGuard};
-use crate::shutdown::{Phase, Shutdown};
+use crate::shutdown::Phase;
 use crate::stream::Stream;
 use crate::wire::Scanner;
 use backend::Expect;
@@ -66,7 +66,7 @@ struct Tx {
     status: u8,
     /// Extended-protocol messages sent since the last Sync.
     batch_open: bool,
-    /// When the client last sent something or was last answered.
+    /// When the client last sent something or was last answered; during an event, its time.
     last_activity: Instant,
     /// The current statement is cancelled at this time (`query_timeout`).
     query_deadline: Option<Instant>,
@@ -108,7 +108,8 @@ pub struct Session {
     /// Extended messages are being skipped up to the next Sync (an error was reported).
     skipping: bool,
     registration: Registration,
-    shutdown: Shutdown,
+    /// The shutdown phase as of the last look (`check_shutdown`).
+    phase_seen: Phase,
     /// This client in the admin registry.
     ticket: ClientTicket,
     stats: Arc<PoolStats>,
@@ -135,7 +136,6 @@ impl Session {
         let mode = config.pool_mode(&key.database, &key.user);
         let max = config.proxy.max_message_bytes;
         let registration = shared.cancels.register();
-        let shutdown = shared.shutdown.clone();
         let ticket = shared.registry.client(key.clone(), peer);
         let stats = shared.registry.stats(&key);
         // On the heap, and so is the task's: an idle client's task holds a pointer, not a second
@@ -165,7 +165,7 @@ impl Session {
             pinned: None,
             skipping: false,
             registration,
-            shutdown,
+            phase_seen: Phase::Running,
             ticket,
             stats,
             cache: None,
@@ -187,7 +187,7 @@ impl Session {
                 return Some(s);
             }
         }
-        if let Err(e) = Box::pin(s.attach()).await {
+        if let Err(e) = s.attach_fast().await {
             e.to_client(Severity::Fatal, &mut s.to_client);
             s.flush_client().await;
             return None;
@@ -196,7 +196,7 @@ impl Session {
         startup::reply(&params, s.registration.key, &mut s.to_client);
         if s.mode == PoolMode::Transaction {
             s.shared.pools.note_login_params(&s.key, startup, params);
-            Box::pin(s.release()).await;
+            s.release().await;
         }
         Some(s)
     }
@@ -218,9 +218,9 @@ impl Session {
     }
 
     async fn serve(&mut self) -> End {
-        let mut shutdown = self.shutdown.clone();
         // Bytes the client sent right behind its startup packet: no read will announce them.
         if !self.c_in.is_empty() {
+            self.tx.last_activity = Instant::now();
             if let Err(end) = self.on_client_input().await {
                 return end;
             }
@@ -233,14 +233,21 @@ impl Session {
             let event = tokio::select! {
                 ev = std::future::poll_fn(|cx| self.poll_io(cx)) => ev,
                 _ = sleep_until(deadline) => io::Event::Timer,
-                _ = shutdown.changed() => continue,
             };
+            let busy = self.tx.in_flight > 0;
+            if event == io::Event::Client || (event == io::Event::Server && busy) {
+                // This event's time, read once: statement timing, deadlines and the idle
+                // timeouts all use it. (A notice from the server to an idle client is not the
+                // client's activity.)
+                self.tx.last_activity = Instant::now();
+            }
             let step = match event {
                 io::Event::Client => self.on_client_input().await,
                 io::Event::ClientGone => Err(End::ClientLeft),
                 io::Event::Server => self.on_server_input().await,
                 io::Event::ServerGone => Err(self.server_lost()),
                 io::Event::Timer => Box::pin(self.on_timer()).await,
+                io::Event::Phase => continue,
             };
             if self.cache_remote_pending() {
                 // Boxed like the other cache futures: idle clients do not carry it.
@@ -250,7 +257,10 @@ impl Session {
                 return end;
             }
             if self.releasable() {
-                Box::pin(self.release()).await;
+                // The reply usually still sits in the server connection's read buffer: write it
+                // out first, so the connection's next borrower finds that buffer free.
+                self.write_client_now();
+                self.release().await;
             }
             if self.server.is_none() && self.c_in.is_empty() {
                 // Between transactions a client keeps no read buffer (10,000 idle clients).
@@ -259,29 +269,68 @@ impl Session {
         }
     }
 
-    /// Borrow a server connection and bring it to the client's settings.
-    async fn attach(&mut self) -> Result<(), AcquireError> {
-        let info = self.ticket.info.clone();
-        info.set_state(ClientState::Waiting);
-        let started = Instant::now();
-        control::wait_unpaused(&self.shared).await;
-        let got = self.shared.pools.acquire(&self.key).await;
-        PoolStats::add(&self.stats.wait_us, started.elapsed().as_micros() as u64);
-        crate::metrics::METRICS
-            .pool_acquire_wait
-            .observe(started.elapsed().as_secs_f64());
-        let mut conn = match got {
-            Ok(c) => c,
-            Err(e) => {
-                info.set_state(ClientState::Idle);
-                return Err(e);
+    /// Borrow a server connection in the client's settings: at once when one is idle and
+    /// needs nothing sent first (no future, no timer, no allocation but the `Attached`),
+    /// otherwise by waiting for one and bringing it to the client's settings.
+    async fn attach_fast(&mut self) -> Result<(), AcquireError> {
+        if !*self.shared.paused.borrow() {
+            let now = self.tx.last_activity.into_std();
+            if let Some(conn) = self.shared.pools.try_acquire(&self.key, now) {
+                PoolStats::add(&self.stats.wait_us, 0);
+                crate::metrics::METRICS.pool_acquire_wait.observe(0.0);
+                let ready = self
+                    .settings
+                    .sync_sql(&conn.applied, &conn.params)
+                    .is_none();
+                self.attached(conn);
+                if ready {
+                    return Ok(());
+                }
             }
+        }
+        // Boxed: waiting and applying settings are large futures, and rare.
+        Box::pin(self.attach()).await
+    }
+
+    /// Borrow a server connection (unless one is attached) and bring it to the client's
+    /// settings; on failure none is attached.
+    async fn attach(&mut self) -> Result<(), AcquireError> {
+        if self.server.is_none() {
+            let info = &self.ticket.info;
+            info.set_state(ClientState::Waiting);
+            let started = Instant::now();
+            control::wait_unpaused(&self.shared).await;
+            let got = self.shared.pools.acquire(&self.key).await;
+            let waited = started.elapsed();
+            PoolStats::add(&self.stats.wait_us, waited.as_micros() as u64);
+            crate::metrics::METRICS
+                .pool_acquire_wait
+                .observe(waited.as_secs_f64());
+            match got {
+                Ok(c) => self.attached(c),
+                Err(e) => {
+                    self.ticket.info.set_state(ClientState::Idle);
+                    return Err(e);
+                }
+            }
+        }
+        let Some(a) = self.server.as_deref_mut() else {
+            return Ok(());
         };
-        if let Err(e) = self.settings.apply(&mut conn).await {
-            conn.broken = e.retryable();
-            info.set_state(ClientState::Idle);
+        if let Err(e) = self.settings.apply(&mut a.conn).await {
+            if let Some(mut a) = self.server.take() {
+                a.conn.broken = e.retryable();
+                self.registration.attach(None);
+                self.detached(&a);
+            }
             return Err(AcquireError::Upstream(Arc::new(e)));
         }
+        Ok(())
+    }
+
+    /// `conn` now serves this client.
+    fn attached(&mut self, conn: ServerGuard) {
+        let info = &self.ticket.info;
         info.set_state(ClientState::Active);
         info.set_server_pid(conn.pid);
         if let Some(t) = &conn.ticket {
@@ -297,7 +346,6 @@ impl Session {
             unnamed_valid: false,
             fatal: false,
         }));
-        Ok(())
     }
 
     /// Every message is looked at whole (transaction pooling, the cache or insight is on); otherwise
@@ -322,7 +370,8 @@ impl Session {
             && !a.fatal
     }
 
-    /// Give the server connection back (transaction mode), after reading back changed settings.
+    /// Give the server connection back (transaction mode), after reading back the settings the
+    /// client changed, if any (boxed: rare, and a large future).
     async fn release(&mut self) {
         let Some(mut a) = self.server.take() else {
             return;
@@ -331,8 +380,10 @@ impl Session {
         self.detached(&a);
         // Empty now; between transactions a client keeps no queue memory either.
         self.queue = VecDeque::new();
-        self.capture_settings(&mut a.conn).await;
-        a.conn.last_used = std::time::Instant::now();
+        if self.settings.dirty() {
+            Box::pin(self.capture_settings(&mut a.conn)).await;
+        }
+        a.conn.last_used = self.tx.last_activity.into_std();
     }
 
     /// Read back the settings the client changed, if any; on failure the connection is closed.
@@ -443,7 +494,8 @@ impl Session {
 
     /// Draining: idle clients leave now, busy ones when their transaction ends; forced: all.
     fn check_shutdown(&mut self) -> Option<End> {
-        let phase = self.shutdown.phase();
+        let phase = self.shared.shutdown.phase();
+        self.phase_seen = phase;
         let idle = self.tx.in_flight == 0
             && self.tx.status == b'I'
             && self.queue.is_empty()
@@ -508,13 +560,12 @@ impl Session {
         Err(End::Closed)
     }
 
-    /// A message that owes a `ReadyForQuery` went upstream.
+    /// A message that owes a `ReadyForQuery` went upstream (at this event's time).
     fn statement_sent(&mut self) {
         self.tx.in_flight += 1;
-        self.tx.last_activity = Instant::now();
         let t = self.shared.config().pool.query_timeout;
         if !t.is_zero() && self.tx.query_deadline.is_none() {
-            self.tx.query_deadline = Some(Instant::now() + t);
+            self.tx.query_deadline = Some(self.tx.last_activity + t);
         }
     }
 
@@ -526,10 +577,9 @@ impl Session {
         if status == b'I' {
             PoolStats::add(&self.stats.transactions, 1);
         }
-        self.tx.last_activity = Instant::now();
         let t = self.shared.config().pool.query_timeout;
         self.tx.query_deadline =
-            (self.tx.in_flight > 0 && !t.is_zero()).then(|| Instant::now() + t);
+            (self.tx.in_flight > 0 && !t.is_zero()).then(|| self.tx.last_activity + t);
     }
 
     /// Write out what is queued for the client (at the end of a session).
