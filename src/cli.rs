@@ -186,6 +186,7 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
         paused: tokio::sync::watch::Sender::new(false),
         source,
         config: arc_swap::ArcSwap::new(config.clone()),
+        config_generation: Default::default(),
     });
     if let Some(l) = metrics_listener {
         tracing::info!(addr = ?l.local_addr().ok(), "serving /metrics and /health");

@@ -24,6 +24,7 @@ use pgwire::messages::startup::NegotiateProtocolVersion;
 use pgwire::messages::PgWireBackendMessage;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -36,8 +37,11 @@ const CANCEL_REQUEST: i32 = 80877102;
 
 /// What every client task shares.
 pub struct Shared {
-    /// The configuration in force; replaced whole on reload.
+    /// The configuration in force; replaced whole on reload (`set_config`).
     pub config: ArcSwap<Config>,
+    /// Bumped by each reload, after the new configuration is in force: sessions keep their own
+    /// `Arc` of it and look at this number once per event, not at `config` per use.
+    pub config_generation: AtomicU64,
     pub users: ArcSwap<Users>,
     pub analyzer: Analyzer,
     pub cache: crate::cache::Cache,
@@ -61,6 +65,12 @@ pub struct Shared {
 impl Shared {
     pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
         self.config.load()
+    }
+
+    /// Put `config` in force.
+    pub fn set_config(&self, config: Arc<Config>) {
+        self.config.store(config);
+        self.config_generation.fetch_add(1, Ordering::Release);
     }
 
     /// Move shutdown on to `phase` and wake every client session to look at it.

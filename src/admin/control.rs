@@ -59,7 +59,7 @@ fn apply(shared: &Shared, config: Arc<Config>) {
     shared.users.store(Arc::new(Users::from_config(&config)));
     shared.pools.reload(config.clone());
     shared.cache.reload(&config.cache);
-    shared.config.store(config);
+    shared.set_config(config);
 }
 
 /// Hold new transactions; return once no client holds a server connection (or `limit` passed:

@@ -241,14 +241,13 @@ impl Pools {
         ServerConn::connect(&self.target, &login).await
     }
 
-    fn health(&self, conn: &mut ServerConn, now: std::time::Instant) -> Health {
-        let c = self.config.load();
-        if !c.pool.health_check {
+    fn health(conn: &mut ServerConn, now: std::time::Instant, p: &PoolConfig) -> Health {
+        if !p.health_check {
             Health::Good
         } else if conn.readable_while_idle() {
             conn.broken = true;
             Health::Broken
-        } else if now.saturating_duration_since(conn.last_used) >= c.pool.health_check_delay {
+        } else if now.saturating_duration_since(conn.last_used) >= p.health_check_delay {
             Health::Unknown
         } else {
             Health::Good
@@ -257,11 +256,16 @@ impl Pools {
 
     /// An idle connection for `key` without waiting, if the pool has one that needs no round
     /// trip to check: transaction mode's common case, with no future and no timer.
-    pub fn try_acquire(&self, key: &PoolKey, now: std::time::Instant) -> Option<ServerGuard> {
+    pub fn try_acquire(
+        &self,
+        key: &PoolKey,
+        now: std::time::Instant,
+        config: &PoolConfig,
+    ) -> Option<ServerGuard> {
         let entry = self.entry(key);
         // Cancel-safe: a connection not handed out stays in the pool.
         let mut conn = entry.pool.get_owned().now_or_never()?.ok()?;
-        match self.health(&mut conn, now) {
+        match Self::health(&mut conn, now, config) {
             Health::Good => Some(conn),
             // Broken: closed on drop. Unknown: back to the pool, for `acquire` to check.
             Health::Broken | Health::Unknown => None,
@@ -271,10 +275,11 @@ impl Pools {
     /// Lend a server connection for `key`, waiting up to `pool.acquire_timeout`.
     pub async fn acquire(&self, key: &PoolKey) -> Result<ServerGuard, AcquireError> {
         let started = Instant::now();
-        let deadline = started + self.config.load().pool.acquire_timeout;
+        let config = self.config.load_full();
+        let deadline = started + config.pool.acquire_timeout;
         loop {
             let mut conn = self.get(key, started, deadline).await?;
-            match self.health(&mut conn, std::time::Instant::now()) {
+            match Self::health(&mut conn, std::time::Instant::now(), &config.pool) {
                 Health::Good => return Ok(conn),
                 Health::Broken => tracing::debug!(pool = %key, "idle server connection is dead"),
                 Health::Unknown => {

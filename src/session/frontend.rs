@@ -368,7 +368,7 @@ impl Session {
             self.settings.record(&a.effects);
             return Ok(());
         }
-        let policy = &self.shared.config().pool;
+        let policy = &self.cfg.pool;
         if let Some(reason) = a.pin {
             if self.pinned.is_none() {
                 match policy.session_state {

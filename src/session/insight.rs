@@ -44,7 +44,7 @@ pub(super) struct SessionInsight {
 
 impl Session {
     fn explaining(&self) -> bool {
-        let c = self.shared.config();
+        let c = &self.cfg;
         c.slow_query.explain && !c.slow_query.threshold.is_zero()
     }
 
@@ -172,14 +172,14 @@ impl Session {
         let us =
             u64::try_from(now.saturating_duration_since(start).as_micros()).unwrap_or(u64::MAX);
         let run = si.runs.note(&p.fp);
-        let config = self.shared.config();
+        let config = &self.cfg;
         let sample = Sample {
             us,
             rows: p.rows,
             error: p.error.is_some(),
             cached,
         };
-        self.shared.insight.record(&config, &p.fp, &sample, run);
+        self.shared.insight.record(config, &p.fp, &sample, run);
         let outcome = match (&p.error, cached) {
             (Some(_), _) => metrics::ERROR,
             (None, true) => metrics::CACHED,

@@ -24,7 +24,7 @@ pub mod startup;
 use crate::admin::control;
 use crate::admin::registry::{ClientState, ClientTicket, PoolStats};
 use crate::analysis::PinReason;
-use crate::config::PoolMode;
+use crate::config::{Config, PoolMode};
 use crate::error::{sqlstate, PgError, Severity};
 use crate::listener::Shared;
 use crate::metrics::ClientGauge;
@@ -39,6 +39,7 @@ use cancel::Registration;
 use frontend::Prepared;
 use settings::Settings;
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -87,6 +88,9 @@ pub enum End {
 
 pub struct Session {
     shared: Arc<Shared>,
+    /// The configuration as of this event (see `Shared::config_generation`).
+    cfg: Arc<Config>,
+    cfg_generation: u64,
     key: Arc<PoolKey>,
     mode: PoolMode,
     client: Stream,
@@ -132,7 +136,8 @@ impl Session {
         settings: Settings,
         peer: std::net::SocketAddr,
     ) -> Option<Box<Session>> {
-        let config = shared.config();
+        let cfg_generation = shared.config_generation.load(Ordering::Acquire);
+        let config = shared.config.load_full();
         let mode = config.pool_mode(&key.database, &key.user);
         let max = config.proxy.max_message_bytes;
         let registration = shared.cancels.register();
@@ -142,6 +147,8 @@ impl Session {
         // copy of the session (an async fn keeps its moved-in argument beside its locals).
         let mut s = Box::new(Session {
             shared,
+            cfg: config,
+            cfg_generation,
             key,
             mode,
             client,
@@ -172,7 +179,7 @@ impl Session {
             insight: None,
             slot: None,
         });
-        if config.insight.enabled {
+        if s.cfg.insight.enabled {
             s.insight = Some(Box::default());
         }
         if s.shared.cache.enabled() {
@@ -234,6 +241,7 @@ impl Session {
                 ev = std::future::poll_fn(|cx| self.poll_io(cx)) => ev,
                 _ = sleep_until(deadline) => io::Event::Timer,
             };
+            self.refresh_config();
             let busy = self.tx.in_flight > 0;
             if event == io::Event::Client || (event == io::Event::Server && busy) {
                 // This event's time, read once: statement timing, deadlines and the idle
@@ -269,13 +277,26 @@ impl Session {
         }
     }
 
+    /// Take a reloaded configuration, if there is one.
+    fn refresh_config(&mut self) {
+        let generation = self.shared.config_generation.load(Ordering::Acquire);
+        if generation != self.cfg_generation {
+            self.cfg = self.shared.config.load_full();
+            self.cfg_generation = generation;
+        }
+    }
+
     /// Borrow a server connection in the client's settings: at once when one is idle and
     /// needs nothing sent first (no future, no timer, no allocation but the `Attached`),
     /// otherwise by waiting for one and bringing it to the client's settings.
     async fn attach_fast(&mut self) -> Result<(), AcquireError> {
         if !*self.shared.paused.borrow() {
             let now = self.tx.last_activity.into_std();
-            if let Some(conn) = self.shared.pools.try_acquire(&self.key, now) {
+            if let Some(conn) = self
+                .shared
+                .pools
+                .try_acquire(&self.key, now, &self.cfg.pool)
+            {
                 PoolStats::add(&self.stats.wait_us, 0);
                 crate::metrics::METRICS.pool_acquire_wait.observe(0.0);
                 let ready = self
@@ -337,7 +358,7 @@ impl Session {
             t.info.set_active(true);
         }
         self.registration.attach(conn.cancel.clone());
-        let max = self.shared.config().proxy.max_message_bytes;
+        let max = self.cfg.proxy.max_message_bytes;
         self.server = Some(Box::new(Attached {
             conn,
             to_server: BytesMut::new(),
@@ -512,7 +533,7 @@ impl Session {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let p = &self.shared.config().pool;
+        let p = &self.cfg.pool;
         let after = |d: Duration| (!d.is_zero()).then(|| self.tx.last_activity + d);
         if self.tx.in_flight > 0 {
             self.tx.query_deadline
@@ -563,7 +584,7 @@ impl Session {
     /// A message that owes a `ReadyForQuery` went upstream (at this event's time).
     fn statement_sent(&mut self) {
         self.tx.in_flight += 1;
-        let t = self.shared.config().pool.query_timeout;
+        let t = self.cfg.pool.query_timeout;
         if !t.is_zero() && self.tx.query_deadline.is_none() {
             self.tx.query_deadline = Some(self.tx.last_activity + t);
         }
@@ -577,7 +598,7 @@ impl Session {
         if status == b'I' {
             PoolStats::add(&self.stats.transactions, 1);
         }
-        let t = self.shared.config().pool.query_timeout;
+        let t = self.cfg.pool.query_timeout;
         self.tx.query_deadline =
             (self.tx.in_flight > 0 && !t.is_zero()).then(|| self.tx.last_activity + t);
     }
