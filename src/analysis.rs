@@ -161,6 +161,11 @@ const LEADING_WORDS: [&str; 9] = [
 const ANYWHERE_WORDS: [&str; 2] = ["temp", "temporary"];
 
 fn word_matters(w: &str, leading: bool) -> bool {
+    // Each word above starts with one of these letters: most words of a statement stop here.
+    let first = w.as_bytes().first().map(u8::to_ascii_lowercase);
+    if !matches!(first, Some(b's' | b'r' | b'd' | b'l' | b'p' | b'e' | b't')) {
+        return false;
+    }
     let starts = |p: &str| w.len() >= p.len() && w[..p.len()].eq_ignore_ascii_case(p);
     (leading && LEADING_WORDS.iter().any(|k| w.eq_ignore_ascii_case(k)))
         || ANYWHERE_WORDS.iter().any(|k| w.eq_ignore_ascii_case(k))
@@ -172,6 +177,7 @@ fn word_matters(w: &str, leading: bool) -> bool {
 /// Whether `sql` may have a session effect or pin. Skips comments and quoted text; when in doubt
 /// (an unterminated quote or comment) says yes.
 fn may_touch_session(sql: &str) -> bool {
+    use crate::sqltext::{is, ALNUM, SPACE};
     let b = sql.as_bytes();
     let mut i = 0;
     let mut leading = true;
@@ -225,9 +231,9 @@ fn may_touch_session(sql: &str) -> bool {
                     _ => i += 1,
                 }
             }
-            c if c.is_ascii_alphanumeric() || c == b'_' => {
+            c if is(c, ALNUM) => {
                 let start = i;
-                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                while i < b.len() && is(b[i], ALNUM) {
                     i += 1;
                 }
                 if word_matters(&sql[start..i], leading) {
@@ -235,7 +241,7 @@ fn may_touch_session(sql: &str) -> bool {
                 }
                 leading = false;
             }
-            c if c.is_ascii_whitespace() || c == b'(' => i += 1,
+            c if is(c, SPACE) || c == b'(' => i += 1,
             _ => {
                 leading = false;
                 i += 1;
@@ -248,8 +254,32 @@ fn may_touch_session(sql: &str) -> bool {
 /// The memo: one parse per distinct statement text, bounded.
 pub struct Analyzer {
     memo: Mutex<LruCache<Box<str>, Arc<Analysis>>>,
-    /// The answer for statements the word scan clears.
-    plain: Arc<Analysis>,
+}
+
+/// The answer for statements the word scan clears: one statement, no effect, no pin.
+static PLAIN: Analysis = Analysis {
+    parsed: true,
+    statements: 1,
+    effects: Vec::new(),
+    pin: None,
+    deallocate: None,
+};
+
+/// What `Analyzer::analyze` found: most statements are plain, and say so without touching a
+/// reference count every session shares.
+pub enum Analyzed {
+    Plain,
+    Parsed(Arc<Analysis>),
+}
+
+impl std::ops::Deref for Analyzed {
+    type Target = Analysis;
+    fn deref(&self) -> &Analysis {
+        match self {
+            Analyzed::Plain => &PLAIN,
+            Analyzed::Parsed(a) => a,
+        }
+    }
 }
 
 impl Analyzer {
@@ -257,26 +287,21 @@ impl Analyzer {
         let cap = NonZeroUsize::new(capacity.max(1)).unwrap_or(NonZeroUsize::MIN);
         Analyzer {
             memo: Mutex::new(LruCache::new(cap)),
-            plain: Arc::new(Analysis {
-                parsed: true,
-                statements: 1,
-                ..Analysis::default()
-            }),
         }
     }
 
     /// Session effects and pins of `sql`.
-    pub fn analyze(&self, sql: &str) -> Arc<Analysis> {
+    pub fn analyze(&self, sql: &str) -> Analyzed {
         if !may_touch_session(sql) {
-            return self.plain.clone();
+            return Analyzed::Plain;
         }
         if let Some(a) = self.lock().get(sql) {
-            return a.clone();
+            return Analyzed::Parsed(a.clone());
         }
         // Parse outside the lock: other sessions keep hitting the memo meanwhile.
         let a = Arc::new(analyze(sql));
         self.lock().put(sql.into(), a.clone());
-        a
+        Analyzed::Parsed(a)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<Box<str>, Arc<Analysis>>> {
@@ -389,8 +414,12 @@ mod tests {
     fn unparsable_is_flagged_and_memo_returns_same() {
         assert!(!analyze("selec 1").parsed);
         let an = Analyzer::new(2);
-        let a = an.analyze("select 1");
-        let b = an.analyze("select 1");
-        assert!(Arc::ptr_eq(&a, &b));
+        assert!(matches!(an.analyze("select 1"), Analyzed::Plain));
+        let a = an.analyze("set work_mem = '1MB'");
+        let b = an.analyze("set work_mem = '1MB'");
+        match (a, b) {
+            (Analyzed::Parsed(a), Analyzed::Parsed(b)) => assert!(Arc::ptr_eq(&a, &b)),
+            _ => panic!("a SET is parsed"),
+        }
     }
 }
