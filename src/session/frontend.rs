@@ -360,6 +360,14 @@ impl Session {
         self.queue.push_back(Expect::reply(kind));
     }
 
+    /// `push` for a message the proxy rewrote: framed straight into what goes to the server.
+    fn push_frame(&mut self, tag: u8, parts: &[&[u8]], kind: Kind) {
+        if let Some(a) = &mut self.server {
+            wire::frame(tag, parts, &mut a.to_server);
+        }
+        self.queue.push_back(Expect::reply(kind));
+    }
+
     /// Pins and settings effects of a statement; `Err` with the refusal when it may not run.
     fn admit(&mut self, a: &Analysis) -> Result<(), PgError> {
         self.cache_note_pin(a.pin);
@@ -481,11 +489,12 @@ impl Session {
         }
         if name.is_empty() {
             self.insight_unnamed_parsed();
-            let frozen = msg.freeze();
-            self.unnamed = Some(frozen.clone());
+            // A copy is kept, to parse it again on another server connection; the message goes
+            // on as it came, so the rest of the batch behind it joins it without a copy.
+            self.unnamed = Some(Bytes::copy_from_slice(&msg));
             if let Some(a) = &mut self.server {
                 a.unnamed_valid = true;
-                a.to_server.extend_from_slice(&frozen);
+                forward(msg, &mut a.to_server);
             }
             self.queue.push_back(Expect::reply(Kind::Parse {
                 server_name: None,
@@ -613,20 +622,15 @@ impl Session {
             // Unknown or unnamed: sent as is (the server reports a missing statement itself).
             None => self.push(msg, Kind::Bind),
             Some(p) => {
-                let mut out = BytesMut::new();
                 let rest = &body[pos..];
-                wire::frame(
-                    b'B',
-                    &[
-                        portal.as_bytes(),
-                        b"\0",
-                        p.server_name.as_bytes(),
-                        b"\0",
-                        rest,
-                    ],
-                    &mut out,
-                );
-                self.push(out, Kind::Bind);
+                let parts: [&[u8]; 5] = [
+                    portal.as_bytes(),
+                    b"\0",
+                    p.server_name.as_bytes(),
+                    b"\0",
+                    rest,
+                ];
+                self.push_frame(b'B', &parts, Kind::Bind);
             }
         }
     }
@@ -644,9 +648,8 @@ impl Session {
         match self.statement_for(name) {
             None => self.push(msg, Kind::DescribeStatement),
             Some(p) => {
-                let mut out = BytesMut::new();
-                wire::frame(b'D', &[b"S", p.server_name.as_bytes(), b"\0"], &mut out);
-                self.push(out, Kind::DescribeStatement);
+                let parts: [&[u8]; 3] = [b"S", p.server_name.as_bytes(), b"\0"];
+                self.push_frame(b'D', &parts, Kind::DescribeStatement);
             }
         }
     }

@@ -358,6 +358,8 @@ impl Session {
             t.info.set_active(true);
         }
         self.registration.attach(conn.cancel.clone());
+        // Room for a whole extended batch's replies at once (it would grow 0 → 4 → 8).
+        self.queue.reserve(8);
         let max = self.cfg.proxy.max_message_bytes;
         self.server = Some(Box::new(Attached {
             conn,
