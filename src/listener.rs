@@ -194,7 +194,8 @@ async fn begin(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Option<
         send_error(&mut stream, &e).await;
         return None;
     }
-    let key = shared.pools.shared_key(&PoolKey { database, user });
+    let pool = shared.pools.pool_ref(&PoolKey { database, user });
+    let key = pool.key().clone();
     let settings = match startup::requested_settings(&params) {
         Ok(s) => s,
         Err(e) => {
@@ -209,8 +210,7 @@ async fn begin(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Option<
     );
     // Not needed any more: an idle client should not keep its startup packet around.
     drop(params);
-    let Some(mut session) =
-        Session::start(shared.clone(), stream, buf, key.clone(), settings, peer).await
+    let Some(mut session) = Session::start(shared.clone(), stream, buf, pool, settings, peer).await
     else {
         tracing::info!(%peer, pool = %key, "client session could not start");
         return None;

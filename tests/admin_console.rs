@@ -97,6 +97,8 @@ async fn reload_changes_pool_size_without_dropping_clients() {
     let url = proxy.url("app", "app", "app");
     let holder = support::connect(&url).await;
     holder.batch_execute("begin").await.unwrap();
+    // Connected before the reload, idle through it.
+    let early = support::connect(&url).await;
 
     // The pool is full while `holder` is in its transaction: a second client waits.
     let waiter = support::connect(&url).await;
@@ -119,6 +121,12 @@ async fn reload_changes_pool_size_without_dropping_clients() {
         .expect("new pool serves at once")
         .unwrap();
     assert_eq!(rows(&got), vec![vec!["3".to_string()]]);
+    // So do clients that connected before it: their sessions move to the new pool.
+    let got = tokio::time::timeout(Duration::from_secs(5), early.simple_query("select 4"))
+        .await
+        .expect("a client from before the reload is served by the new pool")
+        .unwrap();
+    assert_eq!(rows(&got), vec![vec!["4".to_string()]]);
     holder.batch_execute("commit").await.unwrap();
     let r = tokio::time::timeout(Duration::from_secs(10), waiting)
         .await

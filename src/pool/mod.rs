@@ -15,6 +15,7 @@ use bb8::{ErrorSink, ManageConnection, PooledConnection, RunError};
 use futures::FutureExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast;
@@ -92,9 +93,11 @@ impl ErrorSink<Arc<UpstreamError>> for Sink {
     }
 }
 
-struct Entry {
+pub struct Entry {
     /// The pool's key, shared by every client of the pool (one copy, not one per client).
     key: Arc<PoolKey>,
+    /// Set when a reload dropped this pool: sessions holding it look it up again.
+    retired: AtomicBool,
     pool: bb8::Pool<Manager>,
     errors: broadcast::Sender<Arc<UpstreamError>>,
     /// Server names of statements this pool's server has parsed without error.
@@ -116,6 +119,17 @@ const MAX_LOGIN_VARIANTS: usize = 64;
 const MAX_KNOWN_STATEMENTS: usize = 10_000;
 
 pub type ServerGuard = PooledConnection<'static, Manager>;
+
+/// A session's hold on its pool: check-outs need no lookup in the map of pools (a lock every
+/// session shares, and a hash of the key). A reload retires it; the next check-out looks again.
+pub struct PoolRef(Arc<Entry>);
+
+impl PoolRef {
+    /// The pool's key, one copy shared by its clients.
+    pub fn key(&self) -> &Arc<PoolKey> {
+        &self.0.key
+    }
+}
 
 #[derive(Debug)]
 pub enum AcquireError {
@@ -213,6 +227,7 @@ impl Pools {
             });
         let entry = Arc::new(Entry {
             key: Arc::new(key.clone()),
+            retired: AtomicBool::new(false),
             pool,
             errors,
             known: Mutex::new(HashSet::new()),
@@ -223,9 +238,9 @@ impl Pools {
         entry
     }
 
-    /// `key` as every client of its pool holds it.
-    pub fn shared_key(&self, key: &PoolKey) -> Arc<PoolKey> {
-        self.entry(key).key.clone()
+    /// `key`'s pool, for a session to keep (see `PoolRef`).
+    pub fn pool_ref(&self, key: &PoolKey) -> PoolRef {
+        PoolRef(self.entry(key))
     }
 
     /// A connection outside every pool, logged in as `key`'s pool would be: the proxy's own reads
@@ -258,11 +273,14 @@ impl Pools {
     /// trip to check: transaction mode's common case, with no future and no timer.
     pub fn try_acquire(
         &self,
-        key: &PoolKey,
+        pool: &mut PoolRef,
         now: std::time::Instant,
         config: &PoolConfig,
     ) -> Option<ServerGuard> {
-        let entry = self.entry(key);
+        if pool.0.retired.load(Ordering::Acquire) {
+            *pool = self.pool_ref(pool.key());
+        }
+        let entry = &pool.0;
         // Cancel-safe: a connection not handed out stays in the pool.
         let mut conn = entry.pool.get_owned().now_or_never()?.ok()?;
         match Self::health(&mut conn, now, config) {
@@ -398,7 +416,11 @@ impl Pools {
     /// credentials; the old ones close their connections as clients give them back.
     pub fn reload(&self, config: Arc<Config>) {
         self.config.store(config);
-        self.pools.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        for e in pools.values() {
+            e.retired.store(true, Ordering::Release);
+        }
+        pools.clear();
     }
 
     /// (key, connections, idle) for every pool; for the admin console and metrics.

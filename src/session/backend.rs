@@ -213,7 +213,7 @@ impl Session {
             },
         ) = (tag, kind)
         {
-            self.shared.pools.note_statement(&self.key, n);
+            self.shared.pools.note_statement(self.pool.key(), n);
         }
         if completes(kind, tag) {
             if let Some(Expect::Reply { timed: Some(p), .. }) = self.queue.pop_front() {

@@ -101,7 +101,7 @@ impl Session {
             let name = self
                 .shared
                 .config()
-                .upstream_database(&self.key.database)
+                .upstream_database(&self.pool.key().database)
                 .to_string();
             c.db = Some(self.shared.cache.db(&name));
         }
@@ -160,7 +160,7 @@ impl Session {
         let load = async {
             let mut last = None;
             for _ in 0..3 {
-                let mut conn = self.shared.pools.connect_unpooled(&self.key).await?;
+                let mut conn = self.shared.pools.connect_unpooled(self.pool.key()).await?;
                 let c = catalog::load(&mut conn).await;
                 conn.terminate().await;
                 match c {
@@ -256,7 +256,7 @@ impl Session {
         let role = if plan.shared {
             "*"
         } else {
-            self.key.user.as_str()
+            self.pool.key().user.as_str()
         };
         let c = self.cache.as_deref_mut().expect("cache on");
         let sig = c
@@ -352,7 +352,7 @@ impl Session {
         let role = if plan.shared {
             "*"
         } else {
-            self.key.user.as_str()
+            self.pool.key().user.as_str()
         };
         let name = crate::cache::entry_name(&db.name, role, &plan.fingerprint, parts);
         tracing::trace!(%name, "miss");

@@ -225,7 +225,7 @@ impl Session {
             // The waiting part of it is boxed: inline, every idle client's task would carry
             // its size.
             if let Err(e) = self.attach_fast().await {
-                tracing::info!(pool = %self.key, error = ?e, "no server connection for client");
+                tracing::info!(pool = %self.pool.key(), error = ?e, "no server connection for client");
                 self.cache_drop_fill();
                 let fatal = e.refused_by_upstream();
                 e.to_client(Severity::Error, &mut self.to_client);
@@ -323,7 +323,7 @@ impl Session {
                 if !self
                     .shared
                     .pools
-                    .statement_known(&self.key, &prepared.server_name)
+                    .statement_known(self.pool.key(), &prepared.server_name)
                 {
                     return false;
                 }
@@ -381,7 +381,7 @@ impl Session {
             if self.pinned.is_none() {
                 match policy.session_state {
                     SessionStatePolicy::Pin => {
-                        tracing::debug!(pool = %self.key, %reason, "client pinned to its server connection");
+                        tracing::debug!(pool = %self.pool.key(), %reason, "client pinned to its server connection");
                         self.pinned = Some(reason);
                         self.ticket.info.set_pinned();
                     }

@@ -53,7 +53,7 @@ impl Session {
         self.insight.as_ref()?;
         let fp = self.shared.insight.memo.get(sql);
         let explain = (self.explaining() && fp.statements == 1).then(|| ExplainArgs {
-            key: (*self.key).clone(),
+            key: (**self.pool.key()).clone(),
             sql: sql.to_string(),
             parse_types: None,
             bind: None,
@@ -104,7 +104,7 @@ impl Session {
         };
         let explain = explaining.then(|| {
             Box::new(ExplainArgs {
-                key: (*self.key).clone(),
+                key: (**self.pool.key()).clone(),
                 sql: sql.to_string(),
                 parse_types: Some(Bytes::copy_from_slice(types)),
                 bind: Some(Bytes::copy_from_slice(rest)),
@@ -198,7 +198,7 @@ impl Session {
             at: SystemTime::now(),
             us,
             fp: p.fp,
-            key: (*self.key).clone(),
+            key: (**self.pool.key()).clone(),
             client: self.ticket.info.addr,
             rows: p.rows,
             cached,

@@ -29,7 +29,7 @@ use crate::error::{sqlstate, PgError, Severity};
 use crate::listener::Shared;
 use crate::metrics::ClientGauge;
 use crate::pool::upstream::ServerConn;
-use crate::pool::{AcquireError, PoolKey, ServerGuard};
+use crate::pool::{AcquireError, PoolRef, ServerGuard};
 use crate::shutdown::Phase;
 use crate::stream::Stream;
 use crate::wire::Scanner;
@@ -91,7 +91,8 @@ pub struct Session {
     /// The configuration as of this event (see `Shared::config_generation`).
     cfg: Arc<Config>,
     cfg_generation: u64,
-    key: Arc<PoolKey>,
+    /// The client's pool; its key names the pool in logs and the registry.
+    pool: PoolRef,
     mode: PoolMode,
     client: Stream,
     c_in: BytesMut,
@@ -132,12 +133,13 @@ impl Session {
         shared: Arc<Shared>,
         client: Stream,
         c_in: BytesMut,
-        key: Arc<PoolKey>,
+        pool: PoolRef,
         settings: Settings,
         peer: std::net::SocketAddr,
     ) -> Option<Box<Session>> {
         let cfg_generation = shared.config_generation.load(Ordering::Acquire);
         let config = shared.config.load_full();
+        let key = pool.key().clone();
         let mode = config.pool_mode(&key.database, &key.user);
         let max = config.proxy.max_message_bytes;
         let registration = shared.cancels.register();
@@ -149,7 +151,7 @@ impl Session {
             shared,
             cfg: config,
             cfg_generation,
-            key,
+            pool,
             mode,
             client,
             c_in,
@@ -189,7 +191,7 @@ impl Session {
         // a busy pool must not keep clients from connecting.
         let startup = s.settings.startup().clone();
         if s.mode == PoolMode::Transaction {
-            if let Some(params) = s.shared.pools.login_params(&s.key, &startup) {
+            if let Some(params) = s.shared.pools.login_params(s.pool.key(), &startup) {
                 startup::reply(&params, s.registration.key, &mut s.to_client);
                 return Some(s);
             }
@@ -202,7 +204,9 @@ impl Session {
         let params = s.server.as_ref()?.conn.params.clone();
         startup::reply(&params, s.registration.key, &mut s.to_client);
         if s.mode == PoolMode::Transaction {
-            s.shared.pools.note_login_params(&s.key, startup, params);
+            s.shared
+                .pools
+                .note_login_params(s.pool.key(), startup, params);
             s.release().await;
         }
         Some(s)
@@ -295,7 +299,7 @@ impl Session {
             if let Some(conn) = self
                 .shared
                 .pools
-                .try_acquire(&self.key, now, &self.cfg.pool)
+                .try_acquire(&mut self.pool, now, &self.cfg.pool)
             {
                 PoolStats::add(&self.stats.wait_us, 0);
                 crate::metrics::METRICS.pool_acquire_wait.observe(0.0);
@@ -321,7 +325,7 @@ impl Session {
             info.set_state(ClientState::Waiting);
             let started = Instant::now();
             control::wait_unpaused(&self.shared).await;
-            let got = self.shared.pools.acquire(&self.key).await;
+            let got = self.shared.pools.acquire(self.pool.key()).await;
             let waited = started.elapsed();
             PoolStats::add(&self.stats.wait_us, waited.as_micros() as u64);
             crate::metrics::METRICS
@@ -552,7 +556,7 @@ impl Session {
             if self.tx.query_deadline.is_some_and(|d| d <= now) {
                 self.tx.query_deadline = None;
                 if let Some(key) = self.server.as_ref().and_then(|a| a.conn.cancel.clone()) {
-                    tracing::info!(pool = %self.key, "query_timeout reached: cancelling the statement");
+                    tracing::info!(pool = %self.pool.key(), "query_timeout reached: cancelling the statement");
                     tokio::spawn(async move {
                         if let Err(e) = key.send().await {
                             tracing::warn!(error = %e, "could not send cancel for query_timeout");
