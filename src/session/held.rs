@@ -17,6 +17,29 @@ pub(super) struct HeldStatement {
     plan: Arc<Plan>,
 }
 
+/// The message types of a held batch, in order (a batch held is at most `Parse Bind Describe
+/// Execute`; longer ones are never held, so they never need more room than this).
+struct Shape {
+    tags: [u8; 8],
+    len: usize,
+}
+
+impl Shape {
+    fn of(held: &[BytesMut]) -> Self {
+        let mut s = Shape {
+            tags: [0; 8],
+            len: held.len().min(8),
+        };
+        for (t, m) in s.tags.iter_mut().zip(held) {
+            *t = m[0];
+        }
+        s
+    }
+    fn tags(&self) -> &[u8] {
+        &self.tags[..self.len]
+    }
+}
+
 /// The bind message of an extended batch, read for its key.
 struct BindParts<'a> {
     portal: &'a str,
@@ -115,8 +138,9 @@ impl Session {
         let Some(c) = self.cache.as_deref() else {
             return Ok(Some(msg));
         };
-        let shape: Vec<u8> = c.held.iter().map(|m| m[0]).collect();
-        let accept = match (tag, shape.as_slice()) {
+        let shape = Shape::of(&c.held);
+        let shape = shape.tags();
+        let accept = match (tag, shape) {
             (b'P', []) if self.quiet() => self.holdable_parse(&msg).await,
             (b'B', [] | [b'P']) if shape.is_empty() && !self.quiet() => false,
             (b'B', [] | [b'P']) => self.holdable_bind(&msg).await,
@@ -146,8 +170,7 @@ impl Session {
         if !name.is_empty() && self.stmts.contains_key(name) {
             return false;
         }
-        let sql = sql.to_string();
-        match self.cache_plan(&sql).await {
+        match self.cache_plan(sql).await {
             Some((db, plan)) => self.cache_eligible(&db, &plan),
             None => false,
         }
@@ -216,14 +239,15 @@ impl Session {
             self.release_held().await?;
             return Ok(Some(sync));
         };
-        let shape: Vec<u8> = held.iter().map(|m| m[0]).collect();
+        let shape = Shape::of(&held);
+        let shape = shape.tags();
         let bind = held
             .iter()
             .find(|m| m[0] == b'B')
             .and_then(|m| read_bind(m));
         let rest = bind.map(|b| b.rest).unwrap_or_default();
         let (_, sql, types) = read_parse(&stmt.parse).unwrap_or_default();
-        let parts: [&[u8]; 4] = [&shape, sql.as_bytes(), types, rest];
+        let parts: [&[u8]; 4] = [shape, sql.as_bytes(), types, rest];
         let plan = stmt.plan.clone();
         self.cache_note_sent(&plan);
         let served = self.quiet()
