@@ -203,11 +203,7 @@ async fn begin(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Option<
             return None;
         }
     };
-    let settings = Settings::new(
-        shared
-            .pools
-            .shared_settings(&key, settings.into_iter().collect()),
-    );
+    let settings = Settings::new(pool.shared_settings(settings.into_iter().collect()));
     // Not needed any more: an idle client should not keep its startup packet around.
     drop(params);
     let Some(mut session) = Session::start(shared.clone(), stream, buf, pool, settings, peer).await

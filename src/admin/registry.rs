@@ -192,9 +192,7 @@ impl Registry {
     pub fn servers(&self) -> Vec<Arc<ServerInfo>> {
         lock(&self.servers).values().cloned().collect()
     }
-}
 
-impl Registry {
     /// Wake every client session (it then re-reads the shutdown phase).
     pub fn wake_clients(&self) {
         for c in lock(&self.clients).values() {

@@ -93,7 +93,7 @@ impl ErrorSink<Arc<UpstreamError>> for Sink {
     }
 }
 
-pub struct Entry {
+struct Entry {
     /// The pool's key, shared by every client of the pool (one copy, not one per client).
     key: Arc<PoolKey>,
     /// Set when a reload dropped this pool: sessions holding it look it up again.
@@ -128,6 +128,20 @@ impl PoolRef {
     /// The pool's key, one copy shared by its clients.
     pub fn key(&self) -> &Arc<PoolKey> {
         &self.0.key
+    }
+
+    /// `settings` as the pool's other clients with the same startup settings hold them.
+    pub fn shared_settings(&self, settings: SettingMap) -> Arc<SettingMap> {
+        let mut known = self.0.startups.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = known.get(&settings) {
+            return s.clone();
+        }
+        if known.len() >= MAX_LOGIN_VARIANTS {
+            known.clear();
+        }
+        let shared = Arc::new(settings);
+        known.insert(shared.clone());
+        shared
     }
 }
 
@@ -369,21 +383,6 @@ impl Pools {
         let entry = self.entry(key);
         let known = entry.known.lock().unwrap_or_else(|p| p.into_inner());
         known.contains(server_name)
-    }
-
-    /// `settings` as the pool's other clients with the same startup settings hold them.
-    pub fn shared_settings(&self, key: &PoolKey, settings: SettingMap) -> Arc<SettingMap> {
-        let entry = self.entry(key);
-        let mut known = entry.startups.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = known.get(&settings) {
-            return s.clone();
-        }
-        if known.len() >= MAX_LOGIN_VARIANTS {
-            known.clear();
-        }
-        let shared = Arc::new(settings);
-        known.insert(shared.clone());
-        shared
     }
 
     /// Remember what a login with `settings` was told.

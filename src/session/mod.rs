@@ -301,7 +301,6 @@ impl Session {
                 .pools
                 .try_acquire(&mut self.pool, now, &self.cfg.pool)
             {
-                PoolStats::add(&self.stats.wait_us, 0);
                 crate::metrics::METRICS.pool_acquire_wait.observe(0.0);
                 let ready = self
                     .settings
@@ -343,10 +342,8 @@ impl Session {
             return Ok(());
         };
         if let Err(e) = self.settings.apply(&mut a.conn).await {
-            if let Some(mut a) = self.server.take() {
+            if let Some(mut a) = self.detach() {
                 a.conn.broken = e.retryable();
-                self.registration.attach(None);
-                self.detached(&a);
             }
             return Err(AcquireError::Upstream(Arc::new(e)));
         }
@@ -400,11 +397,9 @@ impl Session {
     /// Give the server connection back (transaction mode), after reading back the settings the
     /// client changed, if any (boxed: rare, and a large future).
     async fn release(&mut self) {
-        let Some(mut a) = self.server.take() else {
+        let Some(mut a) = self.detach() else {
             return;
         };
-        self.registration.attach(None);
-        self.detached(&a);
         // Empty now; between transactions a client keeps no queue memory either.
         self.queue = VecDeque::new();
         if self.settings.dirty() {
@@ -440,11 +435,9 @@ impl Session {
     /// The session is over: return or close the server connection.
     async fn finish(&mut self, end: End) {
         self.cache_session_end();
-        let Some(mut a) = self.server.take() else {
+        let Some(mut a) = self.detach() else {
             return;
         };
-        self.registration.attach(None);
-        self.detached(&a);
         let clean = end != End::ServerLost
             && !a.conn.broken
             && !self.tx.batch_open
@@ -492,13 +485,18 @@ impl Session {
         conn.last_used = std::time::Instant::now();
     }
 
-    fn detached(&self, a: &Attached) {
+    /// The server connection no longer serves this client (the undoing of `attached`); the
+    /// caller decides where it goes.
+    fn detach(&mut self) -> Option<Box<Attached>> {
+        let a = self.server.take()?;
+        self.registration.attach(None);
         let info = &self.ticket.info;
         info.set_state(ClientState::Idle);
         info.set_server_pid(0);
         if let Some(t) = &a.conn.ticket {
             t.info.set_active(false);
         }
+        Some(a)
     }
 
     /// The upstream went away: tell the client unless the server already did.
