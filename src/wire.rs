@@ -185,7 +185,7 @@ pub fn frame(tag: u8, parts: &[&[u8]], out: &mut BytesMut) {
 /// Read a NUL-terminated string from `body` at `*pos`.
 pub fn read_cstr<'a>(body: &'a [u8], pos: &mut usize) -> Option<&'a str> {
     let rest = body.get(*pos..)?;
-    let end = rest.iter().position(|&b| b == 0)?;
+    let end = memchr::memchr(0, rest)?;
     let s = std::str::from_utf8(&rest[..end]).ok()?;
     *pos += end + 1;
     Some(s)

@@ -7,7 +7,6 @@ use crate::config::CacheConfig;
 use crate::metrics::METRICS;
 use bytes::Bytes;
 use lru::LruCache;
-use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,7 +59,8 @@ pub struct Store {
     shards: Box<[Mutex<Shard>]>,
     /// Entries and bytes per shard, readable without its lock (for choosing whom to evict).
     sizes: Box<[(AtomicUsize, AtomicUsize)]>,
-    hasher: RandomState,
+    /// Picks the shard: a fast hash, keys hold the whole statement.
+    hasher: foldhash::fast::RandomState,
 }
 
 impl Store {
@@ -77,7 +77,7 @@ impl Store {
             sizes: (0..SHARDS)
                 .map(|_| (AtomicUsize::new(0), AtomicUsize::new(0)))
                 .collect(),
-            hasher: RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
         }
     }
 

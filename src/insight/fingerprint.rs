@@ -42,7 +42,9 @@ const SHAPE_MEMO: usize = 8192;
 
 pub struct Memo {
     shapes: Mutex<LruCache<u64, Arc<Fingerprint>>>,
-    hasher: std::collections::hash_map::RandomState,
+    /// Seeded per process. Keys are only hashes: two shapes that collide share a fingerprint
+    /// (insight's figures, never results), so a quality 64-bit hash is enough.
+    hasher: foldhash::quality::RandomState,
 }
 
 impl Default for Memo {

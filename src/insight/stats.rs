@@ -3,7 +3,8 @@
 //! `EXPLAIN` finding. Bounded: beyond `max_fingerprints` the least total time goes first.
 
 use super::fingerprint::Fingerprint;
-use std::collections::HashMap;
+// Keys are fingerprints, already hashes: a fast hasher is enough.
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -108,7 +109,9 @@ pub struct Table {
 impl Default for Table {
     fn default() -> Self {
         Table {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
         }
     }
 }

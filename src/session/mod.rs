@@ -38,7 +38,7 @@ use bytes::{Bytes, BytesMut};
 use cancel::Registration;
 use frontend::Prepared;
 use settings::Settings;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,8 +104,9 @@ pub struct Session {
     tx: Tx,
     /// Transaction mode: what each reply from the server answers, in order.
     queue: VecDeque<Expect>,
-    /// Transaction mode: the client's named statements.
-    stmts: HashMap<String, Arc<Prepared>>,
+    /// Transaction mode: the client's named statements (a fast hasher: a client can only slow
+    /// itself down).
+    stmts: foldhash::HashMap<String, Arc<Prepared>>,
     /// Transaction mode: the client's last unnamed `Parse`.
     unnamed: Option<Bytes>,
     settings: Settings,
@@ -168,7 +169,7 @@ impl Session {
                 copy_in: false,
             },
             queue: VecDeque::new(),
-            stmts: HashMap::new(),
+            stmts: Default::default(),
             unnamed: None,
             settings,
             pinned: None,
