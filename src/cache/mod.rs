@@ -53,11 +53,14 @@ pub fn settings_sig<'a>(settings: impl IntoIterator<Item = (&'a String, &'a Stri
 
 /// An entry's key: every part, length-prefixed, so no two different inputs give the same bytes.
 pub fn entry_key(db: &str, role: &str, sig: &[u8], parts: &[&[u8]]) -> Box<[u8]> {
-    let mut key = Vec::with_capacity(64 + parts.iter().map(|p| p.len() + 4).sum::<usize>());
-    for p in [db.as_bytes(), role.as_bytes(), sig]
-        .into_iter()
-        .chain(parts.iter().copied())
-    {
+    let fields = || {
+        [db.as_bytes(), role.as_bytes(), sig]
+            .into_iter()
+            .chain(parts.iter().copied())
+    };
+    // Exactly the room it needs: no copy when it becomes a boxed slice.
+    let mut key = Vec::with_capacity(fields().map(|p| p.len() + 4).sum::<usize>());
+    for p in fields() {
         key.extend_from_slice(&(p.len() as u32).to_be_bytes());
         key.extend_from_slice(p);
     }

@@ -5,7 +5,7 @@ use super::catalog::Catalog;
 use super::glob_match;
 use super::sql::{Rel, SqlFacts, TxControl};
 use crate::config::CacheConfig;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 #[derive(Debug, Default)]
@@ -29,6 +29,9 @@ pub struct Plan {
     pub sets: bool,
     pub tx: Option<TxControl>,
     pub fingerprint: Arc<str>,
+    /// Query insight's fingerprint of the statement, made at its first cache hit (every text a
+    /// plan serves differs only in numbers, which insight's fingerprint ignores too).
+    pub insight: OnceLock<Arc<crate::insight::fingerprint::Fingerprint>>,
 }
 
 impl Plan {

@@ -366,6 +366,16 @@ impl Session {
 
     /// Send the client the proxy's own answers that are now in order.
     pub(super) fn emit_synthetic(&mut self) {
+        // One allocation for all of it (the buffer is usually empty: it is freed once written).
+        let room: usize = (self.queue.iter())
+            .map_while(|e| match e {
+                Expect::CopyEnd => Some(0),
+                Expect::Synthetic(bytes) => Some(bytes.len()),
+                Expect::SyntheticReady => Some(6),
+                _ => None,
+            })
+            .sum();
+        self.to_client.reserve(room);
         loop {
             match self.queue.front() {
                 Some(Expect::CopyEnd) => {}

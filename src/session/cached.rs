@@ -133,7 +133,9 @@ impl Session {
     /// changed. Failures only mean this statement is not cached.
     async fn cache_prepare(&mut self, db: &Db) {
         if db.catalog().is_none() {
-            self.load_catalog(db).await;
+            // Boxed here and below: rare, and large; inline, every message's future would
+            // carry their size (the hot path boxes it per message).
+            Box::pin(self.load_catalog(db)).await;
         }
         if !self.settings.dirty() || self.tx.status != b'I' || !self.idle() {
             return;
@@ -142,7 +144,7 @@ impl Session {
             return; // transaction mode: captured when the connection goes back
         };
         if a.to_server.is_empty() && a.conn.buf.is_empty() {
-            self.capture_settings(&mut a.conn).await;
+            Box::pin(self.capture_settings(&mut a.conn)).await;
         }
         self.server = Some(a);
     }
@@ -277,7 +279,7 @@ impl Session {
         db: &Db,
         plan: &Plan,
         parts: &[&[u8]],
-        (sql, protocol): (&str, usize),
+        (sql, protocol): (&[u8], usize),
     ) -> bool {
         let started = Instant::now();
         let key = self.cache_key(db, plan, parts);
@@ -291,7 +293,7 @@ impl Session {
         let mut stored = None;
         if let Some(t) = &tier {
             if strict || found.is_none() {
-                match t.lookup(&key, &db.name, &plan.deps).await {
+                match Box::pin(t.lookup(&key, &db.name, &plan.deps)).await {
                     Some((s, v)) => {
                         stored = s;
                         current = Some(v);
@@ -345,7 +347,7 @@ impl Session {
             self.emit_synthetic();
             self.tx.last_activity = tokio::time::Instant::now();
             crate::admin::registry::PoolStats::add(&self.stats.queries, 1);
-            self.insight_cached(sql, protocol, started);
+            self.insight_cached(plan, sql, protocol, started);
             return true;
         }
         METRICS.cache_misses.inc();
@@ -387,7 +389,7 @@ impl Session {
             tracing::trace!(cacheable = plan.cacheable, quiet = self.quiet(), status = %(self.tx.status as char), queue = ?self.queue, batch_open = self.tx.batch_open, in_flight = self.tx.in_flight, "simple query not looked up");
             return false;
         }
-        let insight = (sql, crate::metrics::SIMPLE);
+        let insight = (sql.as_bytes(), crate::metrics::SIMPLE);
         self.cache_lookup(&db, &plan, &[b"Q", sql.as_bytes()], insight)
             .await
     }

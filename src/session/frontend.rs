@@ -197,6 +197,9 @@ impl Session {
                     return Ok(());
                 }
             } else {
+                let Err(msg) = self.cache_hold_now(tag, msg) else {
+                    return Ok(());
+                };
                 match Box::pin(self.cache_hold(tag, msg)).await? {
                     Some(m) => return self.dispatch(m).await,
                     None => return Ok(()),

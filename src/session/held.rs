@@ -11,9 +11,10 @@ use crate::wire::read_cstr;
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 
-/// The client's statement a held `Bind` runs: its `Parse` (text and parameter types) and plan.
+/// The statement a held batch runs: its plan, and its `Parse` (text and parameter types) when
+/// that is not the batch's own held `Parse`.
 pub(super) struct HeldStatement {
-    parse: Bytes,
+    parse: Option<Bytes>,
     plan: Arc<Plan>,
 }
 
@@ -40,12 +41,22 @@ impl Shape {
     }
 }
 
+/// A `Describe` or `Execute` that a batch held as `shape` takes: of the unnamed portal, no
+/// row limit.
+fn joins(tag: u8, shape: &[u8], msg: &[u8]) -> bool {
+    match (tag, shape) {
+        (b'D', [.., b'B']) => msg.get(5) == Some(&b'P') && msg.get(6) == Some(&0),
+        (b'E', [.., b'B'] | [.., b'B', b'D']) => {
+            msg.get(5) == Some(&0) && msg.get(6..10) == Some(&[0, 0, 0, 0])
+        }
+        _ => false,
+    }
+}
+
 /// The bind message of an extended batch, read for its key.
 struct BindParts<'a> {
     portal: &'a str,
     statement: &'a str,
-    /// Formats, values and result formats: everything after the names.
-    rest: &'a [u8],
     /// A text parameter is `'now'` or the like.
     has_time_word: bool,
 }
@@ -83,9 +94,23 @@ fn read_bind(msg: &[u8]) -> Option<BindParts<'_>> {
     Some(BindParts {
         portal,
         statement,
-        rest,
         has_time_word,
     })
+}
+
+/// What follows the first `n` strings of a message's body.
+fn after_cstrs(msg: &[u8], n: usize) -> Option<&[u8]> {
+    let mut body = msg.get(5..)?;
+    for _ in 0..n {
+        body = &body[memchr::memchr(0, body)? + 1..];
+    }
+    Some(body)
+}
+
+/// The statement name of a `Parse` message, unread.
+fn parse_name(msg: &[u8]) -> Option<&[u8]> {
+    let body = msg.get(5..)?;
+    Some(&body[..memchr::memchr(0, body)?])
 }
 
 /// Query text and parameter types of a `Parse` message.
@@ -98,15 +123,9 @@ pub(super) fn read_parse(msg: &[u8]) -> Option<(&str, &str, &[u8])> {
 }
 
 impl Session {
-    /// The `Parse` (text and parameter types) of the statement a `Bind` to `name` runs, from
-    /// this batch's held `Parse` or the client's statements. No copy but for a held `Parse`.
+    /// The `Parse` (text and parameter types) of the client's statement `name` (a held `Parse`
+    /// is not one yet: a `Bind` behind it is held too, or the `Parse` was let go first).
     fn statement_parse(&self, name: &str) -> Option<Bytes> {
-        let c = self.cache.as_deref()?;
-        if let Some(m) = c.held.first().filter(|m| m[0] == b'P') {
-            if read_parse(m).is_some_and(|(n, ..)| n == name) {
-                return Some(Bytes::copy_from_slice(m));
-            }
-        }
         if name.is_empty() {
             self.unnamed.clone()
         } else {
@@ -144,13 +163,8 @@ impl Session {
             (b'P', []) if self.quiet() => self.holdable_parse(&msg).await,
             (b'B', [] | [b'P']) if shape.is_empty() && !self.quiet() => false,
             (b'B', [] | [b'P']) => self.holdable_bind(&msg).await,
-            (b'D', [.., b'B']) => msg.get(5) == Some(&b'P') && msg.get(6) == Some(&0),
-            (b'E', [.., b'B'] | [.., b'B', b'D']) => {
-                // Unnamed portal, no row limit.
-                msg.get(5) == Some(&0) && msg.get(6..10) == Some(&[0, 0, 0, 0])
-            }
             (b'S', [.., b'E']) => return self.cache_batch(msg).await,
-            _ => false,
+            _ => joins(tag, shape, &msg),
         };
         if accept {
             if let Some(c) = self.cache.as_deref_mut() {
@@ -163,6 +177,19 @@ impl Session {
         Ok(Some(msg))
     }
 
+    /// `Describe` and `Execute` join a held batch without a look-up: taken here, without the
+    /// (boxed) future of `cache_hold`. The message comes back when this cannot decide.
+    pub(super) fn cache_hold_now(&mut self, tag: u8, msg: BytesMut) -> Result<(), BytesMut> {
+        let Some(c) = self.cache.as_deref_mut() else {
+            return Err(msg);
+        };
+        if matches!(tag, b'D' | b'E') && joins(tag, Shape::of(&c.held).tags(), &msg) {
+            c.held.push(msg);
+            return Ok(());
+        }
+        Err(msg)
+    }
+
     async fn holdable_parse(&mut self, msg: &[u8]) -> bool {
         let Some((name, sql, _)) = read_parse(msg) else {
             return false;
@@ -170,10 +197,16 @@ impl Session {
         if !name.is_empty() && self.stmts.contains_key(name) {
             return false;
         }
-        match self.cache_plan(sql).await {
-            Some((db, plan)) => self.cache_eligible(&db, &plan),
-            None => false,
+        let Some((db, plan)) = self.cache_plan(sql).await else {
+            return false;
+        };
+        if !self.cache_eligible(&db, &plan) {
+            return false;
         }
+        if let Some(c) = self.cache.as_deref_mut() {
+            c.held_stmt = Some(HeldStatement { parse: None, plan });
+        }
+        true
     }
 
     async fn holdable_bind(&mut self, msg: &[u8]) -> bool {
@@ -183,14 +216,10 @@ impl Session {
         if !b.portal.is_empty() || b.has_time_word {
             return false;
         }
-        // With a held Parse, the Bind must run that statement: the key is made of its text.
-        let held_parse = self
-            .cache
-            .as_deref()
-            .and_then(|c| c.held.first())
-            .and_then(|m| read_parse(m));
-        if held_parse.is_some_and(|(name, ..)| name != b.statement) {
-            return false;
+        // With a held Parse, the Bind must run that statement (the key is made of its text),
+        // planned when the Parse was held.
+        if let Some(held) = self.cache.as_deref().and_then(|c| c.held.first()) {
+            return parse_name(held) == Some(b.statement.as_bytes());
         }
         let Some(parse) = self.statement_parse(b.statement) else {
             return false;
@@ -205,7 +234,10 @@ impl Session {
             return false;
         }
         if let Some(c) = self.cache.as_deref_mut() {
-            c.held_stmt = Some(HeldStatement { parse, plan });
+            c.held_stmt = Some(HeldStatement {
+                parse: Some(parse),
+                plan,
+            });
         }
         true
     }
@@ -233,7 +265,7 @@ impl Session {
             self.release_held().await?;
             return Ok(Some(sync));
         };
-        let held = std::mem::take(&mut c.held);
+        let mut held = std::mem::take(&mut c.held);
         let Some(db) = c.db.clone() else {
             c.held = held;
             self.release_held().await?;
@@ -241,13 +273,19 @@ impl Session {
         };
         let shape = Shape::of(&held);
         let shape = shape.tags();
-        let bind = held
-            .iter()
-            .find(|m| m[0] == b'B')
-            .and_then(|m| read_bind(m));
-        let rest = bind.map(|b| b.rest).unwrap_or_default();
-        let (_, sql, types) = read_parse(&stmt.parse).unwrap_or_default();
-        let parts: [&[u8]; 4] = [shape, sql.as_bytes(), types, rest];
+        let bind = held.iter().find(|m| m[0] == b'B');
+        let rest = bind.and_then(|m| after_cstrs(m, 2)).unwrap_or_default();
+        let parse = match &stmt.parse {
+            Some(p) => &p[..],
+            None => held.first().map_or(&[][..], |m| &m[..]),
+        };
+        // Both were read whole when held: here only their parts are needed.
+        let after_name = after_cstrs(parse, 1).unwrap_or_default();
+        let (sql, types) = match memchr::memchr(0, after_name) {
+            Some(end) => (&after_name[..end], &after_name[end + 1..]),
+            None => (&[][..], &[][..]),
+        };
+        let parts: [&[u8]; 4] = [shape, sql, types, rest];
         let plan = stmt.plan.clone();
         self.cache_note_sent(&plan);
         let served = self.quiet()
@@ -262,8 +300,13 @@ impl Session {
             return Ok(Some(sync));
         }
         // Served: the client's statement now exists as if the Parse had run.
-        if let Some(p) = held.into_iter().find(|m| m[0] == b'P') {
+        if let Some(p) = held.drain(..).find(|m| m[0] == b'P') {
             self.note_parse_served(p);
+        }
+        // The next batch is held in the same room.
+        held.clear();
+        if let Some(c) = self.cache.as_deref_mut() {
+            c.held = held;
         }
         Ok(None)
     }
@@ -289,6 +332,19 @@ mod tests {
         let mut out = BytesMut::new();
         crate::wire::frame(b'B', &[&body], &mut out);
         out
+    }
+
+    fn future_size<A, B, C, F>(_: impl Fn(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Each extended message with the cache on boxes this future: it must stay within glibc's
+    /// per-thread cache (blocks up to 1,032 bytes). Catalog reads, settings capture and Redis
+    /// look-ups are boxed where they happen so that their size stays out of it (it was 2.5 KiB).
+    #[test]
+    fn the_future_of_each_held_message_stays_small() {
+        let hold = future_size(Session::cache_hold);
+        assert!(hold <= 1000, "cache_hold's future is {hold} bytes");
     }
 
     #[test]

@@ -130,12 +130,21 @@ impl Session {
         }))
     }
 
-    /// The cache answered `sql` (`started` when the client's message arrived).
-    pub(super) fn insight_cached(&mut self, sql: &str, protocol: usize, started: Instant) {
+    /// The cache answered `sql`, planned as `plan` (`started` when the client's message arrived).
+    pub(super) fn insight_cached(
+        &mut self,
+        plan: &crate::cache::Plan,
+        sql: &[u8],
+        protocol: usize,
+        started: Instant,
+    ) {
         if self.insight.is_none() {
             return;
         }
-        let fp = self.shared.insight.memo.get(sql);
+        let memo = &self.shared.insight.memo;
+        let fp = (plan.insight)
+            .get_or_init(|| memo.get(&String::from_utf8_lossy(sql)))
+            .clone();
         let p = Pending {
             fp,
             sent: started,
