@@ -12,7 +12,7 @@
 
 use super::backend::{Expect, Kind};
 use super::held::HeldStatement;
-use super::Session;
+use super::{End, Session};
 use crate::analysis::PinReason;
 use crate::cache::sql::TxControl;
 use crate::cache::{catalog, Db, Entry, Plan, Snapshot};
@@ -373,6 +373,20 @@ impl Session {
             });
         }
         false
+    }
+
+    /// The cache's say on a client message: answered (`None`), held, or to be handled as it
+    /// stands (returned).
+    pub(super) async fn cache_message(
+        &mut self,
+        tag: u8,
+        msg: BytesMut,
+    ) -> Result<Option<BytesMut>, End> {
+        if tag != b'Q' {
+            return self.cache_hold(tag, msg).await;
+        }
+        self.release_held().await?;
+        Ok((!self.cache_query(&msg).await).then_some(msg))
     }
 
     /// A simple `Query`: true when the cache answered it.

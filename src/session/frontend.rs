@@ -179,34 +179,26 @@ impl Session {
                 self.c_in.split_to(f.len)
             };
             self.cscan.consumed(f.len);
-            self.on_message(msg).await?;
-        }
-    }
-
-    async fn on_message(&mut self, msg: BytesMut) -> Result<(), End> {
-        let tag = msg[0];
-        if tag == b'X' {
-            return Err(End::ClientLeft);
-        }
-        if self.cache.is_some() && !self.skipping {
-            // Boxed: these futures (a catalog read among them) are large and short-lived; inline,
-            // every idle client's task would carry their size.
-            if tag == b'Q' {
-                Box::pin(self.release_held()).await?;
-                if Box::pin(self.cache_query(&msg)).await {
-                    return Ok(());
+            let tag = msg[0];
+            if tag == b'X' {
+                return Err(End::ClientLeft);
+            }
+            // (Written out here rather than in a function of its own: an async fn's arguments
+            // stay in its future for its whole life, and this one is in every idle client's.)
+            let msg = if self.cache.is_some() && !self.skipping {
+                let Err(msg) = self.cache_hold_now(tag, msg) else {
+                    continue;
+                };
+                // Boxed: large and short-lived (a catalog read among them).
+                match Box::pin(self.cache_message(tag, msg)).await? {
+                    Some(m) => m,
+                    None => continue,
                 }
             } else {
-                let Err(msg) = self.cache_hold_now(tag, msg) else {
-                    return Ok(());
-                };
-                match Box::pin(self.cache_hold(tag, msg)).await? {
-                    Some(m) => return self.dispatch(m).await,
-                    None => return Ok(()),
-                }
-            }
+                msg
+            };
+            self.dispatch(msg).await?;
         }
-        self.dispatch(msg).await
     }
 
     /// Handle one message as it stands (the cache having had its say).

@@ -338,12 +338,12 @@ mod tests {
         std::mem::size_of::<F>()
     }
 
-    /// Each extended message with the cache on boxes this future: it must stay within glibc's
+    /// Each client message with the cache on boxes this future: it must stay within glibc's
     /// per-thread cache (blocks up to 1,032 bytes). Catalog reads, settings capture and Redis
     /// look-ups are boxed where they happen so that their size stays out of it (it was 2.5 KiB).
     #[test]
-    fn the_future_of_each_held_message_stays_small() {
-        let hold = future_size(Session::cache_hold);
+    fn the_future_of_each_message_with_the_cache_on_stays_small() {
+        let hold = future_size(Session::cache_message);
         assert!(hold <= 1000, "cache_hold's future is {hold} bytes");
     }
 

@@ -236,6 +236,10 @@ impl Session {
             if let Err(end) = self.on_client_input().await {
                 return end;
             }
+        } else {
+            // Login's read buffer (what is left of it): a client that connects and waits keeps
+            // none, like one between transactions below.
+            self.c_in = BytesMut::new();
         }
         loop {
             if let Some(end) = self.check_shutdown() {
