@@ -157,6 +157,51 @@ async fn ddl_through_the_proxy_invalidates_and_rereads_the_catalog() {
     }
 }
 
+/// A session re-uses the plan of a statement it repeats; DDL from another client in between
+/// must make it plan the statement again: here a new trigger makes the same `INSERT` (simple
+/// and extended protocol) write a second table, whose cached count must not outlive it.
+#[tokio::test]
+async fn a_statement_repeated_after_another_clients_ddl_is_planned_again() {
+    for mode in MODES {
+        let proxy = cache_proxy(mode, "");
+        for extended in [false, true] {
+            let n = format!("{mode}_{extended}");
+            let t = table(&format!("rep_{n}"), "id int");
+            let audit = table(&format!("rep_audit_{n}"), "id int");
+            let (a, b) = (
+                connect(&app_url(&proxy)).await,
+                connect(&app_url(&proxy)).await,
+            );
+            let insert = || async {
+                if extended {
+                    let sql = format!("insert into {t} values ($1)");
+                    a.execute(&sql, &[&1i32]).await.map(drop)
+                } else {
+                    let sql = format!("insert into {t} values (1)");
+                    a.simple_query(&sql).await.map(drop)
+                }
+            };
+            let audit_q = format!("select count(*) from {audit}");
+            insert().await.unwrap();
+            b.batch_execute(&format!(
+                "create function rep_log_{n}() returns trigger language plpgsql as $$
+                 begin insert into {audit} values (new.id); return new; end $$;
+                 create trigger rep_t_{n} after insert on {t} for each row execute function rep_log_{n}();"
+            ))
+            .await
+            .unwrap();
+            assert_eq!(value(&b, &audit_q).await, "0");
+            assert_eq!(value(&b, &audit_q).await, "0");
+            insert().await.unwrap();
+            assert_eq!(
+                value(&b, &audit_q).await,
+                "1",
+                "{n}: the insert now writes {audit}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn warm_queries_are_cached_at_start_and_after_invalidation() {
     let t = table("warm_t", "v text");

@@ -53,18 +53,25 @@ pub fn settings_sig<'a>(settings: impl IntoIterator<Item = (&'a String, &'a Stri
 
 /// An entry's key: every part, length-prefixed, so no two different inputs give the same bytes.
 pub fn entry_key(db: &str, role: &str, sig: &[u8], parts: &[&[u8]]) -> Box<[u8]> {
+    let mut key = Vec::new();
+    entry_key_into(&mut key, db, role, sig, parts);
+    key.into_boxed_slice()
+}
+
+/// `entry_key` written into `key` (cleared first): a session looks up with one buffer it keeps.
+pub fn entry_key_into(key: &mut Vec<u8>, db: &str, role: &str, sig: &[u8], parts: &[&[u8]]) {
     let fields = || {
         [db.as_bytes(), role.as_bytes(), sig]
             .into_iter()
             .chain(parts.iter().copied())
     };
+    key.clear();
     // Exactly the room it needs: no copy when it becomes a boxed slice.
-    let mut key = Vec::with_capacity(fields().map(|p| p.len() + 4).sum::<usize>());
+    key.reserve_exact(fields().map(|p| p.len() + 4).sum::<usize>());
     for p in fields() {
         key.extend_from_slice(&(p.len() as u32).to_be_bytes());
         key.extend_from_slice(p);
     }
-    key.into_boxed_slice()
 }
 
 /// An entry's readable name, `database/role/fingerprint/params-hash` (made only when storing).
@@ -235,6 +242,11 @@ impl Db {
         names.len()
     }
 
+    /// Made since the catalog and the rules last changed.
+    pub fn is_current(&self, plan: &Plan) -> bool {
+        plan.generation == self.generation.load(Ordering::SeqCst)
+    }
+
     fn lock_plans(&self) -> std::sync::MutexGuard<'_, LruCache<Box<str>, Arc<Plan>>> {
         self.plans.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -321,12 +333,9 @@ impl Cache {
         }
         let facts = sql::facts(sql);
         let catalog = db.catalog();
-        let p = Arc::new(Plan::new(
-            &facts,
-            catalog.as_deref(),
-            &self.config(),
-            generation,
-        ));
+        let mut p = Plan::new(&facts, catalog.as_deref(), &self.config(), generation);
+        p.text = sql.into();
+        let p = Arc::new(p);
         db.lock_plans().put(key, p.clone());
         p
     }

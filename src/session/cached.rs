@@ -55,6 +55,11 @@ pub(super) struct SessionCache {
     tx_plain: bool,
     /// Key part for the session's settings, made again when they change.
     sig: Option<Bytes>,
+    /// Room for the key of the next look-up (boxed only when a fill keeps it).
+    key: Vec<u8>,
+    /// The plan of the session's last statement: clients repeat statements, and the shared
+    /// plan memo is a lock all sessions take.
+    last_plan: Option<Arc<Plan>>,
     /// Bumps still to tell Redis (relations, whole database) before the client hears of them.
     remote: Option<(Vec<Arc<str>>, bool)>,
 }
@@ -193,7 +198,15 @@ impl Session {
     pub(super) async fn cache_plan(&mut self, sql: &str) -> Option<(Arc<Db>, Arc<Plan>)> {
         let db = self.cache_db()?;
         self.cache_prepare(&db).await;
-        let plan = self.shared.cache.plan(&db, sql);
+        let c = self.cache.as_deref_mut()?;
+        let plan = match &c.last_plan {
+            Some(p) if *p.text == *sql && db.is_current(p) => p.clone(),
+            _ => {
+                let p = self.shared.cache.plan(&db, sql);
+                c.last_plan = Some(p.clone());
+                p
+            }
+        };
         Some((db, plan))
     }
 
@@ -254,7 +267,8 @@ impl Session {
     }
 
     /// The key: database, role, settings, then the statement's own parts.
-    fn cache_key(&mut self, db: &Db, plan: &Plan, parts: &[&[u8]]) -> Box<[u8]> {
+    /// The entry key, in the session's key buffer (taken: give it back with `cache_key_done`).
+    fn cache_key(&mut self, db: &Db, plan: &Plan, parts: &[&[u8]]) -> Vec<u8> {
         let role = if plan.shared {
             "*"
         } else {
@@ -264,7 +278,15 @@ impl Session {
         let sig = c
             .sig
             .get_or_insert_with(|| crate::cache::settings_sig(self.settings.wanted.iter()));
-        crate::cache::entry_key(&db.name, role, sig, parts)
+        let mut key = std::mem::take(&mut c.key);
+        crate::cache::entry_key_into(&mut key, &db.name, role, sig, parts);
+        key
+    }
+
+    fn cache_key_done(&mut self, key: Vec<u8>) {
+        if let Some(c) = self.cache.as_deref_mut() {
+            c.key = key;
+        }
     }
 
     /// Answer from the cache, or arm a fill for the statement about to go upstream.
@@ -326,7 +348,7 @@ impl Session {
                         fingerprint: s.fingerprint,
                         hits: AtomicU64::new(0),
                     };
-                    self.shared.cache.put(key.clone(), e);
+                    self.shared.cache.put(key.as_slice().into(), e);
                     self.shared.cache.get(&key, db).map(|e| (bytes, e))
                 }
                 None => {
@@ -348,6 +370,7 @@ impl Session {
             self.tx.last_activity = tokio::time::Instant::now();
             crate::admin::registry::PoolStats::add(&self.stats.queries, 1);
             self.insight_cached(plan, sql, protocol, started);
+            self.cache_key_done(key);
             return true;
         }
         METRICS.cache_misses.inc();
@@ -360,9 +383,11 @@ impl Session {
         tracing::trace!(%name, "miss");
         let mut snapshot = early.unwrap_or_else(|| db.snapshot(&plan.deps));
         snapshot.remote = current;
+        let fill_key = key.as_slice().into();
+        self.cache_key_done(key);
         if let Some(c) = self.cache.as_deref_mut() {
             c.fill = Some(Fill {
-                key,
+                key: fill_key,
                 snapshot,
                 ttl: plan.ttl,
                 name,

@@ -522,19 +522,20 @@ impl Session {
     /// A held batch was answered from the cache: its `Parse` takes effect for the client as if it
     /// had run; the server gets it when the statement is next used.
     pub(super) fn note_parse_served(&mut self, msg: BytesMut) {
-        let body = &msg[5..];
-        let mut pos = 0;
-        let (Some(name), Some(query)) = (read_cstr(body, &mut pos), read_cstr(body, &mut pos))
-        else {
-            return;
-        };
-        if name.is_empty() {
+        if msg.get(5) == Some(&0) {
+            // The unnamed statement (its text was read when the batch was held).
             self.unnamed = Some(msg.freeze());
             if let Some(a) = &mut self.server {
                 a.unnamed_valid = false;
             }
             return;
         }
+        let body = &msg[5..];
+        let mut pos = 0;
+        let (Some(name), Some(query)) = (read_cstr(body, &mut pos), read_cstr(body, &mut pos))
+        else {
+            return;
+        };
         let prepared = Arc::new(Prepared::new(query, &body[pos..], self.own_name(name)));
         self.stmts.insert(name.to_string(), prepared);
     }
