@@ -137,13 +137,9 @@ async fn ddl_through_the_proxy_invalidates_and_rereads_the_catalog() {
         });
         assert_eq!(width, Some(2), "{mode}: the new column shows");
         // A trigger created through the proxy is known to the next write.
-        c.batch_execute(&format!(
-            "create function ddl_log_{mode}() returns trigger language plpgsql as $$
-             begin insert into {audit} values (new.id); return new; end $$;
-             create trigger ddl_t_{mode} after insert on {t} for each row execute function ddl_log_{mode}();"
-        ))
-        .await
-        .unwrap();
+        c.batch_execute(&audit_trigger(&format!("ddl_{mode}"), &t, &audit))
+            .await
+            .unwrap();
         assert_eq!(value(&c, &audit_q).await, "0");
         assert_eq!(value(&c, &audit_q).await, "0");
         c.simple_query(&format!("insert into {t} values (2)"))
@@ -183,13 +179,9 @@ async fn a_statement_repeated_after_another_clients_ddl_is_planned_again() {
             };
             let audit_q = format!("select count(*) from {audit}");
             insert().await.unwrap();
-            b.batch_execute(&format!(
-                "create function rep_log_{n}() returns trigger language plpgsql as $$
-                 begin insert into {audit} values (new.id); return new; end $$;
-                 create trigger rep_t_{n} after insert on {t} for each row execute function rep_log_{n}();"
-            ))
-            .await
-            .unwrap();
+            b.batch_execute(&audit_trigger(&format!("rep_{n}"), &t, &audit))
+                .await
+                .unwrap();
             assert_eq!(value(&b, &audit_q).await, "0");
             assert_eq!(value(&b, &audit_q).await, "0");
             insert().await.unwrap();
@@ -248,4 +240,14 @@ async fn fills_reach(proxy: &support::Proxy, n: &str) -> bool {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     false
+}
+
+/// SQL for a trigger (and its function, both named after `name`) that copies every row inserted
+/// into `table` into `audit`.
+fn audit_trigger(name: &str, table: &str, audit: &str) -> String {
+    format!(
+        "create function {name}_log() returns trigger language plpgsql as $$
+         begin insert into {audit} values (new.id); return new; end $$;
+         create trigger {name}_t after insert on {table} for each row execute function {name}_log();"
+    )
 }
