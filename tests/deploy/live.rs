@@ -2,7 +2,7 @@
 //! proxy.toml and environment (moved to loopback ports and the test server), and a workload
 //! that touches every part the dashboard shows.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use super::files::{toml_table, Deployed};
 use crate::support::http::{http_get, wait_http};
@@ -24,16 +24,30 @@ pub fn server() -> &'static PgServer {
     })
 }
 
-/// One redis-server for the deployed configs that share a tier.
-fn redis() -> &'static RedisServer {
-    static REDIS: OnceLock<RedisServer> = OnceLock::new();
-    REDIS.get_or_init(RedisServer::start)
+/// The redis-server the running deployed configs share: started by the first that needs one,
+/// killed when the last of them is done (in a static it would never be dropped, and would outlive
+/// the test binary).
+fn redis() -> Arc<RedisServer> {
+    static SHARED: Mutex<Weak<RedisServer>> = Mutex::new(Weak::new());
+    let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(r) = shared.upgrade() {
+        return r;
+    }
+    let r = Arc::new(RedisServer::start());
+    *shared = Arc::downgrade(&r);
+    r
+}
+
+/// A deployed proxy and the redis-server it may use, kept for as long as the proxy runs.
+pub struct Running {
+    pub proxy: Proxy,
+    _redis: Arc<RedisServer>,
 }
 
 /// A proxy running `d` as deployed, except that it listens on free loopback ports and its
 /// upstream is the test server (given as `PGCACHE_UPSTREAM_*` overrides, as an operator would).
 /// Returns the proxy and its metrics address.
-fn start_deployed(d: &Deployed) -> (Proxy, String) {
+fn start_deployed(d: &Deployed) -> (Running, String) {
     let mut config = toml_table(&d.toml, &d.origin);
     let listen = format!("127.0.0.1:{}", free_port());
     let metrics = format!("127.0.0.1:{}", free_port());
@@ -60,7 +74,8 @@ fn start_deployed(d: &Deployed) -> (Proxy, String) {
         ("PGCACHE_UPSTREAM_PORT", port.as_str()),
     ]);
     // Redis and the slot as an operator would move them: environment overrides.
-    let redis_url = redis().url();
+    let redis = redis();
+    let redis_url = redis.url();
     let slot = format!("deploy_{}", free_port());
     if config.get("cache").and_then(|c| c.get("redis")).is_some() {
         env.push(("PGCACHE_CACHE_REDIS_URL", redis_url.as_str()));
@@ -91,20 +106,24 @@ fn start_deployed(d: &Deployed) -> (Proxy, String) {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    (proxy, metrics)
+    let running = Running {
+        proxy,
+        _redis: redis,
+    };
+    (running, metrics)
 }
 
 /// `start_deployed` (off the async threads), then `workload`: the proxy, its metrics address
 /// and the workload's client, still connected.
-pub async fn serving(d: &Deployed) -> (Proxy, String, tokio_postgres::Client) {
-    let (proxy, metrics) = tokio::task::spawn_blocking({
+pub async fn serving(d: &Deployed) -> (Running, String, tokio_postgres::Client) {
+    let (running, metrics) = tokio::task::spawn_blocking({
         let d = d.clone();
         move || start_deployed(&d)
     })
     .await
     .expect("start proxy");
-    let client = workload(&proxy, d).await;
-    (proxy, metrics, client)
+    let client = workload(&running.proxy, d).await;
+    (running, metrics, client)
 }
 
 pub async fn get(addr: &str, path: &'static str) -> (u16, String) {
