@@ -344,7 +344,7 @@ mod tests {
     #[test]
     fn the_future_of_each_message_with_the_cache_on_stays_small() {
         let hold = future_size(Session::cache_message);
-        assert!(hold <= 1000, "cache_hold's future is {hold} bytes");
+        assert!(hold <= 1000, "cache_message's future is {hold} bytes");
     }
 
     #[test]
