@@ -159,19 +159,34 @@ const LEADING_WORDS: [&str; 9] = [
     "load",
 ];
 const ANYWHERE_WORDS: [&str; 2] = ["temp", "temporary"];
+/// Prefixes that matter anywhere: temporary schemas, advisory lock functions.
+const ANYWHERE_PREFIXES: [&str; 3] = ["pg_temp", "pg_advisory_", "pg_try_advisory_"];
+
+/// The first letters of every word and prefix above (all lowercase): most words of a statement
+/// stop at this table. Made from the lists, so a word added there is never filtered out here.
+const FIRST_LETTERS: [bool; 256] = first_letters(
+    first_letters(first_letters([false; 256], &LEADING_WORDS), &ANYWHERE_WORDS),
+    &ANYWHERE_PREFIXES,
+);
+
+const fn first_letters(mut table: [bool; 256], words: &[&str]) -> [bool; 256] {
+    let mut i = 0;
+    while i < words.len() {
+        table[words[i].as_bytes()[0] as usize] = true;
+        i += 1;
+    }
+    table
+}
 
 fn word_matters(w: &str, leading: bool) -> bool {
-    // Each word above starts with one of these letters: most words of a statement stop here.
     let first = w.as_bytes().first().map(u8::to_ascii_lowercase);
-    if !matches!(first, Some(b's' | b'r' | b'd' | b'l' | b'p' | b'e' | b't')) {
+    if !first.is_some_and(|c| FIRST_LETTERS[c as usize]) {
         return false;
     }
     let starts = |p: &str| w.len() >= p.len() && w[..p.len()].eq_ignore_ascii_case(p);
     (leading && LEADING_WORDS.iter().any(|k| w.eq_ignore_ascii_case(k)))
         || ANYWHERE_WORDS.iter().any(|k| w.eq_ignore_ascii_case(k))
-        || starts("pg_temp")
-        || starts("pg_advisory_")
-        || starts("pg_try_advisory_")
+        || ANYWHERE_PREFIXES.iter().any(|p| starts(p))
 }
 
 /// Whether `sql` may have a session effect or pin. Skips comments and quoted text; when in doubt
