@@ -98,28 +98,32 @@ fn read_bind(msg: &[u8]) -> Option<BindParts<'_>> {
     })
 }
 
-/// What follows the first `n` strings of a message's body.
-fn after_cstrs(msg: &[u8], n: usize) -> Option<&[u8]> {
+/// A `Bind` after its portal and statement names: formats, values and result formats.
+fn bind_rest(msg: &[u8]) -> Option<&[u8]> {
     let mut body = msg.get(5..)?;
-    for _ in 0..n {
+    for _ in 0..2 {
         body = &body[memchr::memchr(0, body)? + 1..];
     }
     Some(body)
 }
 
-/// The statement name of a `Parse` message, unread.
-fn parse_name(msg: &[u8]) -> Option<&[u8]> {
+/// Name, query text and parameter types of a `Parse` message, as bytes (not checked as UTF-8).
+fn parse_parts(msg: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
     let body = msg.get(5..)?;
-    Some(&body[..memchr::memchr(0, body)?])
+    let name_end = memchr::memchr(0, body)?;
+    let rest = &body[name_end + 1..];
+    let sql_end = memchr::memchr(0, rest)?;
+    Some((&body[..name_end], &rest[..sql_end], &rest[sql_end + 1..]))
 }
 
-/// Query text and parameter types of a `Parse` message.
+/// Name, query text and parameter types of a `Parse` message.
 pub(super) fn read_parse(msg: &[u8]) -> Option<(&str, &str, &[u8])> {
-    let body = msg.get(5..)?;
-    let mut pos = 0;
-    let name = read_cstr(body, &mut pos)?;
-    let sql = read_cstr(body, &mut pos)?;
-    Some((name, sql, &body[pos..]))
+    let (name, sql, types) = parse_parts(msg)?;
+    Some((
+        std::str::from_utf8(name).ok()?,
+        std::str::from_utf8(sql).ok()?,
+        types,
+    ))
 }
 
 impl Session {
@@ -219,7 +223,7 @@ impl Session {
         // With a held Parse, the Bind must run that statement (the key is made of its text),
         // planned when the Parse was held.
         if let Some(held) = self.cache.as_deref().and_then(|c| c.held.first()) {
-            return parse_name(held) == Some(b.statement.as_bytes());
+            return parse_parts(held).is_some_and(|(name, ..)| name == b.statement.as_bytes());
         }
         let Some(parse) = self.statement_parse(b.statement) else {
             return false;
@@ -274,17 +278,13 @@ impl Session {
         let shape = Shape::of(&held);
         let shape = shape.tags();
         let bind = held.iter().find(|m| m[0] == b'B');
-        let rest = bind.and_then(|m| after_cstrs(m, 2)).unwrap_or_default();
+        let rest = bind.and_then(|m| bind_rest(m)).unwrap_or_default();
         let parse = match &stmt.parse {
             Some(p) => &p[..],
             None => held.first().map_or(&[][..], |m| &m[..]),
         };
         // Both were read whole when held: here only their parts are needed.
-        let after_name = after_cstrs(parse, 1).unwrap_or_default();
-        let (sql, types) = match memchr::memchr(0, after_name) {
-            Some(end) => (&after_name[..end], &after_name[end + 1..]),
-            None => (&[][..], &[][..]),
-        };
+        let (_, sql, types) = parse_parts(parse).unwrap_or_default();
         let parts: [&[u8]; 4] = [shape, sql, types, rest];
         let plan = stmt.plan.clone();
         self.cache_note_sent(&plan);
@@ -345,6 +345,22 @@ mod tests {
     fn the_future_of_each_message_with_the_cache_on_stays_small() {
         let hold = future_size(Session::cache_message);
         assert!(hold <= 1000, "cache_message's future is {hold} bytes");
+    }
+
+    #[test]
+    fn parse_parts_and_text() {
+        let mut m = BytesMut::new();
+        crate::wire::frame(b'P', &[b"s1\0select $1\0", &[0, 1, 0, 0, 0, 23]], &mut m);
+        let (name, sql, types) = parse_parts(&m).unwrap();
+        assert_eq!(
+            (name, sql, types),
+            (&b"s1"[..], &b"select $1"[..], &[0, 1, 0, 0, 0, 23][..])
+        );
+        assert_eq!(read_parse(&m), Some(("s1", "select $1", types)));
+        assert!(
+            parse_parts(b"P\0\0\0\x08s1\0x").is_none(),
+            "text without its NUL"
+        );
     }
 
     #[test]
