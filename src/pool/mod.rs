@@ -310,7 +310,7 @@ impl Pools {
         let config = self.config.load_full();
         let deadline = started + config.pool.acquire_timeout;
         loop {
-            let mut conn = self.get(key, started, deadline).await?;
+            let mut conn = self.get(key, &config, started, deadline).await?;
             match Self::health(&mut conn, std::time::Instant::now(), &config.pool) {
                 Health::Good => return Ok(conn),
                 Health::Broken => tracing::debug!(pool = %key, "idle server connection is dead"),
@@ -328,15 +328,16 @@ impl Pools {
         }
     }
 
-    /// A connection from `key`'s pool as bb8 gives it, unchecked.
+    /// A connection from `key`'s pool as bb8 gives it, unchecked (`config`: as `acquire` read
+    /// it when it began).
     async fn get(
         &self,
         key: &PoolKey,
+        config: &Config,
         started: Instant,
         deadline: Instant,
     ) -> Result<ServerGuard, AcquireError> {
         let entry = self.entry(key);
-        let config = self.config.load_full();
         let mut backoff = config.upstream.retry_backoff;
         let mut errors = entry.errors.subscribe();
         let mut last_error: Option<Arc<UpstreamError>> = None;
