@@ -100,7 +100,8 @@ pub struct Db {
     catalog: ArcSwapOption<Catalog>,
     /// Bumped when the catalog or the rules change: plans made before are stale.
     generation: AtomicU64,
-    versions: RwLock<HashMap<Arc<str>, u64>>,
+    /// foldhash: every write bumps, and every look-up and fill reads, a few of these.
+    versions: RwLock<foldhash::HashMap<Arc<str>, u64>>,
     /// Held while the catalog is being read: one reader at a time; holds when the last read
     /// failed (the next waits `CATALOG_RETRY`).
     pub load_lock: tokio::sync::Mutex<Option<std::time::Instant>>,
@@ -118,7 +119,7 @@ impl Db {
             name: name.to_string(),
             catalog: ArcSwapOption::empty(),
             generation: AtomicU64::new(1),
-            versions: RwLock::new(HashMap::new()),
+            versions: RwLock::new(foldhash::HashMap::default()),
             load_lock: tokio::sync::Mutex::new(None),
             epoch: AtomicU64::new(0),
             plans: Mutex::new(LruCache::new(
@@ -194,9 +195,18 @@ impl Db {
         }
         let mut v = self.versions.write().unwrap_or_else(|p| p.into_inner());
         for r in rels {
-            let n = v.entry(r.clone()).or_insert(0);
-            *n += 1;
-            tracing::trace!(relation = %r, version = *n, "bump");
+            // Found by reference first: `entry` would take (and mostly drop) a clone of the name.
+            let n = match v.get_mut(&**r) {
+                Some(n) => {
+                    *n += 1;
+                    *n
+                }
+                None => {
+                    v.insert(r.clone(), 1);
+                    1
+                }
+            };
+            tracing::trace!(relation = %r, version = n, "bump");
         }
         drop(v);
         METRICS
