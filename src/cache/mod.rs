@@ -107,7 +107,7 @@ pub struct Db {
     pub load_lock: tokio::sync::Mutex<Option<std::time::Instant>>,
     /// Bumped by writes whose relations cannot be known: every entry of the database.
     epoch: AtomicU64,
-    plans: Mutex<LruCache<Box<str>, Arc<Plan>>>,
+    plans: Mutex<LruCache<Box<[u8]>, Arc<Plan>>>,
     /// The shared tier: bumps are told to the other proxies.
     pub tier: Option<Arc<tier::Tier>>,
 }
@@ -257,7 +257,7 @@ impl Db {
         plan.generation == self.generation.load(Ordering::SeqCst)
     }
 
-    fn lock_plans(&self) -> std::sync::MutexGuard<'_, LruCache<Box<str>, Arc<Plan>>> {
+    fn lock_plans(&self) -> std::sync::MutexGuard<'_, LruCache<Box<[u8]>, Arc<Plan>>> {
         self.plans.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -330,13 +330,13 @@ impl Cache {
         // A text with no numbers and single spaces is its own key (drivers' `$1` statements):
         // found without making the key. (No text holds the NUL a key has for each number, so
         // a text equal to a key is that key's statement, spaced the same.)
-        if let Some(p) = db.lock_plans().get(sql) {
+        if let Some(p) = db.lock_plans().get(sql.as_bytes()) {
             if p.generation == generation {
                 return p.clone();
             }
         }
         let key = crate::sqltext::plan_key(sql);
-        if let Some(p) = db.lock_plans().get(&key) {
+        if let Some(p) = db.lock_plans().get(key.as_slice()) {
             if p.generation == generation {
                 return p.clone();
             }
@@ -346,7 +346,7 @@ impl Cache {
         let mut p = Plan::new(&facts, catalog.as_deref(), &self.config(), generation);
         p.text = sql.into();
         let p = Arc::new(p);
-        db.lock_plans().put(key, p.clone());
+        db.lock_plans().put(key.into_boxed_slice(), p.clone());
         p
     }
 
