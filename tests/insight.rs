@@ -163,6 +163,40 @@ async fn metrics_count_a_known_workload_exactly() {
         .is_err());
 }
 
+/// With the cache on, a simple query's fingerprint comes from the cache's plan of it (one plan
+/// serves texts that differ only in numbers): texts that differ in constants still count under
+/// one fingerprint, and a text on another table never under theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_cache_on_texts_differing_in_constants_share_a_fingerprint() {
+    let t = table("insight_planned", "id int primary key, v text");
+    let u = table("insight_planned_other", "id int primary key, v text");
+    for name in [&t, &u] {
+        support::cache::direct(&format!(
+            "insert into {name} select g, 'v' || g from generate_series(1, 5) g"
+        ));
+    }
+    let proxy = cache_proxy("transaction", "");
+    let c = connect(&app_url(&proxy)).await;
+    for sql in [
+        format!("update {t} set v = 'a' where id = 1"),
+        format!("update {t} set v = 'bb' where id = 2"),
+        format!("update {t}  set v = 'a'  where id = 3"),
+        format!("update {u} set v = 'a' where id = 1"),
+        format!("select v from {t} where id = 4"),
+        format!("select v from {t} where id = 5"),
+        format!("select v from {u} where id = 4"),
+    ] {
+        c.simple_query(&sql).await.expect(&sql);
+    }
+    let calls = |r: HashMap<String, String>| r["calls"].clone();
+    let update = |name: &str| format!("update {name} set v = $1 where id = $2");
+    assert_eq!(calls(query_row(&proxy, &update(&t)).await), "3");
+    assert_eq!(calls(query_row(&proxy, &update(&u)).await), "1");
+    let select = |name: &str| format!("select v from {name} where id = $1");
+    assert_eq!(calls(query_row(&proxy, &select(&t)).await), "2");
+    assert_eq!(calls(query_row(&proxy, &select(&u)).await), "1");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_statements_are_logged_and_explained() {
     let t = table("insight_big", "id int, val int, name text");

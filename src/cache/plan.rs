@@ -31,8 +31,8 @@ pub struct Plan {
     pub fingerprint: Arc<str>,
     /// The text it was made for (a session asks again for its last plan by text).
     pub text: Box<str>,
-    /// Query insight's fingerprint of the statement, made at its first cache hit (every text a
-    /// plan serves differs only in numbers, which insight's fingerprint ignores too).
+    /// Query insight's fingerprint of the statement, made when insight first needs it (every
+    /// text a plan serves differs only in numbers, which insight's fingerprint ignores too).
     pub insight: OnceLock<Arc<crate::insight::fingerprint::Fingerprint>>,
 }
 

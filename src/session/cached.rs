@@ -60,6 +60,9 @@ pub(super) struct SessionCache {
     /// The plan of the session's last statement: clients repeat statements, and the shared
     /// plan memo is a lock all sessions take.
     last_plan: Option<Arc<Plan>>,
+    /// The plan of the simple `Query` being handled, for insight (set by `cache_query` when
+    /// the cache did not answer; taken when the query goes upstream).
+    pub(super) query_plan: Option<Arc<Plan>>,
     /// Bumps still to tell Redis (relations, whole database) before the client hears of them.
     remote: Option<(Vec<Arc<str>>, bool)>,
 }
@@ -416,6 +419,9 @@ impl Session {
 
     /// A simple `Query`: true when the cache answered it.
     pub(super) async fn cache_query(&mut self, msg: &[u8]) -> bool {
+        if let Some(c) = self.cache.as_deref_mut() {
+            c.query_plan = None;
+        }
         let mut pos = 5;
         let Some(sql) = read_cstr(msg, &mut pos) else {
             return false;
@@ -424,13 +430,20 @@ impl Session {
             return false;
         };
         self.cache_note_sent(&plan);
-        if !self.quiet() || !self.cache_eligible(&db, &plan) {
+        let served = if !self.quiet() || !self.cache_eligible(&db, &plan) {
             tracing::trace!(cacheable = plan.cacheable, quiet = self.quiet(), status = %(self.tx.status as char), queue = ?self.queue, batch_open = self.tx.batch_open, in_flight = self.tx.in_flight, "simple query not looked up");
-            return false;
+            false
+        } else {
+            let insight = (sql.as_bytes(), crate::metrics::SIMPLE);
+            self.cache_lookup(&db, &plan, &[b"Q", sql.as_bytes()], insight)
+                .await
+        };
+        if !served {
+            if let Some(c) = self.cache.as_deref_mut() {
+                c.query_plan = Some(plan);
+            }
         }
-        let insight = (sql.as_bytes(), crate::metrics::SIMPLE);
-        self.cache_lookup(&db, &plan, &[b"Q", sql.as_bytes()], insight)
-            .await
+        served
     }
 
     /// A message whose writes cannot be known (`FunctionCall`).

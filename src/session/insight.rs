@@ -48,10 +48,20 @@ impl Session {
         c.slow_query.explain && !c.slow_query.threshold.is_zero()
     }
 
-    /// A simple `Query` is going upstream.
-    pub(super) fn insight_query(&mut self, sql: &str) -> Option<Box<Pending>> {
+    /// A simple `Query` is going upstream; `plan` is the cache's plan of it (cache on), which
+    /// keeps its fingerprint (as for a hit) so that a statement is not scanned for its shape
+    /// again.
+    pub(super) fn insight_query(
+        &mut self,
+        sql: &str,
+        plan: Option<&crate::cache::Plan>,
+    ) -> Option<Box<Pending>> {
         self.insight.as_ref()?;
-        let fp = self.shared.insight.memo.get(sql);
+        let memo = &self.shared.insight.memo;
+        let fp = match plan {
+            Some(p) => p.insight.get_or_init(|| memo.get(sql)).clone(),
+            None => memo.get(sql),
+        };
         let explain = (self.explaining() && fp.statements == 1).then(|| ExplainArgs {
             key: (**self.pool.key()).clone(),
             sql: sql.to_string(),
