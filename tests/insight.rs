@@ -197,6 +197,60 @@ async fn with_the_cache_on_texts_differing_in_constants_share_a_fingerprint() {
     assert_eq!(calls(query_row(&proxy, &select(&u)).await), "1");
 }
 
+/// A batch answered from the cache can bring a new unnamed statement: a later run of it that
+/// goes upstream (a `Bind` with no `Parse`) counts under its own fingerprint, not under that of
+/// the unnamed statement parsed before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unnamed_statement_from_a_cached_batch_counts_under_its_own_fingerprint() {
+    use support::raw::{bind, execute, parse, sync, RawConn};
+    let t = table("insight_unnamed", "id int primary key, v text");
+    support::cache::direct(&format!(
+        "insert into {t} select g, 'v' || g from generate_series(1, 5) g; \
+         grant select on {t} to trustuser"
+    ));
+    let proxy = cache_proxy("transaction", "");
+    let mut raw = RawConn::login_trust(proxy.port()).await;
+    let (a, b) = (
+        format!("select v from {t} where id = 1"),
+        format!("select count(*) from {t}"),
+    );
+    let run = |sql: Option<&str>| {
+        let mut m = sql.map(|s| parse("", s, &[])).unwrap_or_default();
+        m.extend(bind("", "", &[], &[], &[]));
+        m.extend(execute("", 0));
+        m.extend(sync());
+        m
+    };
+    let mut rows = Vec::new();
+    // b upstream, a upstream, b from the cache (a new unnamed statement, served).
+    for batch in [run(Some(&b)), run(Some(&a)), run(Some(&b)), run(None)] {
+        if batch[0] == b'B' {
+            // A write through the proxy: b's entry is stale, its next run goes upstream.
+            let c = connect(&app_url(&proxy)).await;
+            c.simple_query(&format!("insert into {t} values (6, 'v6')"))
+                .await
+                .expect("insert");
+        }
+        raw.send(&batch).await;
+        let msgs = raw.until_ready().await;
+        assert!(msgs.iter().all(|(tag, _)| *tag != b'E'), "{msgs:?}");
+        rows.extend(msgs.into_iter().filter(|(tag, _)| *tag == b'D'));
+    }
+    assert!(
+        rows.last().is_some_and(|(_, d)| d.ends_with(b"6")),
+        "{rows:?}"
+    );
+    let calls = |r: HashMap<String, String>| r["calls"].clone();
+    assert_eq!(
+        calls(query_row(&proxy, &format!("count(*) from {t}")).await),
+        "3"
+    );
+    assert_eq!(
+        calls(query_row(&proxy, &format!("from {t} where id = $1")).await),
+        "1"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_statements_are_logged_and_explained() {
     let t = table("insight_big", "id int, val int, name text");

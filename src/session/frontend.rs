@@ -524,8 +524,12 @@ impl Session {
     /// had run; the server gets it when the statement is next used.
     pub(super) fn note_parse_served(&mut self, msg: BytesMut) {
         if msg.get(5) == Some(&0) {
-            // The unnamed statement (its text was read when the batch was held).
-            self.unnamed = Some(msg.freeze());
+            // The unnamed statement (its text was read when the batch was held); a new text
+            // has a new fingerprint.
+            if self.unnamed.as_deref() != Some(&msg[..]) {
+                self.insight_unnamed_parsed();
+                self.unnamed = Some(msg.freeze());
+            }
             if let Some(a) = &mut self.server {
                 a.unnamed_valid = false;
             }
