@@ -17,7 +17,7 @@
 use super::backend::{Expect, Kind};
 use super::{End, Session};
 use crate::admin::registry::PoolStats;
-use crate::analysis::{Analysis, SessionEffect};
+use crate::analysis::{Analysis, Analyzed, SessionEffect};
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::error::{sqlstate, PgError, Severity};
 use crate::wire::{self, read_cstr};
@@ -479,15 +479,24 @@ impl Session {
                 },
             );
         };
-        let analysis = self.shared.analyzer.analyze(query);
-        if let Err(refusal) = self.admit(&analysis) {
-            return self.refuse_extended(refusal);
+        // The unnamed statement parsed again with the same text: what it does to the session
+        // (nothing), its copy and its fingerprint are those of last time.
+        let repeat =
+            name.is_empty() && self.unnamed_plain && self.unnamed.as_deref() == Some(&msg[..]);
+        if !repeat {
+            let analysis = self.shared.analyzer.analyze(query);
+            if let Err(refusal) = self.admit(&analysis) {
+                return self.refuse_extended(refusal);
+            }
+            if name.is_empty() {
+                self.insight_unnamed_parsed();
+                // A copy is kept, to parse it again on another server connection; the message
+                // goes on as it came, so the rest of the batch behind it joins it without a copy.
+                self.unnamed = Some(Bytes::copy_from_slice(&msg));
+                self.unnamed_plain = matches!(analysis, Analyzed::Plain);
+            }
         }
         if name.is_empty() {
-            self.insight_unnamed_parsed();
-            // A copy is kept, to parse it again on another server connection; the message goes
-            // on as it came, so the rest of the batch behind it joins it without a copy.
-            self.unnamed = Some(Bytes::copy_from_slice(&msg));
             if let Some(a) = &mut self.server {
                 a.unnamed_valid = true;
                 forward(msg, &mut a.to_server);
@@ -529,6 +538,7 @@ impl Session {
             if self.unnamed.as_deref() != Some(&msg[..]) {
                 self.insight_unnamed_parsed();
                 self.unnamed = Some(msg.freeze());
+                self.unnamed_plain = false;
             }
             if let Some(a) = &mut self.server {
                 a.unnamed_valid = false;

@@ -109,6 +109,9 @@ pub struct Session {
     stmts: foldhash::HashMap<String, Arc<Prepared>>,
     /// Transaction mode: the client's last unnamed `Parse`.
     unnamed: Option<Bytes>,
+    /// `unnamed` went upstream with a text that cannot touch the session (`Analyzed::Plain`):
+    /// the same `Parse` again (drivers send one per query) needs no new look at its text.
+    unnamed_plain: bool,
     settings: Settings,
     pinned: Option<PinReason>,
     /// Extended messages are being skipped up to the next Sync (an error was reported).
@@ -171,6 +174,7 @@ impl Session {
             queue: VecDeque::new(),
             stmts: Default::default(),
             unnamed: None,
+            unnamed_plain: false,
             settings,
             pinned: None,
             skipping: false,
