@@ -221,7 +221,10 @@ fn may_touch_session(sql: &str) -> bool {
             },
             b'\'' | b'"' => {
                 // Closing quote; a doubled quote inside reads as close-and-reopen, same result.
+                // A backslash in a string may escape a quote (`E'\''`, or any string with
+                // standard_conforming_strings off): where it ends is the parser's to say.
                 match b[i + 1..].iter().position(|&x| x == c) {
+                    Some(p) if c == b'\'' && b[i + 1..i + 1 + p].contains(&b'\\') => return true,
                     Some(p) => i += p + 2,
                     None => return true,
                 }
@@ -423,6 +426,13 @@ mod tests {
         ] {
             assert!(may_touch_session(s), "{s}");
         }
+        // A backslash-escaped quote ends no string: what follows it is still quoted.
+        let hidden = "SELECT E'\\''; SET search_path = evil; SELECT E'\\''";
+        assert!(may_touch_session(hidden), "{hidden}");
+        assert_eq!(
+            effects(hidden),
+            vec![SessionEffect::Set("search_path".into())]
+        );
     }
 
     #[test]

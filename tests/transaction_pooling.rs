@@ -191,6 +191,13 @@ async fn set_is_refused_when_not_tracked() {
     a.batch_execute("begin; set local work_mem = '5MB'; commit")
         .await
         .unwrap();
+    // Hidden behind a backslash-escaped quote from a scan that ignored escapes, this SET went
+    // to a shared server connection unseen (and stayed there for the next client).
+    let e = a
+        .batch_execute("select E'\\''; set work_mem = '5MB'; select E'\\''")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000");
 }
 
 #[tokio::test]
