@@ -178,21 +178,22 @@ const fn first_letters(mut table: [bool; 256], words: &[&str]) -> [bool; 256] {
     table
 }
 
-fn word_matters(w: &str, leading: bool) -> bool {
-    let first = w.as_bytes().first().map(u8::to_ascii_lowercase);
+fn word_matters(w: &[u8], leading: bool) -> bool {
+    let first = w.first().map(u8::to_ascii_lowercase);
     if !first.is_some_and(|c| FIRST_LETTERS[c as usize]) {
         return false;
     }
-    let starts = |p: &str| w.len() >= p.len() && w[..p.len()].eq_ignore_ascii_case(p);
-    (leading && LEADING_WORDS.iter().any(|k| w.eq_ignore_ascii_case(k)))
-        || ANYWHERE_WORDS.iter().any(|k| w.eq_ignore_ascii_case(k))
+    let is = |k: &str| w.eq_ignore_ascii_case(k.as_bytes());
+    let starts = |p: &str| w.len() >= p.len() && w[..p.len()].eq_ignore_ascii_case(p.as_bytes());
+    (leading && LEADING_WORDS.iter().any(|k| is(k)))
+        || ANYWHERE_WORDS.iter().any(|k| is(k))
         || ANYWHERE_PREFIXES.iter().any(|p| starts(p))
 }
 
 /// Whether `sql` may have a session effect or pin. Skips comments and quoted text; when in doubt
 /// (an unterminated quote or comment) says yes.
 fn may_touch_session(sql: &str) -> bool {
-    use crate::sqltext::{is, ALNUM, SPACE};
+    use crate::sqltext::{is, ALNUM, SPACE, WORD};
     let b = sql.as_bytes();
     let mut i = 0;
     let mut leading = true;
@@ -249,12 +250,16 @@ fn may_touch_session(sql: &str) -> bool {
                     _ => i += 1,
                 }
             }
-            c if is(c, ALNUM) => {
+            c if is(c, ALNUM) || c >= 0x80 => {
+                // An identifier or key word goes on over `$` and non-ASCII letters, as in
+                // PostgreSQL (`a$b$` is one name, not a name and a dollar quote); a number
+                // stops before a `$` (`1$q$...$q$` is a number and a dollar quote).
+                let class = if c.is_ascii_digit() { ALNUM } else { WORD };
                 let start = i;
-                while i < b.len() && is(b[i], ALNUM) {
+                while i < b.len() && is(b[i], class) {
                     i += 1;
                 }
-                if word_matters(&sql[start..i], leading) {
+                if word_matters(&b[start..i], leading) {
                     return true;
                 }
                 leading = false;
@@ -427,12 +432,20 @@ mod tests {
             assert!(may_touch_session(s), "{s}");
         }
         // A backslash-escaped quote ends no string: what follows it is still quoted.
-        let hidden = "SELECT E'\\''; SET search_path = evil; SELECT E'\\''";
-        assert!(may_touch_session(hidden), "{hidden}");
-        assert_eq!(
-            effects(hidden),
-            vec![SessionEffect::Set("search_path".into())]
-        );
+        // Nor does a `$` inside a name start a dollar quote.
+        for hidden in [
+            "SELECT E'\\''; SET search_path = evil; SELECT E'\\''",
+            "SELECT 1 AS a$q$; SET search_path = evil; SELECT 1 AS b$q$",
+            "SELECT 1 AS \u{e9}$q$; SET search_path = evil; SELECT 1 AS \u{e9}$q$",
+        ] {
+            assert!(may_touch_session(hidden), "{hidden}");
+            assert_eq!(
+                effects(hidden),
+                vec![SessionEffect::Set("search_path".into())],
+                "{hidden}"
+            );
+        }
+        assert!(!may_touch_session("SELECT 1 AS a$q$, $q$ temp $q$, é"));
     }
 
     #[test]

@@ -193,11 +193,14 @@ async fn set_is_refused_when_not_tracked() {
         .unwrap();
     // Hidden behind a backslash-escaped quote from a scan that ignored escapes, this SET went
     // to a shared server connection unseen (and stayed there for the next client).
-    let e = a
-        .batch_execute("select E'\\''; set work_mem = '5MB'; select E'\\''")
-        .await
-        .unwrap_err();
-    assert_eq!(code(&e), "0A000");
+    // The same behind a `$` inside a name, read as the start of a dollar quote.
+    for hidden in [
+        "select E'\\''; set work_mem = '5MB'; select E'\\''",
+        "select 1 as a$q$; set work_mem = '5MB'; select 1 as b$q$",
+    ] {
+        let e = a.batch_execute(hidden).await.unwrap_err();
+        assert_eq!(code(&e), "0A000", "{hidden}");
+    }
 }
 
 #[tokio::test]
