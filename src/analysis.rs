@@ -216,10 +216,30 @@ fn may_touch_session(sql: &str) -> bool {
                     None => return false,
                 }
             }
-            b'/' if b.get(i + 1) == Some(&b'*') => match find(i + 2, b"*/") {
-                Some(e) => i = e,
-                None => return true,
-            },
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                // Block comments nest: ending one at its first `*/` would read the rest of it
+                // as words, and one of them would hide a `SET` right behind it from `leading`.
+                let mut depth = 0;
+                loop {
+                    if i + 1 >= b.len() {
+                        return true;
+                    }
+                    match (b[i], b[i + 1]) {
+                        (b'/', b'*') => {
+                            depth += 1;
+                            i += 2;
+                        }
+                        (b'*', b'/') => {
+                            depth -= 1;
+                            i += 2;
+                            if depth == 0 {
+                                break;
+                            }
+                        }
+                        _ => i += 1,
+                    }
+                }
+            }
             b'\'' | b'"' => {
                 // Closing quote; a doubled quote inside reads as close-and-reopen, same result.
                 // A backslash in a string may escape a quote (`E'\''`, or any string with
@@ -446,6 +466,115 @@ mod tests {
             );
         }
         assert!(!may_touch_session("SELECT 1 AS a$q$, $q$ temp $q$, é"));
+    }
+
+    /// Random statement lists of quoted strings (escapes, dollar quotes), names with `$` and
+    /// non-ASCII letters, comments (nested too), and the statements that matter: whenever the
+    /// scan lets a text the parser accepts skip it, the parser finds nothing there either.
+    #[test]
+    fn the_word_scan_never_hides_what_the_parser_finds() {
+        let literals = [
+            "'x'",
+            "'it''s'",
+            "E'\\''",
+            "E'\\\\'",
+            "e'\\'' ; '",
+            "$$ ' $$",
+            "$q$ $$ ' $q$",
+            "1",
+            "1.5",
+            "U&'d\\0061t'",
+            "'--'",
+            "'/*'",
+            "$1",
+            "$\u{e9}$ ; $\u{e9}$",
+            "$_$ x $_$",
+            "B'01'",
+            "X'1F'",
+            "N'x'",
+            "'a' 'b'",
+            "'a'\n'b'",
+            "$a$$a$",
+            "1e5",
+            "0x1F",
+        ];
+        let names = [
+            "a",
+            "a$q$",
+            "a$",
+            "\u{e9}$q$",
+            "\"n\"\"m\"",
+            "\"$q$\"",
+            "_x1",
+            "U&\"d\\0061t\"",
+            "\u{e9}",
+            "x\u{e9}$",
+        ];
+        let gaps = [
+            " ",
+            " ",
+            "\n",
+            " /* c */ ",
+            " /* a /* b */ c */ ",
+            " -- c\n",
+            "/**/",
+            "/*/ x */",
+            "\t",
+            "\r\n",
+            "/* -- */",
+            "-- /*\n",
+            "/* ' */",
+            "/* $q$ */",
+        ];
+        let effects_stmts = [
+            "set work_mem = 1",
+            "reset work_mem",
+            "listen c",
+            "create temp table t(a int)",
+            "select pg_advisory_lock(1)",
+            "discard all",
+            "prepare p as select 1",
+            "deallocate p",
+        ];
+        let mut seed: u64 = 0x5eed;
+        let mut next = |n: usize| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as usize % n
+        };
+        let mut checked = 0;
+        for _ in 0..20_000 {
+            let mut sql = String::new();
+            for s in 0..1 + next(3) {
+                if s > 0 {
+                    sql.push(';');
+                    sql.push_str(gaps[next(gaps.len())]);
+                }
+                if next(4) == 0 {
+                    sql.push_str(effects_stmts[next(effects_stmts.len())]);
+                    continue;
+                }
+                sql.push_str("select");
+                for c in 0..1 + next(3) {
+                    sql.push_str(if c > 0 { ", " } else { " " });
+                    sql.push_str(literals[next(literals.len())]);
+                    sql.push_str(gaps[next(gaps.len())]);
+                    sql.push_str("as ");
+                    sql.push_str(names[next(names.len())]);
+                }
+            }
+            let a = analyze(&sql);
+            if !a.parsed || may_touch_session(&sql) {
+                continue;
+            }
+            checked += 1;
+            assert!(
+                a.effects.is_empty() && a.pin.is_none() && a.deallocate.is_none(),
+                "{sql:?}: {a:?}"
+            );
+        }
+        assert!(checked > 1_000, "{checked}");
     }
 
     #[test]
