@@ -366,6 +366,13 @@ impl Session {
 
     /// Send the client the proxy's own answers that are now in order.
     pub(super) fn emit_synthetic(&mut self) {
+        // Called after every reply; nearly always nothing synthetic is next.
+        if !matches!(
+            self.queue.front(),
+            Some(Expect::CopyEnd | Expect::Synthetic(_) | Expect::SyntheticReady)
+        ) {
+            return;
+        }
         // One allocation for all of it (the buffer is usually empty: it is freed once written).
         let room: usize = (self.queue.iter())
             .map_while(|e| match e {
