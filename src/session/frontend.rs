@@ -299,7 +299,8 @@ impl Session {
                 self.to_client.extend_from_slice(CLOSE_COMPLETE);
                 true
             }
-            b'P' => {
+            // (The unnamed statement goes with the rest of its batch: not read here.)
+            b'P' if msg.get(5) != Some(&0) => {
                 let body = &msg[5..];
                 let mut pos = 0;
                 let (Some(name), Some(query)) =
@@ -466,47 +467,50 @@ impl Session {
 
     fn on_parse(&mut self, msg: BytesMut) {
         self.tx.batch_open = true;
-        let body = &msg[5..];
-        let mut pos = 0;
-        let (Some(name), Some(query)) = (read_cstr(body, &mut pos), read_cstr(body, &mut pos))
-        else {
-            // Malformed: the server says so.
-            return self.push(
-                msg,
-                Kind::Parse {
-                    server_name: None,
-                    client_name: None,
-                },
-            );
-        };
-        // The unnamed statement parsed again with the same text: what it does to the session
-        // (nothing), its copy and its fingerprint are those of last time.
-        let repeat =
-            name.is_empty() && self.unnamed_plain && self.unnamed.as_deref() == Some(&msg[..]);
+        // The unnamed statement parsed again with the same text (drivers send one per query):
+        // what it does to the session (nothing), its copy and its fingerprint are last time's.
+        let repeat = self.unnamed_plain
+            && msg.get(5) == Some(&0)
+            && self.unnamed.as_deref() == Some(&msg[..]);
         if !repeat {
+            let body = &msg[5..];
+            let mut pos = 0;
+            let (Some(name), Some(query)) = (read_cstr(body, &mut pos), read_cstr(body, &mut pos))
+            else {
+                // Malformed: the server says so.
+                return self.push(
+                    msg,
+                    Kind::Parse {
+                        server_name: None,
+                        client_name: None,
+                    },
+                );
+            };
             let analysis = self.shared.analyzer.analyze(query);
             if let Err(refusal) = self.admit(&analysis) {
                 return self.refuse_extended(refusal);
             }
-            if name.is_empty() {
-                self.insight_unnamed_parsed();
-                // A copy is kept, to parse it again on another server connection; the message
-                // goes on as it came, so the rest of the batch behind it joins it without a copy.
-                self.unnamed = Some(Bytes::copy_from_slice(&msg));
-                self.unnamed_plain = matches!(analysis, Analyzed::Plain);
+            if !name.is_empty() {
+                return self.parse_named(name, query, &body[pos..]);
             }
+            self.insight_unnamed_parsed();
+            // A copy is kept, to parse it again on another server connection; the message goes
+            // on as it came, so the rest of the batch behind it joins it without a copy.
+            self.unnamed = Some(Bytes::copy_from_slice(&msg));
+            self.unnamed_plain = matches!(analysis, Analyzed::Plain);
         }
-        if name.is_empty() {
-            if let Some(a) = &mut self.server {
-                a.unnamed_valid = true;
-                forward(msg, &mut a.to_server);
-            }
-            self.queue.push_back(Expect::reply(Kind::Parse {
-                server_name: None,
-                client_name: None,
-            }));
-            return;
+        if let Some(a) = &mut self.server {
+            a.unnamed_valid = true;
+            forward(msg, &mut a.to_server);
         }
+        self.queue.push_back(Expect::reply(Kind::Parse {
+            server_name: None,
+            client_name: None,
+        }));
+    }
+
+    /// A `Parse` of statement `name` (`types`: the parameter types, as sent).
+    fn parse_named(&mut self, name: &str, query: &str, types: &[u8]) {
         if self.stmts.contains_key(name) {
             let refusal = PgError::error(
                 sqlstate::DUPLICATE_PREPARED_STATEMENT,
@@ -514,7 +518,7 @@ impl Session {
             );
             return self.refuse_extended(refusal);
         }
-        let prepared = Arc::new(Prepared::new(query, &body[pos..], self.own_name(name)));
+        let prepared = Arc::new(Prepared::new(query, types, self.own_name(name)));
         let name = name.to_string();
         self.stmts.insert(name.clone(), prepared.clone());
         if self.ensure_prepared(&prepared, Some(name)) {
