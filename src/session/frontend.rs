@@ -359,6 +359,10 @@ impl Session {
     /// `push` for a message the proxy rewrote: framed straight into what goes to the server.
     fn push_frame(&mut self, tag: u8, parts: &[&[u8]], kind: Kind) {
         if let Some(a) = &mut self.server {
+            // The rest of the client's batch (already read) is copied in behind this message:
+            // room for it now, rather than a reallocation for each message of it.
+            let len = parts.iter().map(|p| p.len()).sum::<usize>() + 5;
+            a.to_server.reserve(len + self.c_in.len().min(8192));
             wire::frame(tag, parts, &mut a.to_server);
         }
         self.queue.push_back(Expect::reply(kind));
