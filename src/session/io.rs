@@ -70,9 +70,15 @@ fn poll_drain<W: AsyncWrite + Unpin>(
 }
 
 fn make_room(buf: &mut BytesMut) {
-    if buf.capacity() == 0 {
-        buf.reserve(FIRST_READ);
-    } else if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+    let room = buf.capacity() - buf.len();
+    if buf.is_empty() {
+        // Nothing pending: the next message is most likely small, and what is left of a small
+        // buffer takes it (growing to `READ_CHUNK` here allocated 16 KiB per transaction).
+        if room < FIRST_READ / 4 {
+            buf.reserve(FIRST_READ);
+        }
+    } else if room < READ_CHUNK / 4 {
+        // Part of a message is in: a large one, or a stream of them.
         buf.reserve(READ_CHUNK);
     }
 }
