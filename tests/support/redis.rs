@@ -39,7 +39,16 @@ impl RedisServer {
 
     /// A cluster-enabled node (config file in `dir`).
     fn start_cluster_node(dir: &std::path::Path) -> RedisServer {
-        let port = super::free_port();
+        // A cluster node also listens on its port + 10000 (the cluster bus): that one must be
+        // free too, and outside the range `free_port` hands to other tests (20000-31999), or
+        // another test's server may take it first and the node does not start.
+        // (`free_port` goes round its range in 12,000 calls.)
+        let port = (0..12_000)
+            .map(|_| super::free_port())
+            .find(|&p| {
+                p >= 22_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok()
+            })
+            .expect("a free port with a free cluster bus port");
         let conf = dir.join(format!("nodes-{port}.conf"));
         let mut r = RedisServer {
             port,
