@@ -69,16 +69,27 @@ fn poll_drain<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Room in a server read buffer: replies may be large, so a buffer low on room grows to
+/// `READ_CHUNK` (a pooled connection keeps its buffer, so this is rarely an allocation).
 fn make_room(buf: &mut BytesMut) {
+    if buf.capacity() == 0 {
+        buf.reserve(FIRST_READ);
+    } else if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
+/// Room in the client's read buffer. With nothing pending the next message is most likely
+/// small, and what is left of the buffer takes it: growing to `READ_CHUNK` here allocated
+/// 16 KiB per transaction (the 1 KiB the first read took is still shared with the message
+/// split off it). Part of a message in (a large one, COPY data): `READ_CHUNK`.
+fn make_client_room(buf: &mut BytesMut) {
     let room = buf.capacity() - buf.len();
     if buf.is_empty() {
-        // Nothing pending: the next message is most likely small, and what is left of a small
-        // buffer takes it (growing to `READ_CHUNK` here allocated 16 KiB per transaction).
         if room < FIRST_READ / 4 {
             buf.reserve(FIRST_READ);
         }
     } else if room < READ_CHUNK / 4 {
-        // Part of a message is in: a large one, or a stream of them.
         buf.reserve(READ_CHUNK);
     }
 }
@@ -124,7 +135,7 @@ impl Session {
         let ready = self.c_in.capacity() > self.c_in.len()
             || !matches!(self.client.poll_read_ready(cx), Poll::Pending);
         if backlog < HIGH_WATER && ready {
-            make_room(&mut self.c_in);
+            make_client_room(&mut self.c_in);
             match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.c_in) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ClientGone),
                 Poll::Ready(Ok(n)) => {
