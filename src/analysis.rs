@@ -211,8 +211,9 @@ fn may_touch_session(sql: &str) -> bool {
                 i += 1;
             }
             b'-' if b.get(i + 1) == Some(&b'-') => {
-                i = match find(i, b"\n") {
-                    Some(e) => e,
+                // To the end of the line, which a carriage return ends too.
+                i = match memchr::memchr2(b'\n', b'\r', &b[i..]) {
+                    Some(e) => i + e + 1,
                     None => return false,
                 }
             }
@@ -452,8 +453,10 @@ mod tests {
             assert!(may_touch_session(s), "{s}");
         }
         // A backslash-escaped quote ends no string: what follows it is still quoted.
-        // Nor does a `$` inside a name start a dollar quote.
+        // Nor does a `$` inside a name start a dollar quote, nor a line comment run past a
+        // carriage return.
         for hidden in [
+            "SELECT 1; -- c\rSET search_path = evil",
             "SELECT E'\\''; SET search_path = evil; SELECT E'\\''",
             "SELECT 1 AS a$q$; SET search_path = evil; SELECT 1 AS b$q$",
             "SELECT 1 AS \u{e9}$q$; SET search_path = evil; SELECT 1 AS \u{e9}$q$",
@@ -517,6 +520,7 @@ mod tests {
             " /* c */ ",
             " /* a /* b */ c */ ",
             " -- c\n",
+            " -- c\r",
             "/**/",
             "/*/ x */",
             "\t",

@@ -200,8 +200,9 @@ pub fn shape(sql: &str, h: &mut impl Hasher, blind: Blind) {
         }
         // Comments count as whitespace (unless kept: hints live in them).
         if c == b'-' && next == Some(b'-') {
+            // To the end of the line, which a carriage return ends too.
             let start = i;
-            while i < b.len() && b[i] != b'\n' {
+            while i < b.len() && b[i] != b'\n' && b[i] != b'\r' {
                 i += 1;
             }
             if !all {

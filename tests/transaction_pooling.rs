@@ -193,12 +193,14 @@ async fn set_is_refused_when_not_tracked() {
         .unwrap();
     // Hidden behind a backslash-escaped quote from a scan that ignored escapes, this SET went
     // to a shared server connection unseen (and stayed there for the next client).
-    // The same behind a `$` inside a name, read as the start of a dollar quote, and behind a
-    // nested comment, read as ending at its first `*/`.
+    // The same behind a `$` inside a name, read as the start of a dollar quote, behind a
+    // nested comment, read as ending at its first `*/`, and after a line comment, read as
+    // running past a carriage return.
     for hidden in [
         "select E'\\''; set work_mem = '5MB'; select E'\\''",
         "select 1 as a$q$; set work_mem = '5MB'; select 1 as b$q$",
         "select 1; /* a /* nested */ comment */ set work_mem = '5MB'",
+        "select 1; -- a line comment ends at a carriage return\rset work_mem = '5MB'",
     ] {
         let e = a.batch_execute(hidden).await.unwrap_err();
         assert_eq!(code(&e), "0A000", "{hidden}");
