@@ -132,6 +132,11 @@ impl Session {
         }
         let backlog = self.server.as_ref().map_or(0, |a| a.to_server.len());
         // An idle client holds no read buffer: wait for bytes before making room for them.
+        if self.server.is_none() && self.c_in.is_empty() && self.c_in.capacity() > 0 {
+            // What is left of the last batch's buffer (an extended-protocol client's batch
+            // arrives as several messages in one read).
+            self.c_in = BytesMut::new();
+        }
         let ready = self.c_in.capacity() > self.c_in.len()
             || !matches!(self.client.poll_read_ready(cx), Poll::Pending);
         if backlog < HIGH_WATER && ready {
