@@ -35,6 +35,8 @@ pub enum PinReason {
     HoldCursor,
     TempTable,
     Load,
+    /// `set_config(name, value, is_local)` whose name or `is_local` is not a constant.
+    SetConfig,
 }
 
 impl fmt::Display for PinReason {
@@ -46,6 +48,7 @@ impl fmt::Display for PinReason {
             PinReason::HoldCursor => "cursors WITH HOLD",
             PinReason::TempTable => "temporary tables",
             PinReason::Load => "LOAD",
+            PinReason::SetConfig => "set_config() with a computed name or is_local",
         })
     }
 }
@@ -131,6 +134,14 @@ pub fn analyze(sql: &str) -> Analysis {
                 if name.is_some_and(|n| SESSION_LOCK_FUNCTIONS.contains(&n)) {
                     pin(PinReason::AdvisoryLock);
                 }
+                // A SET by another name (and the way to set a custom variable for row security).
+                if name == Some("set_config") {
+                    match set_config_target(f) {
+                        Some(Some(guc)) => effects.push(SessionEffect::Set(guc)),
+                        Some(None) => {}
+                        None => pin(PinReason::SetConfig),
+                    }
+                }
             }
             _ => {}
         }
@@ -138,6 +149,25 @@ pub fn analyze(sql: &str) -> Analysis {
     a.effects = effects;
     a.deallocate = deallocate;
     a
+}
+
+/// What a `set_config(name, value, is_local)` call sets for the session: `Some(Some(name))`, or
+/// `Some(None)` with `is_local` true (it ends with the transaction, like `SET LOCAL`); `None` when
+/// the name or `is_local` is not a constant (what it sets cannot be known).
+fn set_config_target(f: &pg_query::protobuf::FuncCall) -> Option<Option<String>> {
+    use pg_query::protobuf::a_const::Val;
+    let constant = |i: usize| match f.args.get(i)?.node.as_ref()? {
+        pg_query::NodeEnum::AConst(c) => c.val.as_ref(),
+        _ => None,
+    };
+    match constant(2)? {
+        Val::Boolval(b) if b.boolval => Some(None),
+        Val::Boolval(_) => match constant(0)? {
+            Val::Sval(s) => Some(Some(s.sval.to_ascii_lowercase())),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 fn is_temp(rel: Option<&pg_query::protobuf::RangeVar>) -> bool {
@@ -159,8 +189,8 @@ const LEADING_WORDS: [&str; 9] = [
     "load",
 ];
 const ANYWHERE_WORDS: [&str; 2] = ["temp", "temporary"];
-/// Prefixes that matter anywhere: temporary schemas, advisory lock functions.
-const ANYWHERE_PREFIXES: [&str; 3] = ["pg_temp", "pg_advisory_", "pg_try_advisory_"];
+/// Prefixes that matter anywhere: temporary schemas, advisory lock functions, `set_config`.
+const ANYWHERE_PREFIXES: [&str; 4] = ["pg_temp", "pg_advisory_", "pg_try_advisory_", "set_config"];
 
 /// The first letters of every word and prefix above (all lowercase): most words of a statement
 /// stop at this table. Made from the lists, so a word added there is never filtered out here.
@@ -394,6 +424,22 @@ mod tests {
             effects("select 1; set role other"),
             vec![SessionEffect::Set("role".into())]
         );
+        // set_config: a SET by another name, a SET LOCAL with is_local true.
+        for sql in [
+            "select set_config('Work_Mem', '6MB', false)",
+            "SELECT pg_catalog.set_config('work_mem', $1, false) AS x",
+        ] {
+            assert!(may_touch_session(sql), "{sql}");
+            assert_eq!(effects(sql), vec![SessionEffect::Set("work_mem".into())]);
+        }
+        assert!(effects("select set_config('app.user', '42', true)").is_empty());
+        for sql in [
+            "select set_config($1, '1', false)",
+            "select set_config('a.b', '1', $1)",
+            "select set_config('a.b', '1', 'f')",
+        ] {
+            assert_eq!(analyze(sql).pin, Some(PinReason::SetConfig), "{sql}");
+        }
     }
 
     #[test]
@@ -536,6 +582,7 @@ mod tests {
             "listen c",
             "create temp table t(a int)",
             "select pg_advisory_lock(1)",
+            "select set_config('work_mem', '1MB', false)",
             "discard all",
             "prepare p as select 1",
             "deallocate p",
