@@ -180,6 +180,33 @@ async fn session_settings_follow_the_client() {
         .await
         .unwrap();
     assert_eq!(show(&a, "show work_mem").await, "4MB");
+    // A SET prepared in one round trip and run in the next (tokio-postgres' `execute`) is
+    // read back after it has run, not after the prepare: the client keeps it, the next client
+    // on the connection does not get it.
+    a.execute("set statement_timeout = '77s'", &[])
+        .await
+        .unwrap();
+    // set_config(..., false) is a SET by another name; with true it is a SET LOCAL.
+    a.batch_execute("select set_config('work_mem', '6MB', false)")
+        .await
+        .unwrap();
+    a.query_one(
+        "select pg_catalog.set_config('search_path', 'pg_catalog', false)",
+        &[],
+    )
+    .await
+    .unwrap();
+    a.batch_execute("begin; select set_config('work_mem', '9MB', true); commit")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(show(&a, "show statement_timeout").await, "77s");
+        assert_eq!(show(&b, "show statement_timeout").await, "0");
+        assert_eq!(show(&a, "show work_mem").await, "6MB");
+        assert_eq!(show(&a, "show search_path").await, "pg_catalog");
+        assert_eq!(show(&b, "show work_mem").await, "4MB");
+        assert_eq!(show(&b, "show search_path").await, "\"$user\", public");
+    }
 }
 
 #[tokio::test]

@@ -37,13 +37,21 @@ pub struct Prepared {
     pub parse: Bytes,
     /// Its fingerprint (insight), made at the first `Bind`.
     pub fp: std::sync::OnceLock<Arc<crate::insight::fingerprint::Fingerprint>>,
+    /// What running it does to the session's settings (`SET`, `set_config`): recorded at each
+    /// `Bind`, as it runs, not only at the `Parse`.
+    pub effects: Box<[SessionEffect]>,
 }
 
 impl Prepared {
     /// `param_types` is the rest of the client's `Parse` after the query text. `own_name`: the
     /// name to use on the server (session mode keeps the client's); otherwise one derived from
     /// text and types, shared by clients.
-    fn new(query: &str, param_types: &[u8], own_name: Option<&str>) -> Self {
+    fn new(
+        query: &str,
+        param_types: &[u8],
+        own_name: Option<&str>,
+        effects: &[SessionEffect],
+    ) -> Self {
         let server_name = match own_name {
             Some(n) => n.to_string(),
             None => server_name(query, param_types),
@@ -64,6 +72,7 @@ impl Prepared {
             server_name,
             parse: parse.freeze(),
             fp: Default::default(),
+            effects: effects.into(),
         }
     }
 }
@@ -315,7 +324,7 @@ impl Session {
                 if analysis.pin.is_some() || !analysis.effects.is_empty() {
                     return false;
                 }
-                let prepared = Arc::new(Prepared::new(query, &body[pos..], None));
+                let prepared = Arc::new(Prepared::new(query, &body[pos..], None, &[]));
                 if !self
                     .shared
                     .pools
@@ -495,7 +504,7 @@ impl Session {
                 return self.refuse_extended(refusal);
             }
             if !name.is_empty() {
-                return self.parse_named(name, query, &body[pos..]);
+                return self.parse_named(name, query, &body[pos..], &analysis.effects);
             }
             self.insight_unnamed_parsed();
             // A copy is kept, to parse it again on another server connection; the message goes
@@ -514,7 +523,7 @@ impl Session {
     }
 
     /// A `Parse` of statement `name` (`types`: the parameter types, as sent).
-    fn parse_named(&mut self, name: &str, query: &str, types: &[u8]) {
+    fn parse_named(&mut self, name: &str, query: &str, types: &[u8], effects: &[SessionEffect]) {
         if self.stmts.contains_key(name) {
             let refusal = PgError::error(
                 sqlstate::DUPLICATE_PREPARED_STATEMENT,
@@ -522,7 +531,7 @@ impl Session {
             );
             return self.refuse_extended(refusal);
         }
-        let prepared = Arc::new(Prepared::new(query, types, self.own_name(name)));
+        let prepared = Arc::new(Prepared::new(query, types, self.own_name(name), effects));
         let name = name.to_string();
         self.stmts.insert(name.clone(), prepared.clone());
         if self.ensure_prepared(&prepared, Some(name)) {
@@ -559,7 +568,8 @@ impl Session {
         else {
             return;
         };
-        let prepared = Arc::new(Prepared::new(query, &body[pos..], self.own_name(name)));
+        // (A statement the cache answered reads only: it changes no setting.)
+        let prepared = Arc::new(Prepared::new(query, &body[pos..], self.own_name(name), &[]));
         self.stmts.insert(name.to_string(), prepared);
     }
 
@@ -627,6 +637,24 @@ impl Session {
             return self.push(msg, Kind::Bind);
         };
         let prepared = self.statement_for(stmt);
+        // Settings it changes are read back after it has run: a driver that prepares in one
+        // round trip and executes in the next would otherwise have them read before.
+        match &prepared {
+            Some(p) if !p.effects.is_empty() => self.settings.record(&p.effects),
+            None if stmt.is_empty() && !self.unnamed_plain => {
+                // (Rare: a text with session effects, or one served from the cache. The memo
+                // has the analysis of the first kind.)
+                let parsed = self
+                    .unnamed
+                    .as_ref()
+                    .and_then(|m| super::held::read_parse(m));
+                if let Some((_, sql, _)) = parsed {
+                    let analysis = self.shared.analyzer.analyze(sql);
+                    self.settings.record(&analysis.effects);
+                }
+            }
+            _ => {}
+        }
         if self.insight.is_some() {
             let unnamed = if stmt.is_empty() {
                 self.unnamed.clone()

@@ -110,7 +110,8 @@ pub struct Session {
     /// Transaction mode: the client's last unnamed `Parse`.
     unnamed: Option<Bytes>,
     /// `unnamed` went upstream with a text that cannot touch the session (`Analyzed::Plain`):
-    /// the same `Parse` again (drivers send one per query) needs no new look at its text.
+    /// the same `Parse` again (drivers send one per query) needs no new look at its text, nor
+    /// does a `Bind` of it.
     unnamed_plain: bool,
     settings: Settings,
     pinned: Option<PinReason>,
