@@ -20,6 +20,7 @@ mod insight;
 mod io;
 pub mod settings;
 pub mod startup;
+mod statements;
 
 use crate::admin::control;
 use crate::admin::registry::{ClientState, ClientTicket, PoolStats};
@@ -36,8 +37,8 @@ use crate::wire::Scanner;
 use backend::Expect;
 use bytes::{Bytes, BytesMut};
 use cancel::Registration;
-use frontend::Prepared;
 use settings::Settings;
+use statements::Prepared;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
