@@ -75,7 +75,7 @@ if [ "$#" -eq 0 ]; then
     log "PGCACHE_TEST_WITH_CACHE=1 cargo test (protocol suites, cache on)"
     PGCACHE_TEST_WITH_CACHE=1 cargo test --test protocol --test transparency \
         --test transaction_pooling --test pooling --test cancel --test drivers --test failures \
-        --test shutdown
+        --test shutdown --test parking
     # The benchmark harness, a few seconds per target, so that it never rots (timings are not
     # checked; only that every target answers). BENCH_SMOKE=0 skips it.
     if [ "${BENCH_SMOKE:-1}" != 0 ]; then

@@ -4,7 +4,9 @@
 //! signals and the wiring of the parts; `src/main.rs` only calls [`main`].
 
 use crate::config::{Config, Overrides, PoolMode, Source};
-use crate::{admin, analysis, auth, cache, insight, listener, metrics, pool, probe, shutdown, tls};
+use crate::{
+    admin, analysis, auth, cache, insight, listener, metrics, pool, probe, session, shutdown, tls,
+};
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -196,6 +198,7 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
     tokio::spawn(insight::slow::run(shared.clone()));
     tokio::spawn(cache::stream::run(shared.clone()));
     tokio::spawn(cache::tier::follow(shared.clone()));
+    tokio::spawn(session::park::sweep(shared.clone()));
     tracing::info!(upstream = %shared.pools.target().addr(), "pgcache started");
     let serving = tokio::spawn(listener::serve(shared.clone(), listeners));
 

@@ -67,10 +67,12 @@ impl Shared {
         self.config.load()
     }
 
-    /// Put `config` in force.
+    /// Put `config` in force. Parked sessions are woken to take it (a new timeout applies to
+    /// them too); running ones take it at their next event.
     pub fn set_config(&self, config: Arc<Config>) {
         self.config.store(config);
         self.config_generation.fetch_add(1, Ordering::Release);
+        self.registry.wake_clients();
     }
 
     /// Move shutdown on to `phase` and wake every client session to look at it.

@@ -13,6 +13,8 @@ pub struct Metrics {
     pub clients_accepted: IntCounter,
     /// Clients connected now, by state (`login`, `active`).
     pub clients: IntGaugeVec,
+    /// Idle clients without a task (`session::park`).
+    pub clients_parked: IntGauge,
     /// Authentication failures by method.
     pub auth_failures: IntCounterVec,
     /// Failed attempts to open an upstream connection.
@@ -330,6 +332,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &r,
             "pgcache_clients_accepted_total",
             "Client TCP connections accepted",
+        ),
+        clients_parked: gauge(
+            &r,
+            "pgcache_clients_parked",
+            "Idle clients parked without a task",
         ),
         clients: gauge_vec(
             &r,

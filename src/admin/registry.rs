@@ -30,8 +30,28 @@ pub struct ClientInfo {
     tx_status: AtomicU8,
     server_pid: AtomicI32,
     pinned: AtomicBool,
-    /// The session's task, woken when something outside it needs a look (shutdown).
+    /// Parking (`session::park`): `RUNNING`, `PARK_ASKED`, `PARKED` or `NEVER_PARKS` in the
+    /// low two bits; when parked, the session's next deadline above them (`clock_ms`, 0 for
+    /// none: the sweep wakes it in time). One word, so the sweep's ask cannot undo a park.
+    park: AtomicU64,
+    /// When the session last heard from its client (`clock_ms`).
+    active_at: AtomicU64,
+    /// The session's task, woken when something outside it needs a look (shutdown, parking);
+    /// while the session is parked, the waker that brings it back.
     waker: AtomicWaker,
+}
+
+/// `ClientInfo::park` states.
+const RUNNING: u64 = 0;
+const PARK_ASKED: u64 = 1;
+const PARKED: u64 = 2;
+const NEVER_PARKS: u64 = 3;
+
+/// Milliseconds on a monotonic clock private to the registry (parking deadlines).
+pub fn clock_ms(at: std::time::Instant) -> u64 {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(std::time::Instant::now);
+    at.saturating_duration_since(base).as_millis() as u64 + 1
 }
 
 impl ClientInfo {
@@ -66,6 +86,27 @@ impl ClientInfo {
     }
     pub fn pinned(&self) -> bool {
         self.pinned.load(Ordering::Relaxed)
+    }
+    /// The client was heard from at `at`.
+    pub fn note_activity(&self, at: std::time::Instant) {
+        self.active_at.store(clock_ms(at), Ordering::Relaxed);
+    }
+    /// The sweep never asks this session to park (TLS).
+    pub fn never_park(&self) {
+        self.park.store(NEVER_PARKS, Ordering::Relaxed);
+    }
+    /// The sweep asked this session to park (and has not been answered yet).
+    pub fn park_asked(&self) -> bool {
+        self.park.load(Ordering::Relaxed) == PARK_ASKED
+    }
+    /// The session is running (it declined to park, or came back).
+    pub fn set_running(&self) {
+        self.park.store(RUNNING, Ordering::Relaxed);
+    }
+    /// The session parked; with a deadline it wants to be woken a little before it.
+    pub fn set_parked(&self, wake_at: Option<std::time::Instant>) {
+        let at = wake_at.map_or(0, clock_ms);
+        self.park.store(at << 2 | PARKED, Ordering::Release);
     }
 }
 
@@ -146,6 +187,8 @@ impl Registry {
             tx_status: AtomicU8::new(b'I'),
             server_pid: AtomicI32::new(0),
             pinned: AtomicBool::new(false),
+            park: AtomicU64::new(RUNNING),
+            active_at: AtomicU64::new(clock_ms(std::time::Instant::now())),
             waker: AtomicWaker::new(),
         });
         lock(&self.clients).insert(id, info.clone());
@@ -193,9 +236,48 @@ impl Registry {
         lock(&self.servers).values().cloned().collect()
     }
 
-    /// Wake every client session (it then re-reads the shutdown phase).
+    /// Wake every client session (it then re-reads the shutdown phase and the configuration).
+    /// Outside the lock: waking a parked session spawns its task, and a task that cannot be
+    /// spawned (the runtime is going away) drops the session, whose ticket takes the lock.
     pub fn wake_clients(&self) {
+        for c in self.clients() {
+            c.waker.wake();
+        }
+    }
+
+    /// One sweep of idle sessions (`session::park`): ask every session that is between
+    /// transactions, has not heard from its client for `quiet_ms` and still has a task to look
+    /// at whether it can park, and wake every parked session whose deadline falls before
+    /// `now_ms + horizon_ms`.
+    pub fn sweep_idle(&self, now_ms: u64, quiet_ms: u64, horizon_ms: u64) {
+        let mut wake = Vec::new();
         for c in lock(&self.clients).values() {
+            let park = c.park.load(Ordering::Acquire);
+            match park & 3 {
+                RUNNING
+                    if c.state.load(Ordering::Relaxed) == ClientState::Idle as u8
+                        && c.active_at.load(Ordering::Relaxed) + quiet_ms <= now_ms
+                        && c.park
+                            .compare_exchange(
+                                RUNNING,
+                                PARK_ASKED,
+                                Ordering::AcqRel,
+                                Ordering::Relaxed,
+                            )
+                            .is_ok() =>
+                {
+                    wake.push(c.clone());
+                }
+                PARKED => {
+                    let at = park >> 2;
+                    if at != 0 && at <= now_ms + horizon_ms {
+                        wake.push(c.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        for c in wake {
             c.waker.wake();
         }
     }
@@ -231,5 +313,53 @@ mod tests {
         assert_eq!(r.servers()[0].pid, 42);
         drop((c, s));
         assert!(r.clients().is_empty() && r.servers().is_empty());
+    }
+
+    /// Counts its wakes.
+    struct Count(std::sync::atomic::AtomicUsize);
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_sweep_asks_quiet_idle_sessions_and_wakes_parked_ones_near_their_deadline() {
+        let r = Arc::new(Registry::default());
+        let key = Arc::new(PoolKey {
+            database: "d".into(),
+            user: "u".into(),
+        });
+        let now = std::time::Instant::now();
+        let later = |ms| now + std::time::Duration::from_millis(ms);
+        let mut tickets = Vec::new();
+        let mut counts = Vec::new();
+        for _ in 0..6 {
+            let t = r.client(key.clone(), "127.0.0.1:1".parse().unwrap());
+            let count = Arc::new(Count(Default::default()));
+            t.info
+                .register_waker(&std::task::Waker::from(count.clone()));
+            t.info.note_activity(now);
+            counts.push(count);
+            tickets.push(t);
+        }
+        let woken = |i: usize| counts[i].0.load(Ordering::SeqCst);
+        tickets[1].info.note_activity(later(900)); // heard from recently
+        tickets[2].info.set_state(ClientState::Active); // in a transaction
+        tickets[3].info.never_park(); // TLS
+        tickets[4].info.set_parked(Some(later(1_150))); // deadline near
+        tickets[5].info.set_parked(None); // parked for good
+        r.sweep_idle(clock_ms(later(1_000)), 250, 200);
+        assert_eq!((0..6).map(woken).collect::<Vec<_>>(), [1, 0, 0, 0, 1, 0]);
+        assert!(tickets[0].info.park_asked());
+        // Asked once: the next sweep leaves it alone until it answers.
+        tickets[0]
+            .info
+            .register_waker(&std::task::Waker::from(counts[0].clone()));
+        r.sweep_idle(clock_ms(later(1_100)), 250, 200);
+        assert_eq!(woken(0), 1);
+        tickets[0].info.set_running();
+        r.sweep_idle(clock_ms(later(1_200)), 250, 200);
+        assert_eq!(woken(0), 2);
     }
 }

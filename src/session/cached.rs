@@ -491,6 +491,13 @@ impl Session {
         }
     }
 
+    /// Nothing held, filling or owed to Redis: the session may park.
+    pub(super) fn cache_quiet(&self) -> bool {
+        self.cache.as_ref().is_none_or(|c| {
+            c.held.is_empty() && c.held_stmt.is_none() && c.fill.is_none() && c.remote.is_none()
+        })
+    }
+
     /// Bumps are waiting for Redis.
     pub(super) fn cache_remote_pending(&self) -> bool {
         self.cache.as_ref().is_some_and(|c| c.remote.is_some())

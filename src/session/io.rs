@@ -35,6 +35,8 @@ pub enum Event {
     Timer,
     /// The shutdown phase changed.
     Phase,
+    /// Nothing to do, and the sweep asked whether the session can park (`park`).
+    Park,
 }
 
 /// Write as much of `buf` as the socket takes. `Err` when the socket is gone.
@@ -166,6 +168,9 @@ impl Session {
                     Poll::Pending => {}
                 }
             }
+        }
+        if self.ticket.info.park_asked() {
+            return Poll::Ready(Event::Park);
         }
         Poll::Pending
     }

@@ -18,6 +18,7 @@ mod frontend;
 mod held;
 mod insight;
 mod io;
+pub mod park;
 pub mod settings;
 pub mod startup;
 mod statements;
@@ -85,6 +86,9 @@ pub enum End {
     ServerLost,
     /// Malformed input, timeout, fatal pool error, shutdown: the client was told.
     Closed,
+    /// Not an end: the session is idle and gives up its task until there is something to do
+    /// (`park`).
+    Parked,
 }
 
 pub struct Session {
@@ -188,6 +192,9 @@ impl Session {
             insight: None,
             slot: None,
         });
+        if s.client.is_tls() {
+            s.ticket.info.never_park();
+        }
         if s.cfg.insight.enabled {
             s.insight = Some(Box::default());
         }
@@ -226,6 +233,10 @@ impl Session {
 
     pub async fn run(mut self: Box<Self>) {
         let end = self.serve().await;
+        if end == End::Parked {
+            park::park(self);
+            return;
+        }
         Box::pin(async {
             self.flush_client().await;
             // The client is done with us: close its socket before cleaning up the server side.
@@ -262,7 +273,9 @@ impl Session {
                 // This event's time, read once: statement timing, deadlines and the idle
                 // timeouts all use it. (A notice from the server to an idle client is not the
                 // client's activity.)
-                self.tx.last_activity = Instant::now();
+                let now = Instant::now();
+                self.tx.last_activity = now;
+                self.ticket.info.note_activity(now.into_std());
             }
             let step = match event {
                 io::Event::Client => self.on_client_input().await,
@@ -271,6 +284,13 @@ impl Session {
                 io::Event::ServerGone => Err(self.server_lost()),
                 io::Event::Timer => Box::pin(self.on_timer()).await,
                 io::Event::Phase => continue,
+                io::Event::Park => {
+                    self.ticket.info.set_running();
+                    if self.parkable() {
+                        return End::Parked;
+                    }
+                    continue;
+                }
             };
             if self.cache_remote_pending() {
                 // Boxed like the other cache futures: idle clients do not carry it.

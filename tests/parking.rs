@@ -1,0 +1,227 @@
+//! Parking (`src/session/park.rs`): a client quiet between transactions gives up its task
+//! (`pgcache_clients_parked`) and comes back at its next message with everything it had —
+//! prepared statements, settings, a half-sent message. A parked client that leaves is gone; one
+//! that is parked when the proxy shuts down, when its `client_idle_timeout` comes or when a
+//! reload brings one in is told like any idle client. Every test waits for the gauge to show the
+//! park before it goes on, so none passes without parking having happened.
+
+mod support;
+
+use std::time::{Duration, Instant};
+use support::http::{http_get, wait_http};
+use support::raw::{self, RawConn};
+use support::{free_port, pg, proxy_config, Proxy};
+use tokio::task::JoinHandle;
+
+/// Hang guard for anything that waits on the proxy.
+const HANG: Duration = Duration::from_secs(30);
+
+/// A transaction-mode proxy with one server connection and a metrics endpoint.
+fn start(pool: &str) -> (Proxy, String) {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let extra = format!(
+        "[metrics]\nlisten = \"{metrics}\"\n[pool]\nmode = \"transaction\"\nmax_size = 1\n{pool}"
+    );
+    let proxy = Proxy::start(&proxy_config(pg(), free_port(), &extra));
+    wait_http(&metrics);
+    (proxy, metrics)
+}
+
+/// The value of a gauge on the metrics endpoint.
+async fn gauge(metrics: &str, series: &str) -> f64 {
+    let addr = metrics.to_string();
+    let (status, text) = tokio::task::spawn_blocking(move || http_get(&addr, "/metrics"))
+        .await
+        .expect("metrics request");
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// Polls the gauge until it reads `want`.
+async fn wait_gauge(metrics: &str, series: &str, want: f64) {
+    let deadline = Instant::now() + HANG;
+    loop {
+        let got = gauge(metrics, series).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} stayed {got}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn parked(metrics: &str, want: f64) {
+    wait_gauge(metrics, "pgcache_clients_parked", want).await;
+}
+
+/// A client and its connection task, whose result says how the proxy ended it.
+async fn connect_watched(
+    url: &str,
+) -> (
+    tokio_postgres::Client,
+    JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e:?}"));
+    (client, tokio::spawn(connection))
+}
+
+/// The SQLSTATE the proxy closed the connection with.
+async fn ended_with(connection: JoinHandle<Result<(), tokio_postgres::Error>>) -> String {
+    let result = tokio::time::timeout(HANG, connection)
+        .await
+        .expect("connection still open (hang guard)")
+        .expect("connection task");
+    let e = result.expect_err("the proxy ends the connection with an error");
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected a FATAL error, got {e:?}"));
+    assert_eq!(db.severity(), "FATAL", "{db:?}");
+    db.code().code().to_string()
+}
+
+async fn show(client: &tokio_postgres::Client, setting: &str) -> String {
+    client
+        .query_one(&format!("show {setting}"), &[])
+        .await
+        .unwrap_or_else(|e| panic!("show {setting}: {e:?}"))
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_quiet_client_parks_and_comes_back_with_its_statements_and_settings() {
+    let (proxy, metrics) = start("");
+    let url = proxy.url("app", "app", "app");
+    let a = support::connect(&url).await;
+    let b = support::connect(&url).await;
+    a.batch_execute("drop table if exists park_rows; create table park_rows (x int)")
+        .await
+        .unwrap();
+    let plus_one = a.prepare("select $1::int + 1").await.unwrap();
+    let count = a.prepare("select count(*) from park_rows").await.unwrap();
+    a.batch_execute("set work_mem = '3MB'").await.unwrap();
+    b.batch_execute("set work_mem = '5MB'").await.unwrap();
+    assert_eq!(a.query_one(&count, &[]).await.unwrap().get::<_, i64>(0), 0);
+    parked(&metrics, 2.0).await;
+    for round in 0..3 {
+        // Back from the park, on the one server connection the other client also used.
+        let row = a.query_one(&plus_one, &[&(41 + round)]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 42 + round);
+        assert_eq!(show(&a, "work_mem").await, "3MB");
+        assert_eq!(show(&b, "work_mem").await, "5MB");
+        // A write by the other client while this one was parked is seen (with
+        // PGCACHE_TEST_WITH_CACHE=1 the count is a cached read).
+        b.batch_execute("insert into park_rows values (1)")
+            .await
+            .unwrap();
+        parked(&metrics, 2.0).await;
+        let n: i64 = a.query_one(&count, &[]).await.unwrap().get(0);
+        assert_eq!(n, i64::from(round) + 1);
+        // Both still counted as connected, and both park again.
+        wait_gauge(
+            &metrics,
+            "pgcache_client_connections{state=\"active\"}",
+            2.0,
+        )
+        .await;
+        parked(&metrics, 2.0).await;
+    }
+}
+
+#[tokio::test]
+async fn a_message_split_across_a_quiet_spell_is_answered() {
+    let (proxy, metrics) = start("");
+    let mut conn = RawConn::login_trust(proxy.port()).await;
+    parked(&metrics, 1.0).await;
+    let query = raw::query("select 'split'");
+    conn.send(&query[..3]).await;
+    // Half a message waits in the session (not parked while it holds it).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    conn.send(&query[3..]).await;
+    let reply = conn.until_ready().await;
+    assert_eq!(raw::tags(&reply), "TDCZ", "{reply:?}");
+    parked(&metrics, 1.0).await;
+}
+
+#[tokio::test]
+async fn a_parked_client_that_leaves_is_gone() {
+    let (proxy, metrics) = start("");
+    let active = "pgcache_client_connections{state=\"active\"}";
+    // One says goodbye (Terminate), one just closes its socket.
+    let polite = support::connect(&proxy.url("app", "app", "app")).await;
+    let mut abrupt = RawConn::login_trust(proxy.port()).await;
+    abrupt.simple("select 1").await;
+    parked(&metrics, 2.0).await;
+    drop(polite);
+    parked(&metrics, 1.0).await;
+    wait_gauge(&metrics, active, 1.0).await;
+    drop(abrupt);
+    parked(&metrics, 0.0).await;
+    wait_gauge(&metrics, active, 0.0).await;
+    // The server connection was never theirs to keep: a new client gets it.
+    let c = support::connect(&proxy.url("app", "app", "app")).await;
+    assert_eq!(show(&c, "work_mem").await, pg_default_work_mem().await);
+}
+
+async fn pg_default_work_mem() -> String {
+    let direct = support::connect(&pg().url("app", "app", "app")).await;
+    show(&direct, "work_mem").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_client_hears_shutdown() {
+    let (mut proxy, metrics) = start("");
+    let (client, connection) = connect_watched(&proxy.url("app", "app", "app")).await;
+    client.simple_query("select 1").await.unwrap();
+    parked(&metrics, 1.0).await;
+    proxy.signal("TERM");
+    assert_eq!(ended_with(connection).await, "57P01");
+    let status = tokio::task::spawn_blocking(move || proxy.wait_exit(HANG))
+        .await
+        .unwrap()
+        .expect("the proxy exits once its parked client is told");
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn client_idle_timeout_reaches_a_parked_client() {
+    let (proxy, metrics) = start("client_idle_timeout = \"2s\"\n");
+    let (client, connection) = connect_watched(&proxy.url("app", "app", "app")).await;
+    let sent = Instant::now();
+    client.simple_query("select 1").await.unwrap();
+    parked(&metrics, 1.0).await;
+    assert_eq!(ended_with(connection).await, "57P05");
+    assert!(
+        sent.elapsed() >= Duration::from_secs(2),
+        "closed before its timeout"
+    );
+    parked(&metrics, 0.0).await;
+}
+
+#[tokio::test]
+async fn a_reload_brings_a_new_timeout_to_parked_clients() {
+    let (proxy, metrics) = start("");
+    let (client, connection) = connect_watched(&proxy.url("app", "app", "app")).await;
+    client.simple_query("select 1").await.unwrap();
+    parked(&metrics, 1.0).await;
+    let path = proxy.config_path();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replace("[pool]\n", "[pool]\nclient_idle_timeout = \"1s\"\n");
+    std::fs::write(&path, text).unwrap();
+    proxy.signal("HUP");
+    // Idle for longer than the new timeout already: told at once, not at its next message.
+    assert_eq!(ended_with(connection).await, "57P05");
+}
