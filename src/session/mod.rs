@@ -22,6 +22,7 @@ pub mod park;
 pub mod settings;
 pub mod startup;
 mod statements;
+mod timing;
 
 use crate::admin::control;
 use crate::admin::registry::{ClientState, ClientTicket, PoolStats};
@@ -44,6 +45,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use timing::sleep_until;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -548,96 +550,6 @@ impl Session {
         End::ServerLost
     }
 
-    /// Draining: idle clients leave now, busy ones when their transaction ends; forced: all.
-    fn check_shutdown(&mut self) -> Option<End> {
-        let phase = self.shared.shutdown.phase();
-        self.phase_seen = phase;
-        let idle = self.tx.in_flight == 0
-            && self.tx.status == b'I'
-            && self.queue.is_empty()
-            && self.cscan.at_boundary();
-        if phase == Phase::Force || (phase == Phase::Drain && idle) {
-            PgError::fatal(
-                sqlstate::ADMIN_SHUTDOWN,
-                "terminating connection due to administrator command",
-            )
-            .encode(&mut self.to_client);
-            return Some(End::Closed);
-        }
-        None
-    }
-
-    fn next_deadline(&self) -> Option<Instant> {
-        let p = &self.cfg.pool;
-        let after = |d: Duration| (!d.is_zero()).then(|| self.tx.last_activity + d);
-        if self.tx.in_flight > 0 {
-            self.tx.query_deadline
-        } else if self.tx.status != b'I' {
-            after(p.idle_transaction_timeout)
-        } else {
-            after(p.client_idle_timeout)
-        }
-    }
-
-    async fn on_timer(&mut self) -> Result<(), End> {
-        let now = Instant::now();
-        if self.tx.in_flight > 0 {
-            if self.tx.query_deadline.is_some_and(|d| d <= now) {
-                self.tx.query_deadline = None;
-                if let Some(key) = self.server.as_ref().and_then(|a| a.conn.cancel.clone()) {
-                    tracing::info!(pool = %self.pool.key(), "query_timeout reached: cancelling the statement");
-                    tokio::spawn(async move {
-                        if let Err(e) = key.send().await {
-                            tracing::warn!(error = %e, "could not send cancel for query_timeout");
-                        }
-                    });
-                }
-            }
-            return Ok(());
-        }
-        let Some(deadline) = self.next_deadline() else {
-            return Ok(());
-        };
-        if deadline > now {
-            return Ok(());
-        }
-        let err = if self.tx.status != b'I' {
-            PgError::fatal(
-                sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
-                "terminating connection due to idle-in-transaction timeout",
-            )
-        } else {
-            PgError::fatal(
-                sqlstate::IDLE_SESSION_TIMEOUT,
-                "terminating connection due to idle-session timeout",
-            )
-        };
-        err.encode(&mut self.to_client);
-        Err(End::Closed)
-    }
-
-    /// A message that owes a `ReadyForQuery` went upstream (at this event's time).
-    fn statement_sent(&mut self) {
-        self.tx.in_flight += 1;
-        let t = self.cfg.pool.query_timeout;
-        if !t.is_zero() && self.tx.query_deadline.is_none() {
-            self.tx.query_deadline = Some(self.tx.last_activity + t);
-        }
-    }
-
-    /// A `ReadyForQuery` came back.
-    fn statement_done(&mut self, status: u8) {
-        self.tx.in_flight = self.tx.in_flight.saturating_sub(1);
-        self.tx.status = status;
-        self.ticket.info.set_tx_status(status);
-        if status == b'I' {
-            PoolStats::add(&self.stats.transactions, 1);
-        }
-        let t = self.cfg.pool.query_timeout;
-        self.tx.query_deadline =
-            (self.tx.in_flight > 0 && !t.is_zero()).then(|| self.tx.last_activity + t);
-    }
-
     /// Write out what is queued for the client (at the end of a session).
     async fn flush_client(&mut self) {
         let guard = Duration::from_secs(5);
@@ -654,12 +566,5 @@ impl AcquireError {
     /// Fatal for the client: the upstream itself refused it (authentication, unknown database).
     fn refused_by_upstream(&self) -> bool {
         matches!(self, AcquireError::Upstream(e) if e.is_fatal_refusal())
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
