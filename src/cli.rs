@@ -183,6 +183,9 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
         cancels: Default::default(),
         clients: Arc::new(tokio::sync::Semaphore::new(max_clients)),
         registry,
+        parking: Arc::new(
+            session::park::Lot::new().context("cannot create the idle clients' poller")?,
+        ),
         shutdown,
         trigger,
         paused: tokio::sync::watch::Sender::new(false),
@@ -198,7 +201,7 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
     tokio::spawn(insight::slow::run(shared.clone()));
     tokio::spawn(cache::stream::run(shared.clone()));
     tokio::spawn(cache::tier::follow(shared.clone()));
-    tokio::spawn(session::park::sweep(shared.clone()));
+    tokio::spawn(session::park::run(shared.clone()));
     tracing::info!(upstream = %shared.pools.target().addr(), "pgcache started");
     let serving = tokio::spawn(listener::serve(shared.clone(), listeners));
 

@@ -54,6 +54,8 @@ pub struct Shared {
     pub clients: Arc<Semaphore>,
     /// Who is connected (admin console).
     pub registry: Arc<Registry>,
+    /// Idle clients waiting without a task (`session::park`).
+    pub parking: Arc<crate::session::park::Lot>,
     pub shutdown: Shutdown,
     pub trigger: Trigger,
     /// True while PAUSEd: new transactions wait.
@@ -71,7 +73,8 @@ impl Shared {
     /// them too); running ones take it at their next event.
     pub fn set_config(&self, config: Arc<Config>) {
         self.config.store(config);
-        self.config_generation.fetch_add(1, Ordering::Release);
+        // SeqCst: a session parking at this moment sees it, or is seen parked (`session::park`).
+        self.config_generation.fetch_add(1, Ordering::SeqCst);
         self.registry.wake_clients();
     }
 

@@ -1,7 +1,9 @@
 //! The byte stream under a connection: plain TCP or TLS over TCP, on either side of the proxy.
-//! One type for both, so the session loop and the auth code are written once.
+//! One type for both, so the session loop and the auth code are written once. A parked client's
+//! socket (`session::park`) is out of the runtime's reactor while it waits.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -10,11 +12,54 @@ use tokio::net::TcpStream;
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    /// A parked client's socket, out of the reactor; `None` only while it moves. Reads and
+    /// writes fail with `NotConnected` (a parked session does none).
+    Parked(Option<std::net::TcpStream>),
+}
+
+fn parked() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the socket is parked")
 }
 
 impl Stream {
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))
+    }
+
+    /// Take a plain socket out of the runtime's reactor (its registration is freed); its
+    /// descriptor, for another poller to watch. Fails for TLS (left as it was), and when the
+    /// reactor cannot let the socket go (then it is closed).
+    pub fn park(&mut self) -> io::Result<RawFd> {
+        match std::mem::replace(self, Stream::Parked(None)) {
+            Stream::Plain(tcp) => {
+                let std = tcp.into_std()?;
+                let fd = std.as_raw_fd();
+                *self = Stream::Parked(Some(std));
+                Ok(fd)
+            }
+            other => {
+                *self = other;
+                Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "only plain TCP parks",
+                ))
+            }
+        }
+    }
+
+    /// Put a parked socket back in the reactor (within the runtime). Nothing to do when the
+    /// stream is not parked.
+    pub fn unpark(&mut self) -> io::Result<()> {
+        match std::mem::replace(self, Stream::Parked(None)) {
+            Stream::Parked(Some(std)) => {
+                *self = Stream::Plain(TcpStream::from_std(std)?);
+                Ok(())
+            }
+            other => {
+                *self = other;
+                Ok(())
+            }
+        }
     }
 
     /// Ready when a read would make progress. Lets an idle plain connection wait without a read
@@ -23,6 +68,7 @@ impl Stream {
         match self {
             Stream::Plain(s) => s.poll_read_ready(cx),
             Stream::Tls(_) => Poll::Ready(Ok(())),
+            Stream::Parked(_) => Poll::Ready(Err(parked())),
         }
     }
 }
@@ -36,6 +82,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Parked(_) => Poll::Ready(Err(parked())),
         }
     }
 }
@@ -49,6 +96,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Parked(_) => Poll::Ready(Err(parked())),
         }
     }
 
@@ -60,6 +108,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::Parked(_) => Poll::Ready(Err(parked())),
         }
     }
 
@@ -67,6 +116,7 @@ impl AsyncWrite for Stream {
         match self {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::Tls(s) => s.is_write_vectored(),
+            Stream::Parked(_) => false,
         }
     }
 
@@ -74,6 +124,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Parked(_) => Poll::Ready(Err(parked())),
         }
     }
 
@@ -81,6 +132,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Parked(_) => Poll::Ready(Err(parked())),
         }
     }
 }

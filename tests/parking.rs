@@ -225,3 +225,24 @@ async fn a_reload_brings_a_new_timeout_to_parked_clients() {
     // Idle for longer than the new timeout already: told at once, not at its next message.
     assert_eq!(ended_with(connection).await, "57P05");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_parked_clients_come_back_at_once() {
+    let (proxy, metrics) = start("");
+    let url = proxy.url("app", "app", "app");
+    let mut clients = Vec::new();
+    for _ in 0..64 {
+        clients.push(support::connect(&url).await);
+    }
+    parked(&metrics, 64.0).await;
+    // All at once, through the one server connection; each gets its own answer.
+    let answers = futures::future::join_all(clients.iter().enumerate().map(|(i, c)| async move {
+        let row = c.query_one("select $1::int", &[&(i as i32)]).await.unwrap();
+        row.get::<_, i32>(0)
+    }))
+    .await;
+    assert_eq!(answers, (0..64).collect::<Vec<i32>>());
+    parked(&metrics, 64.0).await;
+    drop(clients);
+    parked(&metrics, 0.0).await;
+}

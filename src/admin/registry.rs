@@ -36,8 +36,8 @@ pub struct ClientInfo {
     park: AtomicU64,
     /// When the session last heard from its client (`clock_ms`).
     active_at: AtomicU64,
-    /// The session's task, woken when something outside it needs a look (shutdown, parking);
-    /// while the session is parked, the waker that brings it back.
+    /// The session's task, woken when something outside it needs a look (shutdown, parking,
+    /// reload); empty while the session is parked (`Registry::set_unparker` brings it back).
     waker: AtomicWaker,
 }
 
@@ -103,10 +103,14 @@ impl ClientInfo {
     pub fn set_running(&self) {
         self.park.store(RUNNING, Ordering::Relaxed);
     }
-    /// The session parked; with a deadline it wants to be woken a little before it.
+    /// The session parked; with a deadline it wants to be woken a little before it. Its task's
+    /// waker is let go (it would keep the ended task's memory).
     pub fn set_parked(&self, wake_at: Option<std::time::Instant>) {
         let at = wake_at.map_or(0, clock_ms);
-        self.park.store(at << 2 | PARKED, Ordering::Release);
+        // SeqCst, like `ring`'s load and the shutdown phase and configuration generation: either
+        // a ring sees the session parked, or the session sees what the ring was about.
+        self.park.store(at << 2 | PARKED, Ordering::SeqCst);
+        drop(self.waker.take());
     }
 }
 
@@ -157,7 +161,11 @@ pub struct Registry {
     servers: Mutex<BTreeMap<(i32, u64), Arc<ServerInfo>>>,
     stats: Mutex<BTreeMap<String, (PoolKey, Arc<PoolStats>)>>,
     next: AtomicU64,
+    /// Brings a parked session back, by client id (`session::park`).
+    unparker: std::sync::OnceLock<Unparker>,
 }
+
+pub type Unparker = Box<dyn Fn(u64) + Send + Sync>;
 
 /// Keeps a registration alive; dropping it removes the entry.
 pub struct ClientTicket {
@@ -236,12 +244,28 @@ impl Registry {
         lock(&self.servers).values().cloned().collect()
     }
 
+    /// Who brings parked sessions back (set once, at start).
+    pub fn set_unparker(&self, unparker: Unparker) {
+        let _ = self.unparker.set(unparker);
+    }
+
+    /// Wake a session: its task, or the session itself if it is parked. Both, when it is
+    /// between the two: a session that came back registers its task's waker before it looks.
+    fn ring(&self, c: &ClientInfo) {
+        if c.park.load(Ordering::SeqCst) & 3 == PARKED {
+            if let Some(unpark) = self.unparker.get() {
+                unpark(c.id);
+            }
+        }
+        c.waker.wake();
+    }
+
     /// Wake every client session (it then re-reads the shutdown phase and the configuration).
-    /// Outside the lock: waking a parked session spawns its task, and a task that cannot be
-    /// spawned (the runtime is going away) drops the session, whose ticket takes the lock.
+    /// Outside the lock: bringing a parked session back may end it (its socket cannot rejoin
+    /// the reactor), and its ticket takes the lock.
     pub fn wake_clients(&self) {
         for c in self.clients() {
-            c.waker.wake();
+            self.ring(&c);
         }
     }
 
@@ -278,7 +302,7 @@ impl Registry {
             }
         }
         for c in wake {
-            c.waker.wake();
+            self.ring(&c);
         }
     }
 }
@@ -349,8 +373,13 @@ mod tests {
         tickets[3].info.never_park(); // TLS
         tickets[4].info.set_parked(Some(later(1_150))); // deadline near
         tickets[5].info.set_parked(None); // parked for good
+        let asked_back = Arc::new(Mutex::new(Vec::new()));
+        let record = asked_back.clone();
+        r.set_unparker(Box::new(move |id| lock(&record).push(id)));
         r.sweep_idle(clock_ms(later(1_000)), 250, 200);
-        assert_eq!((0..6).map(woken).collect::<Vec<_>>(), [1, 0, 0, 0, 1, 0]);
+        // Parked sessions hold no task waker: they are asked back through the unparker.
+        assert_eq!((0..6).map(woken).collect::<Vec<_>>(), [1, 0, 0, 0, 0, 0]);
+        assert_eq!(*lock(&asked_back), [tickets[4].info.id]);
         assert!(tickets[0].info.park_asked());
         // Asked once: the next sweep leaves it alone until it answers.
         tickets[0]
@@ -361,5 +390,10 @@ mod tests {
         tickets[0].info.set_running();
         r.sweep_idle(clock_ms(later(1_200)), 250, 200);
         assert_eq!(woken(0), 2);
+        // (Still parked here, so each sweep asked it back again.) Shutdown and reload ring
+        // every session, parked ones through the unparker.
+        r.wake_clients();
+        let (near, idle) = (tickets[4].info.id, tickets[5].info.id);
+        assert_eq!(*lock(&asked_back), [near, near, near, near, idle]);
     }
 }
