@@ -355,6 +355,55 @@ async fn slow_statements_are_logged_and_explained() {
     assert_eq!(json.as_array().map(Vec::len), Some(2), "{body}");
 }
 
+/// The EXPLAIN of a slow statement runs with the client's settings: a table found through the
+/// client's `search_path` (set in transaction mode, where the proxy carries it) is explained,
+/// not reported missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_statements_are_explained_with_the_clients_search_path() {
+    support::cache::direct(
+        "create schema if not exists insight_sp authorization app; \
+         drop table if exists insight_sp.wide; \
+         create table insight_sp.wide (id int, val int); \
+         alter table insight_sp.wide owner to app; \
+         insert into insight_sp.wide select g, g % 1000 from generate_series(1, 150000) g; \
+         analyze insight_sp.wide",
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("slow.jsonl");
+    let extra = format!(
+        "[cache]\nenabled = false\n[slow_query]\nthreshold = \"1ms\"\nlog = \"{}\"\n\
+         max_per_second = 1000\nexplain = true\nexplain_min_rows = 100000\n",
+        log.display()
+    );
+    let proxy = cache_proxy("transaction", &extra);
+    let c = connect(&app_url(&proxy)).await;
+    c.batch_execute("set search_path = insight_sp, public")
+        .await
+        .expect("set search_path");
+    c.simple_query("select count(*) from wide where val = 7")
+        .await
+        .expect("seq scan through the search_path");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let explain = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let found = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line"))
+            .find(|l| l["query"].as_str().is_some_and(|q| q.contains("from wide")))
+            .and_then(|l| l["explain"].as_str().map(str::to_string));
+        if let Some(e) = found {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no explained line in {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        explain.contains("Seq Scan on insight_sp.wide")
+            && explain.contains("CREATE INDEX ON insight_sp.wide (val)"),
+        "{explain}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_statements_are_reported_with_advice() {
     let t = table("insight_items", "id int primary key, name text");

@@ -1,5 +1,5 @@
 //! `EXPLAIN` of a slow statement on a connection of its own (outside every pool), with the
-//! parameters the client sent, and what the plan says: sequential scans over large relations,
+//! client's settings and the parameters it sent, and what the plan says: sequential scans over large relations,
 //! the filter columns an index would serve, and the `CREATE INDEX` that would.
 //!
 //! `ANALYZE` (when enabled, for reads) runs inside `BEGIN READ ONLY ... ROLLBACK`: a statement
@@ -23,7 +23,16 @@ pub async fn run(
         .connect_unpooled(&a.key)
         .await
         .map_err(|e| e.to_string())?;
-    let result = explain_on(&mut conn, a, analyze, min_rows).await;
+    // The client's settings first: without its search_path the statement may name other
+    // relations, or none.
+    let applied = match a.settings.sync_sql(&Default::default(), &conn.params) {
+        Some(sql) => conn.simple_query(&sql).await.map(drop),
+        None => Ok(()),
+    };
+    let result = match applied {
+        Ok(()) => explain_on(&mut conn, a, analyze, min_rows).await,
+        Err(e) => Err(format!("applying the client's settings: {e}")),
+    };
     conn.terminate().await;
     result
 }

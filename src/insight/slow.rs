@@ -6,6 +6,7 @@ use super::fingerprint::Fingerprint;
 use crate::listener::Shared;
 use crate::metrics::METRICS;
 use crate::pool::PoolKey;
+use crate::session::settings::SettingMap;
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::io::Write;
@@ -24,6 +25,10 @@ pub struct ExplainArgs {
     /// after the portal and statement names (parameter formats and values, result formats).
     pub parse_types: Option<Bytes>,
     pub bind: Option<Bytes>,
+    /// The client's settings (startup parameters and, in transaction mode, the `SET`s it ran),
+    /// put on the EXPLAIN's connection first: the plan is the one the client got (its
+    /// `search_path`, `enable_*`, `work_mem`).
+    pub settings: Arc<SettingMap>,
 }
 
 #[derive(Debug)]

@@ -67,6 +67,7 @@ impl Session {
             sql: sql.to_string(),
             parse_types: None,
             bind: None,
+            settings: self.settings.wanted.clone(),
         });
         Some(Box::new(Pending {
             fp,
@@ -96,6 +97,7 @@ impl Session {
         rest: &[u8],
     ) {
         let explaining = self.insight.is_some() && self.explaining();
+        let settings = &self.settings.wanted;
         let Some(si) = self.insight.as_deref_mut() else {
             return;
         };
@@ -118,6 +120,7 @@ impl Session {
                 sql: sql.to_string(),
                 parse_types: Some(Bytes::copy_from_slice(types)),
                 bind: Some(Bytes::copy_from_slice(rest)),
+                settings: settings.clone(),
             })
         });
         si.bound = Some((portal.into(), fp, explain));

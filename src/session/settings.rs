@@ -41,6 +41,31 @@ impl SettingMap {
     pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
         self.0.iter().map(|(k, v)| (k, v))
     }
+
+    /// SQL that turns a connection with `applied` into one with these settings, or `None` if
+    /// they match. A value the server already reports (`ParameterStatus`) needs no statement.
+    pub fn sync_sql(
+        &self,
+        applied: &BTreeMap<String, String>,
+        reported: &BTreeMap<String, String>,
+    ) -> Option<String> {
+        let mut sql = String::new();
+        for name in applied.keys().filter(|k| !self.contains_key(k)) {
+            sql.push_str(&format!("RESET {};", quote_ident(name)));
+        }
+        let sets: Vec<String> = self
+            .iter()
+            .filter(|(k, v)| match applied.get(*k) {
+                Some(a) => a != *v,
+                None => reported.get(*k) != Some(v),
+            })
+            .map(|(k, v)| format!("set_config({}, {}, false)", quote(k), quote(v)))
+            .collect();
+        if !sets.is_empty() {
+            sql.push_str(&format!("SELECT {};", sets.join(", ")));
+        }
+        (!sql.is_empty()).then_some(sql)
+    }
 }
 
 impl FromIterator<(String, String)> for SettingMap {
@@ -119,23 +144,7 @@ impl Settings {
         applied: &BTreeMap<String, String>,
         reported: &BTreeMap<String, String>,
     ) -> Option<String> {
-        let mut sql = String::new();
-        for name in applied.keys().filter(|k| !self.wanted.contains_key(k)) {
-            sql.push_str(&format!("RESET {};", quote_ident(name)));
-        }
-        let sets: Vec<String> = self
-            .wanted
-            .iter()
-            .filter(|(k, v)| match applied.get(*k) {
-                Some(a) => a != *v,
-                None => reported.get(*k) != Some(v),
-            })
-            .map(|(k, v)| format!("set_config({}, {}, false)", quote(k), quote(v)))
-            .collect();
-        if !sets.is_empty() {
-            sql.push_str(&format!("SELECT {};", sets.join(", ")));
-        }
-        (!sql.is_empty()).then_some(sql)
+        self.wanted.sync_sql(applied, reported)
     }
 
     /// Apply the client's settings to `conn`.
