@@ -37,6 +37,9 @@ pub enum PinReason {
     Load,
     /// `set_config(name, value, is_local)` whose name or `is_local` is not a constant.
     SetConfig,
+    /// A backslash in a text while `standard_conforming_strings` is off: the server may read
+    /// its strings differently from the parser (which assumes on), so what it does is unknown.
+    EscapedStrings,
 }
 
 impl fmt::Display for PinReason {
@@ -49,6 +52,9 @@ impl fmt::Display for PinReason {
             PinReason::TempTable => "temporary tables",
             PinReason::Load => "LOAD",
             PinReason::SetConfig => "set_config() with a computed name or is_local",
+            PinReason::EscapedStrings => {
+                "backslashes in statements with standard_conforming_strings off"
+            }
         })
     }
 }

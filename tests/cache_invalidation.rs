@@ -251,3 +251,41 @@ fn audit_trigger(name: &str, table: &str, audit: &str) -> String {
          create trigger {name}_t after insert on {table} for each row execute function {name}_log();"
     )
 }
+
+/// With `standard_conforming_strings = off` the server reads `'x\', '` as one string; a parser
+/// that assumes standard strings (pg_query) reads two, and the `UPDATE` between them as part of
+/// the second. The cache must not trust that reading: the write invalidates what it may touch.
+#[tokio::test]
+async fn a_write_hidden_by_backslash_escapes_still_invalidates() {
+    let db = "cache_escapes";
+    direct(&format!("drop database if exists {db}"));
+    direct(&format!("create database {db} owner app"));
+    direct(&format!(
+        "alter database {db} set standard_conforming_strings = off"
+    ));
+    let setup = format!("postgres://app:app@127.0.0.1:{}/{db}", support::pg().port);
+    connect(&setup)
+        .await
+        .batch_execute(
+            "create table esc (id int primary key, v int); insert into esc values (1, 1)",
+        )
+        .await
+        .unwrap();
+    for mode in MODES {
+        let proxy = cache_proxy(mode, "");
+        let c = connect(&proxy.url("app", "app", db)).await;
+        let read = "select v from esc where id = 1";
+        let before = value(&c, read).await;
+        assert_eq!(value(&c, read).await, before);
+        let next: i32 = before.parse::<i32>().unwrap() + 1;
+        c.simple_query(&format!(
+            r"select 'x\', '; update esc set v = {next} where id = 1; -- '"
+        ))
+        .await
+        .unwrap();
+        assert_eq!(value(&c, read).await, next.to_string(), "{mode}");
+        // Another client of the same proxy, too.
+        let d = connect(&proxy.url("app", "app", db)).await;
+        assert_eq!(value(&d, read).await, next.to_string(), "{mode}");
+    }
+}

@@ -490,3 +490,38 @@ async fn copy_in_over_the_extended_protocol_keeps_replies_in_step() {
     assert_eq!(code(&e), "22P02");
     assert_eq!(show(&client, "select 'after'").await, "after");
 }
+
+/// A database whose strings take backslash escapes (`standard_conforming_strings = off`).
+fn escaping_database(name: &str) {
+    let pg = pg();
+    pg.psql("postgres", &format!("drop database if exists {name}"));
+    pg.psql("postgres", &format!("create database {name} owner app"));
+    pg.psql(
+        "postgres",
+        &format!("alter database {name} set standard_conforming_strings = off"),
+    );
+}
+
+#[tokio::test]
+async fn a_set_hidden_by_backslash_escapes_is_refused_where_strings_escape() {
+    escaping_database("tp_escapes");
+    let proxy = tx_proxy("session_state = \"refuse\"\n");
+    let url = proxy.url("app", "app", "tp_escapes");
+    let a = support::connect(&url).await;
+    // The server reads a string, a SET and a comment; a parser that assumes standard strings
+    // (pg_query, the proxy's word scan) reads a select of two strings.
+    let hidden = r"select 'x\', '; set search_path = evil; -- '";
+    let e = a.simple_query(hidden).await.expect_err("refused");
+    assert_eq!(code(&e), "0A000");
+    // Through the extended protocol too.
+    let e = a.query(hidden, &[]).await.expect_err("refused");
+    assert_eq!(code(&e), "0A000");
+    // Statements without a backslash run as usual.
+    assert_eq!(show(&a, "select 'plain'").await, "plain");
+    // The one server connection never ran the SET.
+    let b = support::connect(&url).await;
+    assert_eq!(show(&b, "show search_path").await, "\"$user\", public");
+    // Where strings are standard, a backslash is just a character.
+    let c = support::connect(&proxy.url("app", "app", "app")).await;
+    assert_eq!(show(&c, r"select 'a\b'").await, r"a\b");
+}

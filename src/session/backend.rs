@@ -180,6 +180,11 @@ impl Session {
                 if let Some(a) = &mut self.server {
                     a.conn.note_parameter(&msg[5..]);
                 }
+                if let Some((name, value)) = crate::wire::parameter_status(&msg[5..]) {
+                    if name == super::frontend::ESCAPES_OFF.0 {
+                        self.note_escapes(Some(value));
+                    }
+                }
                 return forward(msg, &mut self.to_client);
             }
             _ => {}

@@ -199,6 +199,12 @@ impl Session {
 
     /// Plan `sql` and note what running it does to this session (writes, settings, transaction).
     pub(super) async fn cache_plan(&mut self, sql: &str) -> Option<(Arc<Db>, Arc<Plan>)> {
+        if self.unreadable(sql) {
+            // The proxy cannot tell what it reads or writes: not looked up nor filled, and
+            // counted as a write of anything (the whole database is bumped at its end).
+            self.cache_note_unknown_write();
+            return None;
+        }
         let db = self.cache_db()?;
         self.cache_prepare(&db).await;
         let c = self.cache.as_deref_mut()?;

@@ -14,12 +14,15 @@ use super::backend::{Expect, Kind};
 use super::statements::{Prepared, CLOSE_COMPLETE, PARSE_COMPLETE};
 use super::{End, Session};
 use crate::admin::registry::PoolStats;
-use crate::analysis::{Analysis, SessionEffect};
+use crate::analysis::{Analysis, Analyzed, PinReason, SessionEffect};
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::error::{sqlstate, PgError, Severity};
 use crate::wire::{self, read_cstr};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
+
+/// The setting whose value `off` makes backslashes escape in plain string constants.
+pub(super) const ESCAPES_OFF: (&str, &str) = ("standard_conforming_strings", "off");
 
 impl Session {
     pub(super) async fn on_client_input(&mut self) -> Result<(), End> {
@@ -245,7 +248,7 @@ impl Session {
                 if name.is_empty() || self.stmts.contains_key(name) {
                     return false;
                 }
-                let analysis = self.shared.analyzer.analyze(query);
+                let analysis = self.analyze(query);
                 if analysis.pin.is_some() || !analysis.effects.is_empty() {
                     return false;
                 }
@@ -302,6 +305,31 @@ impl Session {
         self.queue.push_back(Expect::reply(kind));
     }
 
+    /// A value of `standard_conforming_strings` seen for this client (startup, the server's
+    /// report at login, a `ParameterStatus`).
+    pub(super) fn note_escapes(&mut self, value: Option<&str>) {
+        self.escapes |= value.is_some_and(|v| v.eq_ignore_ascii_case(ESCAPES_OFF.1));
+    }
+
+    /// The proxy cannot read `sql` the way the server will: a backslash while
+    /// `standard_conforming_strings` is off (pg_query and the word scan assume it on, so a
+    /// quote after a backslash may end a string for them and not for the server).
+    pub(super) fn unreadable(&self, sql: &str) -> bool {
+        self.escapes && memchr::memchr(b'\\', sql.as_bytes()).is_some()
+    }
+
+    /// The pooling analysis of `sql`: what it does to the session, from the memo. A text the
+    /// proxy cannot read pins the client (or is refused, per `pool.session_state`).
+    pub(super) fn analyze(&self, sql: &str) -> Analyzed {
+        if self.unreadable(sql) {
+            return Analyzed::Parsed(Arc::new(Analysis {
+                pin: Some(PinReason::EscapedStrings),
+                ..Default::default()
+            }));
+        }
+        self.shared.analyzer.analyze(sql)
+    }
+
     /// Pins and settings effects of a statement; `Err` with the refusal when it may not run.
     pub(super) fn admit(&mut self, a: &Analysis) -> Result<(), PgError> {
         self.cache_note_pin(a.pin);
@@ -350,7 +378,7 @@ impl Session {
         PoolStats::add(&self.stats.queries, 1);
         let mut pos = 5;
         let sql = read_cstr(&msg, &mut pos).unwrap_or_default();
-        let analysis = self.shared.analyzer.analyze(sql);
+        let analysis = self.analyze(sql);
         let plan = self.cache.as_deref_mut().and_then(|c| c.query_plan.take());
         let timed = self.insight_query(sql, plan.as_deref());
         // `DEALLOCATE name` of one of the client's protocol-level statements: the server knows it

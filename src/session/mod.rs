@@ -124,6 +124,9 @@ pub struct Session {
     pinned: Option<PinReason>,
     /// Extended messages are being skipped up to the next Sync (an error was reported).
     skipping: bool,
+    /// `standard_conforming_strings` was off for this client at some point (sticky): a text with
+    /// a backslash is not read by the proxy (see `analyze`).
+    escapes: bool,
     registration: Registration,
     /// The shutdown phase as of the last look (`check_shutdown`).
     phase_seen: Phase,
@@ -186,6 +189,7 @@ impl Session {
             settings,
             pinned: None,
             skipping: false,
+            escapes: false,
             registration,
             phase_seen: Phase::Running,
             ticket,
@@ -206,8 +210,10 @@ impl Session {
         // Transaction mode answers a login like one it has seen without borrowing a connection:
         // a busy pool must not keep clients from connecting.
         let startup = s.settings.startup().clone();
+        s.note_escapes(startup.get(frontend::ESCAPES_OFF.0).map(String::as_str));
         if s.mode == PoolMode::Transaction {
             if let Some(params) = s.shared.pools.login_params(s.pool.key(), &startup) {
+                s.note_escapes(params.get(frontend::ESCAPES_OFF.0).map(String::as_str));
                 startup::reply(&params, s.registration.key, &mut s.to_client);
                 return Some(s);
             }
@@ -218,6 +224,7 @@ impl Session {
             return None;
         }
         let params = s.server.as_ref()?.conn.params.clone();
+        s.note_escapes(params.get(frontend::ESCAPES_OFF.0).map(String::as_str));
         startup::reply(&params, s.registration.key, &mut s.to_client);
         if s.mode == PoolMode::Transaction {
             s.shared

@@ -125,7 +125,7 @@ impl Session {
                     },
                 );
             };
-            let analysis = self.shared.analyzer.analyze(query);
+            let analysis = self.analyze(query);
             if let Err(refusal) = self.admit(&analysis) {
                 return self.refuse_extended(refusal);
             }
@@ -275,7 +275,7 @@ impl Session {
                     .as_ref()
                     .and_then(|m| super::held::read_parse(m));
                 if let Some((_, sql, _)) = parsed {
-                    let analysis = self.shared.analyzer.analyze(sql);
+                    let analysis = self.analyze(sql);
                     self.settings.record(&analysis.effects);
                 }
             }
