@@ -179,7 +179,7 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
         cache: cache::Cache::new(&config.cache),
         insight: Default::default(),
         pools: pool::Pools::new(config.clone(), target, registry.clone()),
-        tls,
+        tls: arc_swap::ArcSwapOption::from(tls.map(Arc::new)),
         cancels: Default::default(),
         clients: Arc::new(tokio::sync::Semaphore::new(max_clients)),
         registry,

@@ -48,7 +48,9 @@ pub struct Shared {
     /// Per-fingerprint statistics and the slow query log.
     pub insight: crate::insight::Insight,
     pub pools: Pools,
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The client-facing TLS acceptor (`None`: TLS off); replaced on reload, so a renewed
+    /// certificate serves the next handshake.
+    pub tls: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
     pub cancels: Arc<CancelRegistry>,
     /// One permit per connected client (`proxy.max_clients`).
     pub clients: Arc<Semaphore>,
@@ -250,7 +252,7 @@ async fn login(shared: &Shared, tcp: TcpStream) -> Option<Login> {
                 let Stream::Plain(mut tcp) = stream else {
                     return None;
                 };
-                match &shared.tls {
+                match shared.tls.load_full() {
                     Some(acceptor) => {
                         tcp.write_all(b"S").await.ok()?;
                         match acceptor.accept(tcp).await {

@@ -284,3 +284,63 @@ fn psql_gssencmode_prefer_connects() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "app");
 }
+
+/// `RELOAD` reads the certificate and key again (a renewed certificate is usually written over
+/// the old files): the next handshake presents the new one. A certificate that cannot be read
+/// fails the reload with the key named, and the one in force stays.
+#[test]
+fn reload_serves_a_renewed_certificate_and_keeps_it_when_the_next_is_broken() {
+    let (_dir, files) = client_tls_files();
+    let proxy = Proxy::start(&proxy_config(
+        pg(),
+        free_port(),
+        &client_tls_config("require", &files),
+    ));
+    let verified_by = |ca: &Path| {
+        let info = format!(
+            "host=localhost hostaddr=127.0.0.1 port={} user=app dbname=app sslmode=verify-full \
+             sslrootcert={}",
+            proxy.port(),
+            ca.display()
+        );
+        psql_conninfo(&info).0
+    };
+    let reload = || {
+        let out = psql(
+            &format!(
+                "host=127.0.0.1 port={} user=pgcache dbname=pgcache sslmode=require",
+                proxy.port()
+            ),
+            &["RELOAD"],
+        );
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert!(verified_by(&files.ca));
+
+    // Renewed: a certificate from another CA, written over the same files.
+    let renewed_dir = tempfile::tempdir().expect("temp dir");
+    let renewed = make_tls_files(renewed_dir.path());
+    std::fs::copy(&renewed.cert, &files.cert).expect("copy certificate");
+    std::fs::copy(&renewed.key, &files.key).expect("copy key");
+    assert!(
+        verified_by(&files.ca),
+        "before RELOAD the old one is in force"
+    );
+    let (ok, stderr) = reload();
+    assert!(ok, "RELOAD failed: {stderr}");
+    assert!(
+        verified_by(&renewed.ca),
+        "RELOAD did not bring the renewed certificate"
+    );
+    assert!(!verified_by(&files.ca));
+
+    // Broken: the reload fails naming the key, and the renewed certificate stays in force.
+    std::fs::write(&files.cert, "not a certificate\n").expect("break certificate");
+    let (ok, stderr) = reload();
+    assert!(!ok, "RELOAD took a broken certificate");
+    assert!(stderr.contains("tls.cert_file"), "{stderr}");
+    assert!(verified_by(&renewed.ca));
+}

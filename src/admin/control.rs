@@ -12,6 +12,9 @@ use std::time::Duration;
 /// should see: settings that changed but need a restart (their old values stay in force).
 pub fn reload(shared: &Shared) -> Result<Vec<String>, ConfigError> {
     let mut new = shared.source.load()?;
+    // Certificate and key are read again even when their paths did not change (a renewed
+    // certificate is usually written over the old one); unreadable, nothing changes.
+    let acceptor = crate::tls::acceptor(&new.tls).map_err(|e| tls_error(shared, &new, e))?;
     let old = shared.config.load_full();
     let mut notes = Vec::new();
     let mut keep = |what: &str, changed: bool| {
@@ -21,7 +24,6 @@ pub fn reload(shared: &Shared) -> Result<Vec<String>, ConfigError> {
     };
     keep("proxy.listen", new.proxy.listen != old.proxy.listen);
     keep("metrics.listen", new.metrics.listen != old.metrics.listen);
-    keep("tls", new.tls != old.tls);
     keep(
         "upstream host, port or tls",
         new.upstream.host != old.upstream.host
@@ -41,18 +43,44 @@ pub fn reload(shared: &Shared) -> Result<Vec<String>, ConfigError> {
     new.proxy.listen = old.proxy.listen.clone();
     new.proxy.max_clients = old.proxy.max_clients;
     new.metrics.listen = old.metrics.listen.clone();
-    new.tls = old.tls.clone();
     new.upstream.host = old.upstream.host.clone();
     new.upstream.port = old.upstream.port;
     new.upstream.tls = old.upstream.tls.clone();
     new.pool.max_prepared_statements = old.pool.max_prepared_statements;
     new.cache.enabled = old.cache.enabled;
+    shared.tls.store(acceptor.map(Arc::new));
     apply(shared, Arc::new(new));
     for n in &notes {
         tracing::warn!("reload: {n}");
     }
     tracing::info!("configuration reloaded");
     Ok(notes)
+}
+
+/// A client TLS file that cannot be used, as a configuration problem naming its key.
+fn tls_error(shared: &Shared, c: &Config, e: crate::tls::TlsSetupError) -> ConfigError {
+    let key = match &e {
+        crate::tls::TlsSetupError::Read { path, .. }
+        | crate::tls::TlsSetupError::Empty { path, .. }
+            if c.tls.key_file.as_deref() == Some(path.as_str()) =>
+        {
+            "tls.key_file"
+        }
+        crate::tls::TlsSetupError::Rustls(_) => "tls",
+        _ => "tls.cert_file",
+    };
+    ConfigError {
+        origin: shared
+            .source
+            .path
+            .as_ref()
+            .map_or("command line".into(), |p| p.display().to_string()),
+        problems: vec![crate::config::Problem {
+            key: key.into(),
+            line: None,
+            message: e.to_string(),
+        }],
+    }
 }
 
 fn apply(shared: &Shared, config: Arc<Config>) {
