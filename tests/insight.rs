@@ -355,6 +355,51 @@ async fn slow_statements_are_logged_and_explained() {
     assert_eq!(json.as_array().map(Vec::len), Some(2), "{body}");
 }
 
+/// Lines read from a JSON-lines file once `what` shows up in it (hang guard: 20 s).
+async fn wait_for_line(path: &std::path::Path, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(what) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what:?} in {}: {text}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `logrotate` moves the slow log away (no signal, no `copytruncate`): the next line goes to a
+/// new file at the configured path, not after the last one in the moved file.
+#[tokio::test]
+async fn the_slow_log_follows_its_path_when_the_file_is_rotated() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("slow.jsonl");
+    let extra = format!(
+        "[cache]\nenabled = false\n[slow_query]\nthreshold = \"1ms\"\nlog = \"{}\"\n\
+         max_per_second = 1000\n",
+        log.display()
+    );
+    let proxy = cache_proxy("transaction", &extra);
+    let c = connect(&app_url(&proxy)).await;
+    c.simple_query("select pg_sleep(0.01) as before_rotation")
+        .await
+        .unwrap();
+    wait_for_line(&log, "before_rotation").await;
+    let rotated = dir.path().join("slow.jsonl.1");
+    std::fs::rename(&log, &rotated).expect("rotate");
+    c.simple_query("select pg_sleep(0.01) as after_rotation")
+        .await
+        .unwrap();
+    let text = wait_for_line(&log, "after_rotation").await;
+    assert!(!text.contains("before_rotation"), "{text}");
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(!old.contains("after_rotation"), "{old}");
+}
+
 /// The EXPLAIN of a slow statement runs with the client's settings: a table found through the
 /// client's `search_path` (set in transaction mode, where the proxy carries it) is explained,
 /// not reported missing.

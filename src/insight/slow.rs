@@ -124,10 +124,20 @@ impl Default for SlowLog {
     }
 }
 
-/// Where lines go; a file is reopened when `slow_query.log` changes.
+/// Where lines go; a file is reopened when `slow_query.log` changes, and when the file at that
+/// path is no longer the one open (rotated away by `logrotate` or removed): no signal needed.
 struct Output {
     path: String,
     file: Option<std::fs::File>,
+}
+
+/// The open file is still the one at `path` (same device and inode).
+fn still_there(file: &std::fs::File, path: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
+    }
 }
 
 impl Output {
@@ -138,7 +148,8 @@ impl Output {
                 let _ = writeln!(std::io::stderr().lock(), "{line}");
             }
             _ => {
-                if self.path != path || self.file.is_none() {
+                let moved = self.file.as_ref().is_some_and(|f| !still_there(f, path));
+                if self.path != path || self.file.is_none() || moved {
                     self.path = path.to_string();
                     self.file = std::fs::OpenOptions::new()
                         .create(true)
