@@ -13,8 +13,9 @@ pub struct Metrics {
     pub clients_accepted: IntCounter,
     /// Clients connected now, by state (`login`, `active`).
     pub clients: IntGaugeVec,
-    /// Idle clients without a task (`session::park`).
+    /// Idle clients without a task (`session::park`), and how often one parked.
     pub clients_parked: IntGauge,
+    pub client_parks: IntCounter,
     /// Authentication failures by method.
     pub auth_failures: IntCounterVec,
     /// Failed attempts to open an upstream connection.
@@ -337,6 +338,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &r,
             "pgcache_clients_parked",
             "Idle clients parked without a task",
+        ),
+        client_parks: counter(
+            &r,
+            "pgcache_client_parks_total",
+            "Times an idle client parked",
         ),
         clients: gauge_vec(
             &r,

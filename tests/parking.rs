@@ -246,3 +246,62 @@ async fn many_parked_clients_come_back_at_once() {
     drop(clients);
     parked(&metrics, 0.0).await;
 }
+
+/// Clients that go quiet for about as long as it takes to park, and talk again while they are
+/// parking, parked or coming back: every answer is their own, and nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_talking_across_the_park_boundary_get_their_own_answers() {
+    let (proxy, metrics) = start("");
+    let url = proxy.url("app", "app", "app");
+    let mut tasks = Vec::new();
+    for i in 0..32i32 {
+        let client = support::connect(&url).await;
+        tasks.push(tokio::spawn(async move {
+            let statement = client
+                .prepare("select $1::int * 1000 + $2::int")
+                .await
+                .unwrap();
+            for round in 0..8i32 {
+                // 150..=400 ms: around QUIET + TICK (250 + 100 ms), different for each client.
+                let pause = 150 + ((i * 37 + round * 53) % 251) as u64;
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                let n: i32 = if round % 2 == 0 {
+                    client
+                        .query_one(&statement, &[&i, &round])
+                        .await
+                        .unwrap()
+                        .get(0)
+                } else {
+                    let rows = client
+                        .simple_query(&format!("select {i} * 1000 + {round}"))
+                        .await
+                        .unwrap();
+                    match &rows[1] {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => {
+                            r.get(0).unwrap().parse().unwrap()
+                        }
+                        other => panic!("{other:?}"),
+                    }
+                };
+                assert_eq!(n, i * 1000 + round, "client {i}, round {round}");
+            }
+            client
+        }));
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(t.await.expect("client task"));
+    }
+    // They did park between statements, not only at the end.
+    let parks = gauge(&metrics, "pgcache_client_parks_total").await;
+    assert!(parks >= 32.0, "{parks} parks");
+    parked(&metrics, 32.0).await;
+    drop(clients);
+    parked(&metrics, 0.0).await;
+    wait_gauge(
+        &metrics,
+        "pgcache_client_connections{state=\"active\"}",
+        0.0,
+    )
+    .await;
+}

@@ -127,6 +127,7 @@ pub(super) fn park(mut session: Box<Session>) {
         || shared.config_generation.load(Ordering::SeqCst) != session.cfg_generation;
     parked.insert(id, session);
     METRICS.clients_parked.inc();
+    METRICS.client_parks.inc();
     drop(parked);
     if missed {
         // A shutdown or reload came while it was on its way here.
