@@ -116,6 +116,18 @@ async fn a_quiet_client_parks_and_comes_back_with_its_statements_and_settings() 
     b.batch_execute("set work_mem = '5MB'").await.unwrap();
     assert_eq!(a.query_one(&count, &[]).await.unwrap().get::<_, i64>(0), 0);
     parked(&metrics, 2.0).await;
+    // The console shows them parked.
+    let admin = support::connect(&proxy.url("pgcache", "", "pgcache")).await;
+    let rows = admin.simple_query("SHOW CLIENTS").await.unwrap();
+    let parked_rows = rows
+        .iter()
+        .filter(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get("parked") == Some("true"),
+            _ => false,
+        })
+        .count();
+    assert_eq!(parked_rows, 2, "{rows:?}");
+    drop(admin);
     for round in 0..3 {
         // Back from the park, on the one server connection the other client also used.
         let row = a.query_one(&plus_one, &[&(41 + round)]).await.unwrap();

@@ -380,6 +380,7 @@ fn show(shared: &Shared, what: &str) -> Option<Table> {
                 "connected_for",
                 "server_pid",
                 "pinned",
+                "parked",
             ]);
             for c in registry.clients() {
                 let pid = c.server_pid();
@@ -393,6 +394,7 @@ fn show(shared: &Shared, what: &str) -> Option<Table> {
                     Some(since(c.connected)),
                     (pid != 0).then(|| pid.to_string()),
                     Some(c.pinned().to_string()),
+                    Some(c.parked().to_string()),
                 ]);
             }
             t

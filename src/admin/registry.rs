@@ -95,6 +95,10 @@ impl ClientInfo {
     pub fn never_park(&self) {
         self.park.store(NEVER_PARKS, Ordering::Relaxed);
     }
+    /// The session is parked (`SHOW CLIENTS`).
+    pub fn parked(&self) -> bool {
+        self.park.load(Ordering::Relaxed) & 3 == PARKED
+    }
     /// The sweep asked this session to park (and has not been answered yet).
     pub fn park_asked(&self) -> bool {
         self.park.load(Ordering::Relaxed) == PARK_ASKED
