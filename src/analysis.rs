@@ -40,6 +40,9 @@ pub enum PinReason {
     /// A backslash in a text while `standard_conforming_strings` is off: the server may read
     /// its strings differently from the parser (which assumes on), so what it does is unknown.
     EscapedStrings,
+    /// A `DO` block whose effect on the session cannot be read: another language than
+    /// PL/pgSQL, dynamic SQL (`EXECUTE`), or a body the PL/pgSQL parser rejects.
+    DoBlock,
 }
 
 impl fmt::Display for PinReason {
@@ -55,6 +58,7 @@ impl fmt::Display for PinReason {
             PinReason::EscapedStrings => {
                 "backslashes in statements with standard_conforming_strings off"
             }
+            PinReason::DoBlock => "DO blocks with dynamic SQL or in another language than PL/pgSQL",
         })
     }
 }
@@ -132,6 +136,10 @@ pub fn analyze(sql: &str) -> Analysis {
             {
                 pin(PinReason::TempTable)
             }
+            NodeRef::DoStmt(d) => match do_block(d) {
+                Ok(inner) => effects.extend(inner),
+                Err(reason) => pin(reason),
+            },
             NodeRef::FuncCall(f) => {
                 let name = f.funcname.last().and_then(|n| match &n.node {
                     Some(pg_query::NodeEnum::String(s)) => Some(s.sval.as_str()),
@@ -155,6 +163,83 @@ pub fn analyze(sql: &str) -> Analysis {
     a.effects = effects;
     a.deallocate = deallocate;
     a
+}
+
+/// The session effects of a `DO` block: those of every statement and expression in its
+/// PL/pgSQL body (a `SET` there is a session `SET`, as at top level). `Err` when they cannot be
+/// read. Functions it calls are not looked into (as for any statement).
+fn do_block(d: &pg_query::protobuf::DoStmt) -> Result<Vec<SessionEffect>, PinReason> {
+    let mut body = None;
+    for arg in &d.args {
+        let Some(pg_query::NodeEnum::DefElem(e)) = arg.node.as_ref() else {
+            continue;
+        };
+        let value = match e.arg.as_deref().and_then(|a| a.node.as_ref()) {
+            Some(pg_query::NodeEnum::String(s)) => s.sval.as_str(),
+            _ => return Err(PinReason::DoBlock),
+        };
+        match e.defname.as_str() {
+            "as" => body = Some(value),
+            "language" if !value.eq_ignore_ascii_case("plpgsql") => return Err(PinReason::DoBlock),
+            _ => {}
+        }
+    }
+    let body = body.ok_or(PinReason::DoBlock)?;
+    const QUOTE: &str = "$pgcache_do$";
+    if body.contains(QUOTE) {
+        return Err(PinReason::DoBlock);
+    }
+    let function = format!(
+        "CREATE FUNCTION pgcache_do() RETURNS void LANGUAGE plpgsql AS {QUOTE}{body}{QUOTE}"
+    );
+    let tree = pg_query::parse_plpgsql(&function).map_err(|_| PinReason::DoBlock)?;
+    let mut effects = Vec::new();
+    plpgsql_effects(&tree, &mut effects)?;
+    Ok(effects)
+}
+
+/// Walk a PL/pgSQL parse tree (pg_query's JSON): analyze each statement and expression.
+fn plpgsql_effects(v: &serde_json::Value, out: &mut Vec<SessionEffect>) -> Result<(), PinReason> {
+    match v {
+        serde_json::Value::Array(items) => {
+            for i in items {
+                plpgsql_effects(i, out)?;
+            }
+        }
+        serde_json::Value::Object(map) => {
+            for (key, value) in map {
+                match key.as_str() {
+                    // SQL built at run time: what it does cannot be read.
+                    "PLpgSQL_stmt_dynexecute" | "PLpgSQL_stmt_dynfors" | "dynquery" => {
+                        return Err(PinReason::DoBlock)
+                    }
+                    "PLpgSQL_expr" => {
+                        let query = value.get("query").and_then(|q| q.as_str()).unwrap_or("");
+                        // Mode 0 is a whole statement; the others are expressions, which
+                        // PL/pgSQL runs as `SELECT expr`.
+                        let whole = value.get("parseMode").and_then(|m| m.as_i64()) == Some(0);
+                        let a = if whole {
+                            analyze(query)
+                        } else {
+                            analyze(&format!("SELECT {query}"))
+                        };
+                        if let Some(reason) = a.pin {
+                            return Err(reason);
+                        }
+                        // An assignment (`x := expr`) does not parse as a SELECT: it must not
+                        // hide a set_config.
+                        if !a.parsed && query.to_ascii_lowercase().contains("set_config") {
+                            return Err(PinReason::DoBlock);
+                        }
+                        out.extend(a.effects);
+                    }
+                    _ => plpgsql_effects(value, out)?,
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// What a `set_config(name, value, is_local)` call sets for the session: `Some(Some(name))`, or
@@ -183,7 +268,7 @@ fn is_temp(rel: Option<&pg_query::protobuf::RangeVar>) -> bool {
 /// Keywords that start a statement with a session effect or pin (`SET`, `LISTEN`...), and words
 /// that matter anywhere (`TEMP` tables, advisory lock functions). A statement with none of them
 /// skips the parser: the scan allocates nothing, and `UPDATE ... SET` (all of pgbench) passes it.
-const LEADING_WORDS: [&str; 9] = [
+const LEADING_WORDS: [&str; 10] = [
     "set",
     "reset",
     "discard",
@@ -193,6 +278,7 @@ const LEADING_WORDS: [&str; 9] = [
     "execute",
     "declare",
     "load",
+    "do",
 ];
 const ANYWHERE_WORDS: [&str; 2] = ["temp", "temporary"];
 /// Prefixes that matter anywhere: temporary schemas, advisory lock functions, `set_config`.
@@ -446,6 +532,53 @@ mod tests {
         ] {
             assert_eq!(analyze(sql).pin, Some(PinReason::SetConfig), "{sql}");
         }
+    }
+
+    #[test]
+    fn do_blocks_are_read_for_their_effects() {
+        let set = |n: &str| vec![SessionEffect::Set(n.into())];
+        assert_eq!(
+            effects("do $$ begin set work_mem = '5MB'; end $$"),
+            set("work_mem")
+        );
+        assert_eq!(
+            effects("DO $$ BEGIN PERFORM set_config('search_path', 'x', false); END $$"),
+            set("search_path")
+        );
+        assert_eq!(
+            effects("do $$ begin if set_config('a.b', '1', false) is not null then null; end if; end $$"),
+            set("a.b")
+        );
+        for quiet in [
+            "do $$ begin update t set a = 1; end $$",
+            "do $$ begin set local work_mem = '5MB'; end $$",
+            "do language plpgsql $$ begin perform set_config('a.b', '1', true); end $$",
+        ] {
+            let a = analyze(quiet);
+            assert!(a.effects.is_empty() && a.pin.is_none(), "{quiet}: {a:?}");
+        }
+        for unreadable in [
+            "do $$ begin execute 'set work_mem = 1'; end $$",
+            "do $$ declare r record; begin for r in execute 'select 1' loop end loop; end $$",
+            "do $$ declare x text; begin x := set_config('a.b', '1', false); end $$",
+            "do language plperl $$ 1 $$",
+            "do $$ begin this is not plpgsql; end $$",
+        ] {
+            assert_eq!(
+                analyze(unreadable).pin,
+                Some(PinReason::DoBlock),
+                "{unreadable}"
+            );
+        }
+        // What pins at top level pins inside a block too.
+        assert_eq!(
+            analyze("do $$ begin create temp table t (a int); end $$").pin,
+            Some(PinReason::TempTable)
+        );
+        // The word scan sends DO blocks to the parser.
+        assert!(may_touch_session(
+            "do $$ begin set work_mem = '5MB'; end $$"
+        ));
     }
 
     #[test]

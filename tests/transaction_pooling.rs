@@ -228,10 +228,48 @@ async fn set_is_refused_when_not_tracked() {
         "select 1 as a$q$; set work_mem = '5MB'; select 1 as b$q$",
         "select 1; /* a /* nested */ comment */ set work_mem = '5MB'",
         "select 1; -- a line comment ends at a carriage return\rset work_mem = '5MB'",
+        // Inside a DO block, as a statement or through set_config.
+        "do $$ begin set work_mem = '5MB'; end $$",
+        "do $$ begin perform set_config('work_mem', '5MB', false); end $$",
     ] {
         let e = a.batch_execute(hidden).await.unwrap_err();
         assert_eq!(code(&e), "0A000", "{hidden}");
     }
+    // A DO block that changes no session setting runs.
+    a.batch_execute("do $$ begin set local work_mem = '5MB'; perform 1; end $$")
+        .await
+        .unwrap();
+}
+
+/// A `SET` inside a `DO` block follows its client like one at top level; a block whose effect
+/// cannot be read (dynamic SQL) pins the client, or is refused under `session_state = refuse`.
+#[tokio::test]
+async fn do_blocks_are_read_for_session_settings() {
+    let proxy = tx_proxy("");
+    let url = proxy.url("app", "app", "app");
+    let a = support::connect(&url).await;
+    let b = support::connect(&url).await;
+    let default = show(&b, "show work_mem").await;
+    a.batch_execute("do $$ begin set work_mem = '7MB'; end $$")
+        .await
+        .unwrap();
+    // The one server connection, lent to each in turn.
+    assert_eq!(show(&b, "show work_mem").await, default);
+    assert_eq!(show(&a, "show work_mem").await, "7MB");
+    assert_eq!(show(&b, "show work_mem").await, default);
+
+    let strict = tx_proxy("session_state = \"refuse\"\n");
+    let c = support::connect(&strict.url("app", "app", "app")).await;
+    let e = c
+        .batch_execute("do $$ begin execute 'set work_mem = ''6MB'''; end $$")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000");
+    let e = c
+        .batch_execute("do language sql $$ select 1 $$")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000");
 }
 
 #[tokio::test]
