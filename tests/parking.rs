@@ -317,3 +317,24 @@ async fn clients_talking_across_the_park_boundary_get_their_own_answers() {
     )
     .await;
 }
+
+/// `pool.park_after = "0"` turns parking off; a reload can turn it on.
+#[tokio::test]
+async fn park_after_zero_keeps_clients_running_until_a_reload_turns_it_on() {
+    let (proxy, metrics) = start("park_after = \"0\"\n");
+    let c = support::connect(&proxy.url("app", "app", "app")).await;
+    c.simple_query("select 1").await.unwrap();
+    // Well past the default 250 ms and a few sweeps.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(gauge(&metrics, "pgcache_client_parks_total").await, 0.0);
+    let path = proxy.config_path();
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("park_after = \"0\"", "park_after = \"250ms\""),
+    )
+    .unwrap();
+    proxy.signal("HUP");
+    parked(&metrics, 1.0).await;
+    c.simple_query("select 1").await.unwrap();
+}

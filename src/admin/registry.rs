@@ -284,7 +284,8 @@ impl Registry {
             match park & 3 {
                 RUNNING
                     if c.state.load(Ordering::Relaxed) == ClientState::Idle as u8
-                        && c.active_at.load(Ordering::Relaxed) + quiet_ms <= now_ms
+                        && c.active_at.load(Ordering::Relaxed).saturating_add(quiet_ms)
+                            <= now_ms
                         && c.park
                             .compare_exchange(
                                 RUNNING,

@@ -216,6 +216,9 @@ pub struct PoolConfig {
     /// Close a client idle outside a transaction this long (`57P05`); 0 = off.
     #[serde(with = "duration")]
     pub client_idle_timeout: Duration,
+    /// A client quiet this long between transactions parks (`session::park`); 0 = never.
+    #[serde(with = "duration")]
+    pub park_after: Duration,
 }
 
 impl Default for PoolConfig {
@@ -236,6 +239,7 @@ impl Default for PoolConfig {
             query_timeout: Duration::ZERO,
             idle_transaction_timeout: Duration::ZERO,
             client_idle_timeout: Duration::ZERO,
+            park_after: Duration::from_millis(250),
         }
     }
 }

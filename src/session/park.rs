@@ -6,7 +6,9 @@
 //! aligned) as well, nor the holes aligned allocations leave.
 //!
 //! The sweep (`run`, every `TICK`) asks the sessions that are between transactions and have not
-//! heard from their client for `QUIET` to look at themselves. One that can park
+//! heard from their client for `pool.park_after` (250 ms; 0: never) to look at themselves: a busy
+//! client never parks, and one that comes back pays a task spawn and two `epoll_ctl`s once per
+//! quiet spell. One that can park
 //! (`Session::parkable`: plain TCP, no server connection, nothing buffered or held either way,
 //! no transaction) ends its task with `End::Parked` and `park` takes the session. It comes back
 //! (a new task, the same session) when its socket turns readable (a statement, or the client
@@ -28,9 +30,6 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// How long a client stays quiet before it parks: a busy client never does, and one that comes
-/// back pays a task spawn and two `epoll_ctl`s (a few microseconds) once per quiet spell.
-pub const QUIET: Duration = Duration::from_millis(250);
 /// How often the sweep runs; a parked session with a deadline is woken at least two sweeps
 /// before it, and one whose deadline is nearer does not park.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -155,7 +154,8 @@ impl Session {
             && self.cscan.at_boundary()
             && self.cache_quiet()
             && self.phase_seen == Phase::Running
-            && now.saturating_duration_since(self.tx.last_activity) >= QUIET
+            && !self.cfg.pool.park_after.is_zero()
+            && now.saturating_duration_since(self.tx.last_activity) >= self.cfg.pool.park_after
             && self.next_deadline().is_none_or(|d| d > now + 2 * TICK)
     }
 }
@@ -195,7 +195,12 @@ pub async fn run(shared: Arc<Shared>) {
             _ = tick.tick(), if sweeping => {
                 let now = crate::admin::registry::clock_ms(std::time::Instant::now());
                 let ms = |d: Duration| d.as_millis() as u64;
-                shared.registry.sweep_idle(now, ms(QUIET), 2 * ms(TICK));
+                // Parking off: nobody is asked, and parked clients still wake for deadlines.
+                let quiet = match shared.config().pool.park_after {
+                    d if d.is_zero() => u64::MAX,
+                    d => ms(d),
+                };
+                shared.registry.sweep_idle(now, quiet, 2 * ms(TICK));
             }
             _ = shutdown.reached(Phase::Drain), if sweeping => sweeping = false,
             _ = lot.bell.notified() => {
