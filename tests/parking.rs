@@ -10,8 +10,7 @@ mod support;
 use std::time::{Duration, Instant};
 use support::http::{http_get, wait_http};
 use support::raw::{self, RawConn};
-use support::{free_port, pg, proxy_config, Proxy};
-use tokio::task::JoinHandle;
+use support::{closed_with, connect_watched, free_port, pg, proxy_config, Proxy};
 
 /// Hang guard for anything that waits on the proxy.
 const HANG: Duration = Duration::from_secs(30);
@@ -64,33 +63,6 @@ async fn wait_gauge(metrics: &str, series: &str, want: f64) {
 
 async fn parked(metrics: &str, want: f64) {
     wait_gauge(metrics, "pgcache_clients_parked", want).await;
-}
-
-/// A client and its connection task, whose result says how the proxy ended it.
-async fn connect_watched(
-    url: &str,
-) -> (
-    tokio_postgres::Client,
-    JoinHandle<Result<(), tokio_postgres::Error>>,
-) {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connect to {url}: {e:?}"));
-    (client, tokio::spawn(connection))
-}
-
-/// The SQLSTATE the proxy closed the connection with.
-async fn ended_with(connection: JoinHandle<Result<(), tokio_postgres::Error>>) -> String {
-    let result = tokio::time::timeout(HANG, connection)
-        .await
-        .expect("connection still open (hang guard)")
-        .expect("connection task");
-    let e = result.expect_err("the proxy ends the connection with an error");
-    let db = e
-        .as_db_error()
-        .unwrap_or_else(|| panic!("expected a FATAL error, got {e:?}"));
-    assert_eq!(db.severity(), "FATAL", "{db:?}");
-    db.code().code().to_string()
 }
 
 async fn show(client: &tokio_postgres::Client, setting: &str) -> String {
@@ -200,7 +172,7 @@ async fn a_parked_client_hears_shutdown() {
     client.simple_query("select 1").await.unwrap();
     parked(&metrics, 1.0).await;
     proxy.signal("TERM");
-    assert_eq!(ended_with(connection).await, "57P01");
+    assert_eq!(closed_with(connection, HANG).await, "57P01");
     let status = tokio::task::spawn_blocking(move || proxy.wait_exit(HANG))
         .await
         .unwrap()
@@ -215,7 +187,7 @@ async fn client_idle_timeout_reaches_a_parked_client() {
     let sent = Instant::now();
     client.simple_query("select 1").await.unwrap();
     parked(&metrics, 1.0).await;
-    assert_eq!(ended_with(connection).await, "57P05");
+    assert_eq!(closed_with(connection, HANG).await, "57P05");
     assert!(
         sent.elapsed() >= Duration::from_secs(2),
         "closed before its timeout"
@@ -235,7 +207,7 @@ async fn a_reload_brings_a_new_timeout_to_parked_clients() {
     std::fs::write(&path, text).unwrap();
     proxy.signal("HUP");
     // Idle for longer than the new timeout already: told at once, not at its next message.
-    assert_eq!(ended_with(connection).await, "57P05");
+    assert_eq!(closed_with(connection, HANG).await, "57P05");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

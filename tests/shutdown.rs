@@ -8,37 +8,15 @@ use std::io::ErrorKind;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use support::{connect, free_port, pg, proxy_config, Proxy};
+use support::{closed_with, connect, connect_watched, free_port, pg, proxy_config, Proxy};
 use tokio::task::JoinHandle;
 
 /// Hang guard for the proxy to exit or a connection to close.
 const EXIT_GUARD: Duration = Duration::from_secs(15);
 
-/// A client through the proxy plus its connection task, whose result says how the proxy ended it.
-async fn connect_watched(
-    url: &str,
-) -> (
-    tokio_postgres::Client,
-    JoinHandle<Result<(), tokio_postgres::Error>>,
-) {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connect to {url}: {e:?}"));
-    (client, tokio::spawn(connection))
-}
-
-/// Asserts the connection was closed by the server with `57P01 admin_shutdown`.
+/// Asserts the connection was closed by the server with `FATAL 57P01 admin_shutdown`.
 async fn assert_ended_by_admin_shutdown(connection: JoinHandle<Result<(), tokio_postgres::Error>>) {
-    let result = tokio::time::timeout(EXIT_GUARD, connection)
-        .await
-        .expect("connection still open (hang guard)")
-        .expect("connection task");
-    let e = result.expect_err("the proxy ends the connection with an error");
-    let db = e
-        .as_db_error()
-        .unwrap_or_else(|| panic!("expected FATAL 57P01, got {e:?}"));
-    assert_eq!(db.code().code(), "57P01", "{db:?}");
-    assert_eq!(db.severity(), "FATAL");
+    assert_eq!(closed_with(connection, EXIT_GUARD).await, "57P01");
 }
 
 /// Waits for the proxy to exit and checks it exited cleanly.

@@ -66,6 +66,37 @@ pub async fn try_connect(url: &str) -> Result<tokio_postgres::Client, tokio_post
     Ok(client)
 }
 
+/// A client and its connection task, whose result says how the proxy ended the connection.
+pub async fn connect_watched(
+    url: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e:?}"));
+    (client, tokio::spawn(connection))
+}
+
+/// The SQLSTATE of the FATAL error the proxy closed a watched connection with; panics when the
+/// connection is still open after `guard`, or ended another way.
+pub async fn closed_with(
+    connection: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    guard: std::time::Duration,
+) -> String {
+    let result = tokio::time::timeout(guard, connection)
+        .await
+        .expect("connection still open (hang guard)")
+        .expect("connection task");
+    let e = result.expect_err("the proxy ends the connection with an error");
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected a FATAL error, got {e:?}"));
+    assert_eq!(db.severity(), "FATAL", "{db:?}");
+    db.code().code().to_string()
+}
+
 /// `postgres://user:password@127.0.0.1:port/db` (no password part when `password` is empty).
 pub fn url(port: u16, user: &str, password: &str, db: &str) -> String {
     if password.is_empty() {
