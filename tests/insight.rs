@@ -251,6 +251,23 @@ async fn an_unnamed_statement_from_a_cached_batch_counts_under_its_own_fingerpri
     );
 }
 
+/// A transaction-mode proxy, cache off, logging every statement slower than 1 ms to `log` (as
+/// JSON lines, at up to 1,000 a second); with `explain`, EXPLAINing them and reporting
+/// sequential scans over 100,000+ rows.
+fn slow_log_proxy(log: &std::path::Path, explain: bool) -> Proxy {
+    let explain = if explain {
+        "explain = true\nexplain_min_rows = 100000\n"
+    } else {
+        ""
+    };
+    let extra = format!(
+        "[cache]\nenabled = false\n[slow_query]\nthreshold = \"1ms\"\nlog = \"{}\"\n\
+         max_per_second = 1000\n{explain}",
+        log.display()
+    );
+    cache_proxy("transaction", &extra)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_statements_are_logged_and_explained() {
     let t = table("insight_big", "id int, val int, name text");
@@ -259,12 +276,7 @@ async fn slow_statements_are_logged_and_explained() {
     ));
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("slow.jsonl");
-    let extra = format!(
-        "[cache]\nenabled = false\n[slow_query]\nthreshold = \"1ms\"\nlog = \"{}\"\n\
-         max_per_second = 1000\nexplain = true\nexplain_min_rows = 100000\n",
-        log.display()
-    );
-    let proxy = cache_proxy("transaction", &extra);
+    let proxy = slow_log_proxy(&log, true);
     let addr = proxy_metrics(&proxy);
     let c = connect(&app_url(&proxy)).await;
     c.simple_query("select pg_sleep(0.05)")
@@ -378,12 +390,7 @@ async fn wait_for_line(path: &std::path::Path, what: &str) -> String {
 async fn the_slow_log_follows_its_path_when_the_file_is_rotated() {
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("slow.jsonl");
-    let extra = format!(
-        "[cache]\nenabled = false\n[slow_query]\nthreshold = \"1ms\"\nlog = \"{}\"\n\
-         max_per_second = 1000\n",
-        log.display()
-    );
-    let proxy = cache_proxy("transaction", &extra);
+    let proxy = slow_log_proxy(&log, false);
     let c = connect(&app_url(&proxy)).await;
     c.simple_query("select pg_sleep(0.01) as before_rotation")
         .await
@@ -415,12 +422,7 @@ async fn slow_statements_are_explained_with_the_clients_search_path() {
     );
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("slow.jsonl");
-    let extra = format!(
-        "[cache]\nenabled = false\n[slow_query]\nthreshold = \"1ms\"\nlog = \"{}\"\n\
-         max_per_second = 1000\nexplain = true\nexplain_min_rows = 100000\n",
-        log.display()
-    );
-    let proxy = cache_proxy("transaction", &extra);
+    let proxy = slow_log_proxy(&log, true);
     let c = connect(&app_url(&proxy)).await;
     c.batch_execute("set search_path = insight_sp, public")
         .await
