@@ -56,6 +56,17 @@ fn conninfo(proxy: &Proxy, extra: &str) -> String {
     )
 }
 
+/// Connection string that checks the proxy's certificate against `ca` and its name. host=localhost
+/// is the name checked; hostaddr keeps libpq off ::1, where nothing listens.
+fn verify_full(proxy: &Proxy, ca: &Path) -> String {
+    format!(
+        "host=localhost hostaddr=127.0.0.1 port={} user=app dbname=app sslmode=verify-full \
+         sslrootcert={}",
+        proxy.port(),
+        ca.display()
+    )
+}
+
 /// Runs `\conninfo` and a query; returns (stdout, stderr) and whether psql succeeded.
 fn psql_conninfo(conninfo: &str) -> (bool, String, String) {
     let out = psql(conninfo, &["\\conninfo", "select current_user"]);
@@ -136,27 +147,14 @@ fn client_tls_certificate_verifies_full_against_ca() {
         free_port(),
         &client_tls_config("require", &files),
     ));
-    // host=localhost is the name checked; hostaddr keeps libpq off ::1, where nothing listens.
-    let info = format!(
-        "host=localhost hostaddr=127.0.0.1 port={} user=app dbname=app sslmode=verify-full \
-         sslrootcert={}",
-        proxy.port(),
-        files.ca.display()
-    );
-    let (ok, stdout, stderr) = psql_conninfo(&info);
+    let (ok, stdout, stderr) = psql_conninfo(&verify_full(&proxy, &files.ca));
     assert!(ok, "psql verify-full failed: {stderr}");
     assert!(stdout.contains("SSL connection"), "{stdout}");
 
     // A different CA does not verify the proxy's certificate.
     let other = tempfile::tempdir().expect("temp dir");
     let other_ca = make_tls_files(other.path()).ca;
-    let info = format!(
-        "host=localhost hostaddr=127.0.0.1 port={} user=app dbname=app sslmode=verify-full \
-         sslrootcert={}",
-        proxy.port(),
-        other_ca.display()
-    );
-    let (ok, _, stderr) = psql_conninfo(&info);
+    let (ok, _, stderr) = psql_conninfo(&verify_full(&proxy, &other_ca));
     // (The CAs share a name, so OpenSSL reports a bad signature rather than an unknown issuer.)
     assert!(!ok, "verify-full against the wrong CA should fail");
     assert!(stderr.contains("SSL"), "{stderr}");
@@ -296,15 +294,7 @@ fn reload_serves_a_renewed_certificate_and_keeps_it_when_the_next_is_broken() {
         free_port(),
         &client_tls_config("require", &files),
     ));
-    let verified_by = |ca: &Path| {
-        let info = format!(
-            "host=localhost hostaddr=127.0.0.1 port={} user=app dbname=app sslmode=verify-full \
-             sslrootcert={}",
-            proxy.port(),
-            ca.display()
-        );
-        psql_conninfo(&info).0
-    };
+    let verified_by = |ca: &Path| psql_conninfo(&verify_full(&proxy, ca)).0;
     let reload = || {
         let out = psql(
             &format!(
