@@ -1,6 +1,6 @@
 //! `EXPLAIN` of a slow statement on a connection of its own (outside every pool), with the
-//! client's settings and the parameters it sent, and what the plan says: sequential scans over large relations,
-//! the filter columns an index would serve, and the `CREATE INDEX` that would.
+//! client's settings and the parameters it sent, and what the plan says: sequential scans over
+//! large relations, the filter columns an index would serve, and the `CREATE INDEX` that would.
 //!
 //! `ANALYZE` (when enabled, for reads) runs inside `BEGIN READ ONLY ... ROLLBACK`: a statement
 //! that turns out to write fails there instead of writing twice.

@@ -1,21 +1,20 @@
 //! Parking idle clients: a client that has been quiet for a while gives up its task and its
 //! socket's place in the runtime's reactor, and waits in the `Lot` — a map of sessions and an
 //! epoll set of their sockets, which a thread of its own waits on — until there is something to
-//! do. An idle client then costs its
-//! session, not a tokio task (384 bytes, 128-byte aligned) and a reactor registration (256,
-//! aligned) as well, nor the holes aligned allocations leave.
+//! do. An idle client then costs its session, not a tokio task (384 bytes, 128-byte aligned) and
+//! a reactor registration (256, aligned) as well, nor the holes aligned allocations leave.
 //!
 //! The sweep (`run`, every `TICK`) asks the sessions that are between transactions and have not
 //! heard from their client for `pool.park_after` (250 ms; 0: never) to look at themselves: a busy
 //! client never parks, and one that comes back pays a task spawn and two `epoll_ctl`s once per
-//! quiet spell. One that can park
-//! (`Session::parkable`: plain TCP, no server connection, nothing buffered or held either way,
-//! no transaction) ends its task with `End::Parked` and `park` takes the session. It comes back
-//! (a new task, the same session) when its socket turns readable (a statement, or the client
-//! leaving), when the registry wakes every session (shutdown, reload: `Registry::set_unparker`),
-//! or when the sweep sees its deadline (`client_idle_timeout`) near.
+//! quiet spell. One that can park (`Session::parkable`: plain TCP, no server connection, nothing
+//! buffered or held either way, no transaction) ends its task with `End::Parked` and `park` takes
+//! the session. It comes back (a new task, the same session) when its socket turns readable (a
+//! statement, or the client leaving), when the registry wakes every session (shutdown, reload:
+//! `Registry::set_unparker`), or when the sweep sees its deadline (`client_idle_timeout`) near.
 
 use super::Session;
+use crate::admin::registry::{clock_ms, lock};
 use crate::listener::Shared;
 use crate::metrics::METRICS;
 use crate::shutdown::Phase;
@@ -25,14 +24,16 @@ use mio::{Events, Interest, Token};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// How often the sweep runs; a parked session with a deadline is woken at least two sweeps
-/// before it, and one whose deadline is nearer does not park.
-pub const TICK: Duration = Duration::from_millis(100);
+/// How often the sweep runs.
+const TICK: Duration = Duration::from_millis(100);
+/// Two sweeps: a parked session is woken when its deadline comes this near, and a session whose
+/// deadline is nearer does not park.
+const NEAR: Duration = Duration::from_millis(2 * TICK.as_millis() as u64);
 
 /// Parked sessions and the poller that watches their sockets.
 pub struct Lot {
@@ -44,10 +45,6 @@ pub struct Lot {
     /// Ids the registry asked back (shutdown, reload, a deadline near), for `run`.
     asked: Mutex<Vec<u64>>,
     bell: Notify,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Lot {
@@ -156,7 +153,7 @@ impl Session {
             && self.phase_seen == Phase::Running
             && !self.cfg.pool.park_after.is_zero()
             && now.saturating_duration_since(self.tx.last_activity) >= self.cfg.pool.park_after
-            && self.next_deadline().is_none_or(|d| d > now + 2 * TICK)
+            && self.next_deadline().is_none_or(|d| d > now + NEAR)
     }
 }
 
@@ -193,14 +190,14 @@ pub async fn run(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             _ = tick.tick(), if sweeping => {
-                let now = crate::admin::registry::clock_ms(std::time::Instant::now());
+                let now = clock_ms(std::time::Instant::now());
                 let ms = |d: Duration| d.as_millis() as u64;
                 // Parking off: nobody is asked, and parked clients still wake for deadlines.
                 let quiet = match shared.config().pool.park_after {
                     d if d.is_zero() => u64::MAX,
                     d => ms(d),
                 };
-                shared.registry.sweep_idle(now, quiet, 2 * ms(TICK));
+                shared.registry.sweep_idle(now, quiet, ms(NEAR));
             }
             _ = shutdown.reached(Phase::Drain), if sweeping => sweeping = false,
             _ = lot.bell.notified() => {
