@@ -50,7 +50,7 @@ pub struct Shared {
     pub pools: Pools,
     /// The client-facing TLS acceptor (`None`: TLS off); replaced on reload, so a renewed
     /// certificate serves the next handshake.
-    pub tls: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
+    pub tls: arc_swap::ArcSwapOption<crate::tls::ClientTls>,
     pub cancels: Arc<CancelRegistry>,
     /// One permit per connected client (`proxy.max_clients`).
     pub clients: Arc<Semaphore>,
@@ -229,6 +229,8 @@ async fn login(shared: &Shared, tcp: TcpStream) -> Option<Login> {
     let mut stream = Stream::Plain(tcp);
     let mut buf = BytesMut::with_capacity(1024);
     let max = shared.config().proxy.max_message_bytes;
+    // The certificate this client was shown, as SCRAM binds to it (TLS only).
+    let mut end_point: Option<Vec<u8>> = None;
     let (params, minor) = loop {
         let packet = match wire::read_startup_packet(&mut stream, &mut buf).await {
             Ok(Some(p)) => p,
@@ -253,10 +255,11 @@ async fn login(shared: &Shared, tcp: TcpStream) -> Option<Login> {
                     return None;
                 };
                 match shared.tls.load_full() {
-                    Some(acceptor) => {
+                    Some(client_tls) => {
                         tcp.write_all(b"S").await.ok()?;
-                        match acceptor.accept(tcp).await {
+                        match client_tls.acceptor.accept(tcp).await {
                             Ok(tls) => {
+                                end_point = client_tls.end_point.clone();
                                 METRICS
                                     .tls_handshakes
                                     .with_label_values(&["client", "ok"])
@@ -390,6 +393,7 @@ async fn login(shared: &Shared, tcp: TcpStream) -> Option<Login> {
         &shared.users.load(),
         &user,
         max.min(64 * 1024),
+        end_point.as_deref(),
     )
     .await
     {

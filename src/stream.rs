@@ -26,6 +26,19 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
+    /// On a TLS connection to a server: the `tls-server-end-point` channel binding of the
+    /// certificate it presented (`tls::server_end_point`), for SCRAM-SHA-256-PLUS.
+    pub fn server_end_point(&self) -> Option<Vec<u8>> {
+        let Stream::Tls(s) = self else {
+            return None;
+        };
+        let tokio_rustls::TlsStream::Client(c) = s.as_ref() else {
+            return None;
+        };
+        let cert = c.get_ref().1.peer_certificates()?.first()?;
+        crate::tls::server_end_point(cert)
+    }
+
     /// Take a plain socket out of the runtime's reactor (its registration is freed); its
     /// descriptor, for another poller to watch. Fails for TLS (left as it was), and when the
     /// reactor cannot let the socket go (then it is closed).

@@ -14,6 +14,9 @@ use support::{connect, free_port, make_tls_files, pg, proxy_config, try_connect,
 use support::{PgOptions, PgServer, TlsFiles};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use std::io::BufReader;
+use std::sync::Arc;
+
 /// One private PostgreSQL with `ssl = on` for the upstream tests of this binary (never stopped
 /// here; its watchdog removes it when the test process ends).
 fn ssl_pg() -> &'static PgServer {
@@ -122,6 +125,61 @@ fn client_tls_allow_serves_tls_and_plain() {
     assert!(stdout.trim_end().ends_with("app"), "{stdout}");
 }
 
+/// SCRAM bound to the TLS channel (SCRAM-SHA-256-PLUS with `tls-server-end-point`, as
+/// PostgreSQL offers it): a client that requires channel binding logs in over TLS, with the right
+/// password only, and after a reload binds to the renewed certificate; over plain TCP there is
+/// nothing to bind to and libpq will not go on.
+#[test]
+fn scram_binds_to_the_tls_certificate_for_clients_that_require_it() {
+    let (_dir, files) = client_tls_files();
+    let proxy = Proxy::start(&proxy_config(
+        pg(),
+        free_port(),
+        &client_tls_config("allow", &files),
+    ));
+    let bound = |extra: &str| {
+        psql_conninfo(&conninfo(
+            &proxy,
+            &format!("sslmode=require channel_binding=require {extra}"),
+        ))
+    };
+    let (ok, stdout, stderr) = bound("");
+    assert!(ok, "channel_binding=require failed: {stderr}");
+    assert!(stdout.contains("SSL connection"), "{stdout}");
+    assert!(stdout.trim_end().ends_with("app"), "{stdout}");
+
+    let (ok, _, stderr) = bound("password=wrong");
+    assert!(!ok, "a wrong password logged in");
+    assert!(
+        stderr.contains("password authentication failed"),
+        "{stderr}"
+    );
+
+    let (ok, _, stderr) =
+        psql_conninfo(&conninfo(&proxy, "sslmode=disable channel_binding=require"));
+    assert!(!ok, "bound without TLS");
+    assert!(stderr.contains("channel binding"), "{stderr}");
+
+    // A renewed certificate: the binding follows it (the old one's hash would not match).
+    let renewed_dir = tempfile::tempdir().expect("temp dir");
+    let renewed = make_tls_files(renewed_dir.path());
+    std::fs::copy(&renewed.cert, &files.cert).expect("copy certificate");
+    std::fs::copy(&renewed.key, &files.key).expect("copy key");
+    let out = psql(
+        &format!(
+            "host=127.0.0.1 port={} user=pgcache dbname=pgcache sslmode=disable",
+            proxy.port()
+        ),
+        &["RELOAD"],
+    );
+    assert!(out.status.success(), "RELOAD failed: {out:?}");
+    let (ok, _, stderr) = bound("");
+    assert!(
+        ok,
+        "channel_binding=require after a renewal failed: {stderr}"
+    );
+}
+
 #[test]
 fn client_tls_disable_refuses_sslmode_require_and_serves_prefer_plain() {
     let proxy = Proxy::start(&proxy_config(
@@ -208,6 +266,102 @@ async fn upstream_tls_require_and_prefer_encrypt_disable_does_not() {
     assert!(upstream_ssl(&prefer).await);
     let disable = upstream_tls_proxy("mode = \"disable\"\n");
     assert!(!upstream_ssl(&disable).await);
+}
+
+/// A man in the middle: ends TLS from its client with its own certificate (`files`), opens its
+/// own TLS to PostgreSQL on `upstream` (verified against `ca`: it is a good relay) and copies
+/// bytes both ways. Its port.
+async fn tls_relay(upstream: u16, ca: &Path, files: &TlsFiles) -> u16 {
+    let pem = |p: &Path| BufReader::new(std::fs::File::open(p).expect("open PEM"));
+    let chain: Vec<_> = rustls_pemfile::certs(&mut pem(&files.cert))
+        .collect::<Result<_, _>>()
+        .expect("relay certificate");
+    let key = rustls_pemfile::private_key(&mut pem(&files.key))
+        .expect("relay key")
+        .expect("a key");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut pem(ca)) {
+        roots.add(c.expect("CA certificate")).expect("add CA");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("relay server config");
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("relay listens");
+    let port = listener.local_addr().expect("relay address").port();
+    tokio::spawn(async move {
+        while let Ok((mut down, _)) = listener.accept().await {
+            let (acceptor, connector) = (acceptor.clone(), connector.clone());
+            tokio::spawn(async move {
+                // SSLRequest down, 'S'; the same request up, its 'S'; then TLS on both sides.
+                let mut request = [0u8; 8];
+                down.read_exact(&mut request).await?;
+                down.write_all(b"S").await?;
+                let mut down = acceptor.accept(down).await?;
+                let mut up = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await?;
+                up.write_all(&request).await?;
+                up.read_exact(&mut [0u8; 1]).await?;
+                let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+                let mut up = connector.connect(name, up).await?;
+                tokio::io::copy_bidirectional(&mut down, &mut up).await?;
+                Ok::<_, std::io::Error>(())
+            });
+        }
+    });
+    port
+}
+
+/// `upstream.tls.mode = "require"` checks no certificate, so a relay with its own certificate
+/// gets through the TLS handshake; SCRAM bound to the certificate the proxy was shown does not
+/// (PostgreSQL binds to its own), so the proxy does not log in through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_scram_binding_catches_a_tls_man_in_the_middle() {
+    let server = ssl_pg();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let relay = tls_relay(
+        server.port,
+        &server.ca_pem_path(),
+        &make_tls_files(dir.path()),
+    )
+    .await;
+    let through_relay = |binding: &'static str| {
+        tokio::task::spawn_blocking(move || {
+            let conninfo = format!(
+                "host=127.0.0.1 port={relay} user=app dbname=app sslmode=require \
+                 channel_binding={binding}"
+            );
+            psql(&conninfo, &["select 1"]).status.success()
+        })
+    };
+    // The relay works: a client that does not bind logs in through it; one that binds does not.
+    assert!(through_relay("disable").await.expect("psql"));
+    assert!(!through_relay("require").await.expect("psql"));
+
+    let proxy = Proxy::start(&proxy_config(
+        server,
+        free_port(),
+        &format!("[upstream]\nport = {relay}\n\n[upstream.tls]\nmode = \"require\"\n"),
+    ));
+    let e = match try_connect(&proxy.url("app", "app", "app")).await {
+        Ok(_) => panic!("the proxy logged in through a man in the middle"),
+        Err(e) => e,
+    };
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected an ErrorResponse, got {e:?}"));
+    assert!(db.message().contains("channel binding"), "{db:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -105,13 +105,16 @@ fn protocol_error(what: impl std::fmt::Display) -> PgError {
 }
 
 /// Run the configured exchange for `user`. On success nothing has been sent yet of
-/// `AuthenticationOk`; the caller sends it with the rest of the startup reply.
+/// `AuthenticationOk`; the caller sends it with the rest of the startup reply. `end_point`: the
+/// connection's `tls-server-end-point` channel binding (TLS with a certificate that has one):
+/// SCRAM then offers SCRAM-SHA-256-PLUS too.
 pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
     users: &Users,
     user: &str,
     max_message: usize,
+    end_point: Option<&[u8]>,
 ) -> Result<(), AuthError> {
     let entry = users.users.get(user);
     match users.method_for(user) {
@@ -126,12 +129,12 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             // PostgreSQL also falls back to SCRAM when only a SCRAM secret is stored.
             None => {
                 let scram = entry.and_then(|u| u.scram.clone());
-                scram_exchange(stream, buf, scram, user, max_message).await
+                scram_exchange(stream, buf, scram, user, max_message, end_point).await
             }
         },
         AuthMethod::ScramSha256 => {
             let scram = entry.and_then(|u| u.scram.clone());
-            scram_exchange(stream, buf, scram, user, max_message).await
+            scram_exchange(stream, buf, scram, user, max_message, end_point).await
         }
     }
 }
@@ -195,17 +198,29 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     secret: Option<ScramSecret>,
     user: &str,
     max_message: usize,
+    end_point: Option<&[u8]>,
 ) -> Result<(), AuthError> {
+    const SCRAM: &str = "SCRAM-SHA-256";
+    const SCRAM_PLUS: &str = "SCRAM-SHA-256-PLUS";
     let known = secret.is_some();
     let secret = secret.unwrap_or_else(ScramSecret::mock);
-    send(stream, Authentication::SASL(vec!["SCRAM-SHA-256".into()])).await?;
+    // PostgreSQL's order: the bound mechanism first, where there is one.
+    let offer = match end_point {
+        Some(_) => vec![SCRAM_PLUS.into(), SCRAM.into()],
+        None => vec![SCRAM.into()],
+    };
+    send(stream, Authentication::SASL(offer)).await?;
     let body = read_password_message(stream, buf, max_message).await?;
     let mut pos = 0;
     let mechanism =
         wire::read_cstr(&body, &mut pos).ok_or_else(|| protocol_error("no mechanism"))?;
-    if mechanism != "SCRAM-SHA-256" {
-        return Err(protocol_error(format!("unsupported SASL mechanism {mechanism:?}")).into());
-    }
+    let plus = match mechanism {
+        SCRAM => false,
+        SCRAM_PLUS if end_point.is_some() => true,
+        _ => {
+            return Err(protocol_error(format!("unsupported SASL mechanism {mechanism:?}")).into())
+        }
+    };
     let len_bytes = body
         .get(pos..pos + 4)
         .ok_or_else(|| protocol_error("truncated"))?;
@@ -214,14 +229,15 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
         .ok()
         .and_then(|l| body.get(pos + 4..pos + 4 + l))
         .ok_or_else(|| protocol_error("bad SASL data length"))?;
-    let (server, first) = ScramServer::start(&secret, data).map_err(|e| match e {
-        ScramError::ChannelBinding => PgError::fatal(
-            sqlstate::FEATURE_NOT_SUPPORTED,
-            "channel binding is not supported by pgcache",
-        )
-        .with_hint("connect with channel_binding=disable or prefer"),
-        e => protocol_error(e),
-    })?;
+    let (server, first) =
+        ScramServer::start(&secret, data, plus, end_point).map_err(|e| match e {
+            ScramError::Downgrade => PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())
+                .with_detail(
+                    "The client supports SCRAM channel binding but thinks the server does not.  \
+                     However, this server does support channel binding.",
+                ),
+            e => protocol_error(e),
+        })?;
     send(stream, Authentication::SASLContinue(Bytes::from(first))).await?;
     let body = read_password_message(stream, buf, max_message).await?;
     match server.finish(&body) {

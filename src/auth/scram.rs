@@ -1,7 +1,9 @@
 //! Server side of SCRAM-SHA-256 (RFC 5802/7677 as PostgreSQL uses it), so clients authenticate to
 //! the proxy exactly as they would to PostgreSQL. Secrets are the `pg_authid` form
 //! `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`; a cleartext password from the config
-//! is turned into one once, at load.
+//! is turned into one once, at load. Over TLS the exchange can be bound to the channel
+//! (SCRAM-SHA-256-PLUS with `tls-server-end-point`, as PostgreSQL offers it), so a client that
+//! requires channel binding knows no one in the middle holds another certificate.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -25,8 +27,10 @@ pub enum ScramError {
     BadSecret(&'static str),
     #[error("malformed SCRAM message: {0}")]
     BadMessage(&'static str),
-    #[error("channel binding is not supported by the proxy")]
-    ChannelBinding,
+    /// The client can bind but was led to believe the server cannot (RFC 5802 §6: the offer of
+    /// SCRAM-SHA-256-PLUS may have been stripped on the way).
+    #[error("SCRAM channel binding negotiation error")]
+    Downgrade,
     #[error("wrong password")]
     WrongPassword,
 }
@@ -93,7 +97,9 @@ pub struct ScramServer<'a> {
     secret: &'a ScramSecret,
     client_first_bare: String,
     server_first: String,
-    gs2_header: String,
+    /// The `c=` attribute the client-final message must carry: the GS2 header and, bound, the
+    /// channel-binding data, in base64.
+    binding: String,
     nonce: String,
 }
 
@@ -103,21 +109,42 @@ fn attr(msg: &str, name: char) -> Option<&str> {
 }
 
 impl<'a> ScramServer<'a> {
-    /// Take the client-first-message, return the server-first-message.
+    /// Take the client-first-message, return the server-first-message. `plus`: the client chose
+    /// SCRAM-SHA-256-PLUS; `end_point`: this connection's `tls-server-end-point` data when the
+    /// server offered SCRAM-SHA-256-PLUS (TLS, a certificate it can bind to).
     pub fn start(
         secret: &'a ScramSecret,
         client_first: &[u8],
+        plus: bool,
+        end_point: Option<&[u8]>,
     ) -> Result<(Self, String), ScramError> {
         let msg = std::str::from_utf8(client_first)
             .map_err(|_| ScramError::BadMessage("client-first is not UTF-8"))?;
         let (cb_flag, rest) = msg
             .split_once(',')
             .ok_or(ScramError::BadMessage("missing gs2 header"))?;
-        match cb_flag {
-            "n" | "y" => {}
-            f if f.starts_with("p=") => return Err(ScramError::ChannelBinding),
+        let data: &[u8] = match (cb_flag, plus) {
+            ("n", false) => &[],
+            ("y", false) if end_point.is_none() => &[],
+            ("y", false) => return Err(ScramError::Downgrade),
+            ("p=tls-server-end-point", true) => {
+                end_point.ok_or(ScramError::BadMessage("SCRAM-SHA-256-PLUS was not offered"))?
+            }
+            (f, true) if f.starts_with("p=") => {
+                return Err(ScramError::BadMessage("unsupported channel binding type"))
+            }
+            (f, false) if f.starts_with("p=") => {
+                return Err(ScramError::BadMessage(
+                    "channel binding requested without SCRAM-SHA-256-PLUS",
+                ))
+            }
+            ("n" | "y", true) => {
+                return Err(ScramError::BadMessage(
+                    "SCRAM-SHA-256-PLUS without channel binding",
+                ))
+            }
             _ => return Err(ScramError::BadMessage("bad channel binding flag")),
-        }
+        };
         let (authzid, bare) = rest
             .split_once(',')
             .ok_or(ScramError::BadMessage("missing gs2 header"))?;
@@ -138,7 +165,11 @@ impl<'a> ScramServer<'a> {
                 secret,
                 client_first_bare: bare.to_string(),
                 server_first: server_first.clone(),
-                gs2_header: format!("{cb_flag},{authzid},"),
+                binding: {
+                    let mut input = format!("{cb_flag},{authzid},").into_bytes();
+                    input.extend_from_slice(data);
+                    B64.encode(input)
+                },
                 nonce,
             },
             server_first,
@@ -153,7 +184,7 @@ impl<'a> ScramServer<'a> {
             .rsplit_once(",p=")
             .ok_or(ScramError::BadMessage("missing proof"))?;
         let binding = attr(without_proof, 'c').ok_or(ScramError::BadMessage("missing c="))?;
-        if binding != B64.encode(self.gs2_header.as_bytes()) {
+        if binding != self.binding {
             return Err(ScramError::BadMessage(
                 "channel binding data does not match",
             ));
@@ -203,8 +234,19 @@ mod tests {
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 
     fn run(secret: &ScramSecret, password: &str) -> Result<(), ScramError> {
-        let mut client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-        let (server, first) = ScramServer::start(secret, client.message())?;
+        exchange(secret, password, ChannelBinding::unsupported(), false, None)
+    }
+
+    /// A whole exchange with postgres-protocol's client (the one tokio-postgres uses).
+    fn exchange(
+        secret: &ScramSecret,
+        password: &str,
+        client_binding: ChannelBinding,
+        plus: bool,
+        end_point: Option<&[u8]>,
+    ) -> Result<(), ScramError> {
+        let mut client = ScramSha256::new(password.as_bytes(), client_binding);
+        let (server, first) = ScramServer::start(secret, client.message(), plus, end_point)?;
         client.update(first.as_bytes()).unwrap();
         let last = server.finish(client.message())?;
         client
@@ -237,9 +279,55 @@ mod tests {
     }
 
     #[test]
-    fn channel_binding_request_is_refused() {
+    fn binds_to_the_servers_certificate() {
         let secret = ScramSecret::from_password("x");
-        let r = ScramServer::start(&secret, b"p=tls-server-end-point,,n=,r=abc");
-        assert!(matches!(r, Err(ScramError::ChannelBinding)));
+        let ours = [7u8; 32];
+        let bound = |theirs: &[u8]| {
+            exchange(
+                &secret,
+                "x",
+                ChannelBinding::tls_server_end_point(theirs.to_vec()),
+                true,
+                Some(&ours),
+            )
+        };
+        bound(&ours).unwrap();
+        // The client saw another certificate: someone in the middle.
+        assert_eq!(
+            bound(&[8u8; 32]),
+            Err(ScramError::BadMessage(
+                "channel binding data does not match"
+            ))
+        );
+        // Over a channel the server can bind, a client that could have bound and thinks the
+        // server cannot was downgraded.
+        let y = ChannelBinding::unrequested();
+        assert_eq!(
+            exchange(&secret, "x", y, false, Some(&ours)),
+            Err(ScramError::Downgrade)
+        );
+        exchange(&secret, "x", ChannelBinding::unrequested(), false, None).unwrap();
+        exchange(
+            &secret,
+            "x",
+            ChannelBinding::unsupported(),
+            false,
+            Some(&ours),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn binding_flags_must_match_the_mechanism() {
+        let secret = ScramSecret::from_password("x");
+        let ep: &[u8] = &[1, 2, 3];
+        let start = |first: &[u8], plus, end_point| {
+            ScramServer::start(&secret, first, plus, end_point).map(|_| ())
+        };
+        assert!(start(b"p=tls-server-end-point,,n=,r=abc", false, Some(ep)).is_err());
+        assert!(start(b"p=tls-server-end-point,,n=,r=abc", true, None).is_err());
+        assert!(start(b"p=tls-unique,,n=,r=abc", true, Some(ep)).is_err());
+        assert!(start(b"n,,n=,r=abc", true, Some(ep)).is_err());
+        assert!(start(b"p=tls-server-end-point,,n=,r=abc", true, Some(ep)).is_ok());
     }
 }

@@ -269,22 +269,28 @@ impl ServerConn {
                             frontend::password_message(hash.as_bytes(), &mut out)?;
                         }
                         Some(10) => {
-                            let offers_scram =
-                                data.split(|&b| b == 0).any(|m| m == b"SCRAM-SHA-256");
-                            if !offers_scram {
-                                return Err(protocol(
-                                    "server offers no SASL mechanism pgcache supports".into(),
-                                ));
-                            }
-                            let s = ScramSha256::new(
-                                password()?.as_bytes(),
-                                ChannelBinding::unsupported(),
-                            );
-                            frontend::sasl_initial_response(
-                                "SCRAM-SHA-256",
-                                s.message(),
-                                &mut out,
-                            )?;
+                            // Over TLS, bound to the server's certificate where the server
+                            // offers it (as libpq's default `channel_binding=prefer`): a man in
+                            // the middle with another certificate fails the exchange even when
+                            // `upstream.tls.mode` does not check certificates.
+                            let offers = |name: &[u8]| data.split(|&b| b == 0).any(|m| m == name);
+                            let end_point = self.stream.server_end_point();
+                            let (mechanism, binding) = match end_point {
+                                Some(e) if offers(b"SCRAM-SHA-256-PLUS") => (
+                                    "SCRAM-SHA-256-PLUS",
+                                    ChannelBinding::tls_server_end_point(e),
+                                ),
+                                _ if !offers(b"SCRAM-SHA-256") => {
+                                    return Err(protocol(
+                                        "server offers no SASL mechanism pgcache supports".into(),
+                                    ))
+                                }
+                                // We could bind; the server did not offer to.
+                                Some(_) => ("SCRAM-SHA-256", ChannelBinding::unrequested()),
+                                None => ("SCRAM-SHA-256", ChannelBinding::unsupported()),
+                            };
+                            let s = ScramSha256::new(password()?.as_bytes(), binding);
+                            frontend::sasl_initial_response(mechanism, s.message(), &mut out)?;
                             scram = Some(s);
                         }
                         Some(11) => {
