@@ -246,6 +246,10 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(())
         }
         Ok(_) | Err(ScramError::WrongPassword) => Err(password_failed(user).into()),
+        // PostgreSQL's words and code for it.
+        Err(e @ ScramError::BindingMismatch) => {
+            Err(PgError::fatal(sqlstate::INVALID_AUTHORIZATION, e.to_string()).into())
+        }
         Err(e) => Err(protocol_error(e).into()),
     }
 }

@@ -31,6 +31,9 @@ pub enum ScramError {
     /// SCRAM-SHA-256-PLUS may have been stripped on the way).
     #[error("SCRAM channel binding negotiation error")]
     Downgrade,
+    /// The client bound to another channel than this one: it was shown another certificate.
+    #[error("SCRAM channel binding check failed")]
+    BindingMismatch,
     #[error("wrong password")]
     WrongPassword,
 }
@@ -185,9 +188,7 @@ impl<'a> ScramServer<'a> {
             .ok_or(ScramError::BadMessage("missing proof"))?;
         let binding = attr(without_proof, 'c').ok_or(ScramError::BadMessage("missing c="))?;
         if binding != self.binding {
-            return Err(ScramError::BadMessage(
-                "channel binding data does not match",
-            ));
+            return Err(ScramError::BindingMismatch);
         }
         if attr(without_proof, 'r') != Some(self.nonce.as_str()) {
             return Err(ScramError::BadMessage("nonce does not match"));
@@ -293,12 +294,7 @@ mod tests {
         };
         bound(&ours).unwrap();
         // The client saw another certificate: someone in the middle.
-        assert_eq!(
-            bound(&[8u8; 32]),
-            Err(ScramError::BadMessage(
-                "channel binding data does not match"
-            ))
-        );
+        assert_eq!(bound(&[8u8; 32]), Err(ScramError::BindingMismatch));
         // Over a channel the server can bind, a client that could have bound and thinks the
         // server cannot was downgraded.
         let y = ChannelBinding::unrequested();
