@@ -17,6 +17,12 @@ pub enum Stream {
     Parked(Option<std::net::TcpStream>),
 }
 
+/// `TLSv1.3/TLS13_AES_256_GCM_SHA384` for what `Stream::tls_negotiated` returned.
+pub fn tls_name((version, suite): (u16, u16)) -> String {
+    let version = format!("{:?}", rustls::ProtocolVersion::from(version)).replace('_', ".");
+    format!("{version}/{:?}", rustls::CipherSuite::from(suite))
+}
+
 fn parked() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "the socket is parked")
 }
@@ -24,6 +30,21 @@ fn parked() -> io::Error {
 impl Stream {
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))
+    }
+
+    /// On a TLS connection from a client: the protocol version and cipher suite it negotiated
+    /// (IANA numbers; `tls_name` spells them).
+    pub fn tls_negotiated(&self) -> Option<(u16, u16)> {
+        let Stream::Tls(s) = self else {
+            return None;
+        };
+        let tokio_rustls::TlsStream::Server(c) = s.as_ref() else {
+            return None;
+        };
+        let c = c.get_ref().1;
+        let version = c.protocol_version()?;
+        let suite = c.negotiated_cipher_suite()?.suite();
+        Some((u16::from(version), u16::from(suite)))
     }
 
     /// On a TLS connection to a server: the `tls-server-end-point` channel binding of the

@@ -180,6 +180,50 @@ fn scram_binds_to_the_tls_certificate_for_clients_that_require_it() {
     );
 }
 
+/// `SHOW CLIENTS` says which clients came over TLS, with which version and cipher suite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_clients_names_each_clients_tls() {
+    let (_dir, files) = client_tls_files();
+    let proxy = Proxy::start(&proxy_config(
+        pg(),
+        free_port(),
+        &client_tls_config("allow", &files),
+    ));
+    let port = proxy.port();
+    // A TLS client that stays a while (psql), and a plain one (tokio-postgres).
+    let tls_client = tokio::task::spawn_blocking(move || {
+        let conninfo = format!("host=127.0.0.1 port={port} user=app dbname=app sslmode=require");
+        psql(&conninfo, &["select pg_sleep(3)"])
+    });
+    let _plain = connect(&proxy.url("app", "app", "app")).await;
+    let admin = connect(&proxy.url("pgcache", "", "pgcache")).await;
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        seen = admin
+            .simple_query("SHOW CLIENTS")
+            .await
+            .expect("SHOW CLIENTS")
+            .into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) if r.get("user") == Some("app") => {
+                    Some(r.get("tls").map(str::to_owned))
+                }
+                _ => None,
+            })
+            .collect();
+        if seen.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    seen.sort();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0], None, "the plain client: {seen:?}");
+    let tls = seen[1].as_deref().unwrap_or_default();
+    assert!(tls.starts_with("TLSv1.3/TLS13_"), "{seen:?}");
+    assert!(tls_client.await.expect("psql").status.success());
+}
+
 #[test]
 fn client_tls_disable_refuses_sslmode_require_and_serves_prefer_plain() {
     let proxy = Proxy::start(&proxy_config(

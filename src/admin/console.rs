@@ -381,6 +381,7 @@ fn show(shared: &Shared, what: &str) -> Option<Table> {
                 "server_pid",
                 "pinned",
                 "parked",
+                "tls",
             ]);
             for c in registry.clients() {
                 let pid = c.server_pid();
@@ -395,6 +396,7 @@ fn show(shared: &Shared, what: &str) -> Option<Table> {
                     (pid != 0).then(|| pid.to_string()),
                     Some(c.pinned().to_string()),
                     Some(c.parked().to_string()),
+                    c.tls.map(crate::stream::tls_name),
                 ]);
             }
             t

@@ -26,6 +26,9 @@ pub struct ClientInfo {
     pub pool: Arc<PoolKey>,
     pub addr: SocketAddr,
     pub connected: SystemTime,
+    /// The TLS version and cipher suite the client negotiated (their IANA numbers), or `None`
+    /// for a plain connection.
+    pub tls: Option<(u16, u16)>,
     state: AtomicU8,
     tx_status: AtomicU8,
     server_pid: AtomicI32,
@@ -189,13 +192,19 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Registry {
-    pub fn client(self: &Arc<Self>, pool: Arc<PoolKey>, addr: SocketAddr) -> ClientTicket {
+    pub fn client(
+        self: &Arc<Self>,
+        pool: Arc<PoolKey>,
+        addr: SocketAddr,
+        tls: Option<(u16, u16)>,
+    ) -> ClientTicket {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let info = Arc::new(ClientInfo {
             id,
             pool,
             addr,
             connected: SystemTime::now(),
+            tls,
             state: AtomicU8::new(0),
             tx_status: AtomicU8::new(b'I'),
             server_pid: AtomicI32::new(0),
@@ -336,7 +345,7 @@ mod tests {
             database: "d".into(),
             user: "u".into(),
         };
-        let c = r.client(Arc::new(key.clone()), "127.0.0.1:1".parse().unwrap());
+        let c = r.client(Arc::new(key.clone()), "127.0.0.1:1".parse().unwrap(), None);
         let s = r.server(42, key);
         c.info.set_state(ClientState::Waiting);
         assert_eq!(r.clients()[0].state(), "waiting");
@@ -365,7 +374,7 @@ mod tests {
         let mut tickets = Vec::new();
         let mut counts = Vec::new();
         for _ in 0..6 {
-            let t = r.client(key.clone(), "127.0.0.1:1".parse().unwrap());
+            let t = r.client(key.clone(), "127.0.0.1:1".parse().unwrap(), None);
             let count = Arc::new(Count(Default::default()));
             t.info
                 .register_waker(&std::task::Waker::from(count.clone()));

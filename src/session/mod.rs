@@ -158,7 +158,9 @@ impl Session {
         let mode = config.pool_mode(&key.database, &key.user);
         let max = config.proxy.max_message_bytes;
         let registration = shared.cancels.register();
-        let ticket = shared.registry.client(key.clone(), peer);
+        let ticket = shared
+            .registry
+            .client(key.clone(), peer, client.tls_negotiated());
         let stats = shared.registry.stats(&key);
         // On the heap, and so is the task's: an idle client's task holds a pointer, not a second
         // copy of the session (an async fn keeps its moved-in argument beside its locals).
