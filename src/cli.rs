@@ -239,6 +239,7 @@ fn upstream_target(config: &Config) -> anyhow::Result<pool::upstream::Target> {
             )),
             None => None,
         },
+        channel_binding: config.upstream.tls.channel_binding,
         connect_timeout: config.upstream.connect_timeout,
         max_message: config.proxy.max_message_bytes,
         max_prepared: config.pool.max_prepared_statements,

@@ -273,3 +273,28 @@ fn psql_with_pgpassword_connects_through_proxy() {
         "{stderr}"
     );
 }
+
+/// Over plain TCP there is no channel to bind to: the proxy offers SCRAM-SHA-256 alone, and a
+/// client that picks SCRAM-SHA-256-PLUS anyway is refused with a protocol violation.
+#[tokio::test]
+async fn plain_tcp_offers_no_channel_binding_and_refuses_plus() {
+    use support::raw::{message, startup_packet, RawConn};
+    let proxy = start("");
+    let mut conn = RawConn::connect(proxy.port()).await;
+    conn.send(&startup_packet(&[("user", "app"), ("database", "app")]))
+        .await;
+    let (tag, body) = conn.read().await;
+    assert_eq!(tag, b'R');
+    // AuthenticationSASL (10) and its mechanisms, each NUL-terminated, then an empty one.
+    assert_eq!(&body[..4], &10i32.to_be_bytes());
+    assert_eq!(&body[4..], b"SCRAM-SHA-256\0\0");
+    let mut initial = b"SCRAM-SHA-256-PLUS\0".to_vec();
+    let first = b"p=tls-server-end-point,,n=,r=abcdefgh";
+    initial.extend_from_slice(&(first.len() as i32).to_be_bytes());
+    initial.extend_from_slice(first);
+    conn.send(&message(b'p', &initial)).await;
+    let (tag, body) = conn.read().await;
+    assert_eq!(tag, b'E');
+    let fields = support::raw::fields(&body);
+    assert!(fields.contains(&(b'C', "08P01".to_string())), "{fields:?}");
+}

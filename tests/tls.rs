@@ -11,11 +11,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use support::{connect, free_port, make_tls_files, pg, proxy_config, try_connect, Proxy};
-use support::{PgOptions, PgServer, TlsFiles};
+use support::{tls_relay, PgOptions, PgServer, TlsFiles};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-use std::io::BufReader;
-use std::sync::Arc;
 
 /// One private PostgreSQL with `ssl = on` for the upstream tests of this binary (never stopped
 /// here; its watchdog removes it when the test process ends).
@@ -127,8 +124,7 @@ fn client_tls_allow_serves_tls_and_plain() {
 
 /// SCRAM bound to the TLS channel (SCRAM-SHA-256-PLUS with `tls-server-end-point`, as
 /// PostgreSQL offers it): a client that requires channel binding logs in over TLS, with the right
-/// password only, and after a reload binds to the renewed certificate; over plain TCP there is
-/// nothing to bind to and libpq will not go on.
+/// password only, and after a reload binds to the renewed certificate.
 #[test]
 fn scram_binds_to_the_tls_certificate_for_clients_that_require_it() {
     let (_dir, files) = client_tls_files();
@@ -155,11 +151,6 @@ fn scram_binds_to_the_tls_certificate_for_clients_that_require_it() {
         "{stderr}"
     );
 
-    let (ok, _, stderr) =
-        psql_conninfo(&conninfo(&proxy, "sslmode=disable channel_binding=require"));
-    assert!(!ok, "bound without TLS");
-    assert!(stderr.contains("channel binding"), "{stderr}");
-
     // A renewed certificate: the binding follows it (the old one's hash would not match).
     let renewed_dir = tempfile::tempdir().expect("temp dir");
     let renewed = make_tls_files(renewed_dir.path());
@@ -173,7 +164,11 @@ fn scram_binds_to_the_tls_certificate_for_clients_that_require_it() {
         &["RELOAD"],
     );
     assert!(out.status.success(), "RELOAD failed: {out:?}");
-    let (ok, _, stderr) = bound("");
+    // The renewed certificate is the one served (its CA verifies it), and bound to.
+    let (ok, _, stderr) = bound(&format!(
+        "sslmode=verify-ca sslrootcert={}",
+        renewed.ca.display()
+    ));
     assert!(
         ok,
         "channel_binding=require after a renewal failed: {stderr}"
@@ -190,15 +185,19 @@ async fn show_clients_names_each_clients_tls() {
         &client_tls_config("allow", &files),
     ));
     let port = proxy.port();
-    // A TLS client that stays a while (psql), and a plain one (tokio-postgres).
-    let tls_client = tokio::task::spawn_blocking(move || {
-        let conninfo = format!("host=127.0.0.1 port={port} user=app dbname=app sslmode=require");
-        psql(&conninfo, &["select pg_sleep(3)"])
-    });
+    // A TLS client that stays until killed (psql), and a plain one (tokio-postgres).
+    let mut tls_client = Command::new("psql")
+        .args(["-X", "-w", "-c", "select pg_sleep(120)"])
+        .arg(format!(
+            "host=127.0.0.1 port={port} user=app dbname=app sslmode=require"
+        ))
+        .env("PGPASSWORD", "app")
+        .spawn()
+        .expect("start psql");
     let _plain = connect(&proxy.url("app", "app", "app")).await;
     let admin = connect(&proxy.url("pgcache", "", "pgcache")).await;
     let mut seen = Vec::new();
-    for _ in 0..100 {
+    for _ in 0..600 {
         seen = admin
             .simple_query("SHOW CLIENTS")
             .await
@@ -221,7 +220,8 @@ async fn show_clients_names_each_clients_tls() {
     assert_eq!(seen[0], None, "the plain client: {seen:?}");
     let tls = seen[1].as_deref().unwrap_or_default();
     assert!(tls.starts_with("TLSv1.3/TLS13_"), "{seen:?}");
-    assert!(tls_client.await.expect("psql").status.success());
+    let _ = tls_client.kill();
+    let _ = tls_client.wait();
 }
 
 #[test]
@@ -312,61 +312,6 @@ async fn upstream_tls_require_and_prefer_encrypt_disable_does_not() {
     assert!(!upstream_ssl(&disable).await);
 }
 
-/// A man in the middle: ends TLS from its client with its own certificate (`files`), opens its
-/// own TLS to PostgreSQL on `upstream` (verified against `ca`: it is a good relay) and copies
-/// bytes both ways. Its port.
-async fn tls_relay(upstream: u16, ca: &Path, files: &TlsFiles) -> u16 {
-    let pem = |p: &Path| BufReader::new(std::fs::File::open(p).expect("open PEM"));
-    let chain: Vec<_> = rustls_pemfile::certs(&mut pem(&files.cert))
-        .collect::<Result<_, _>>()
-        .expect("relay certificate");
-    let key = rustls_pemfile::private_key(&mut pem(&files.key))
-        .expect("relay key")
-        .expect("a key");
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut pem(ca)) {
-        roots.add(c.expect("CA certificate")).expect("add CA");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .expect("relay server config");
-    let client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("relay listens");
-    let port = listener.local_addr().expect("relay address").port();
-    tokio::spawn(async move {
-        while let Ok((mut down, _)) = listener.accept().await {
-            let (acceptor, connector) = (acceptor.clone(), connector.clone());
-            tokio::spawn(async move {
-                // SSLRequest down, 'S'; the same request up, its 'S'; then TLS on both sides.
-                let mut request = [0u8; 8];
-                down.read_exact(&mut request).await?;
-                down.write_all(b"S").await?;
-                let mut down = acceptor.accept(down).await?;
-                let mut up = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await?;
-                up.write_all(&request).await?;
-                up.read_exact(&mut [0u8; 1]).await?;
-                let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-                let mut up = connector.connect(name, up).await?;
-                tokio::io::copy_bidirectional(&mut down, &mut up).await?;
-                Ok::<_, std::io::Error>(())
-            });
-        }
-    });
-    port
-}
-
 /// psql (`sslmode=require`, `channel_binding=binding`) to `port`, off the runtime's threads:
 /// whether it logged in, and its stderr.
 async fn psql_bound(port: u16, binding: &'static str) -> (bool, String) {
@@ -422,7 +367,12 @@ async fn upstream_scram_binding_catches_a_tls_man_in_the_middle() {
     .await;
     // The relay works: a client that does not bind logs in through it; one that binds does not.
     assert!(psql_bound(relay, "disable").await.0);
-    assert!(!psql_bound(relay, "require").await.0);
+    let (ok, stderr) = psql_bound(relay, "require").await;
+    assert!(!ok, "a bound client logged in through the relay");
+    assert!(
+        stderr.contains("SCRAM channel binding check failed"),
+        "{stderr}"
+    );
 
     let proxy = Proxy::start(&proxy_config(
         server,
@@ -439,6 +389,42 @@ async fn upstream_scram_binding_catches_a_tls_man_in_the_middle() {
     // PostgreSQL's own error, as it sent it.
     assert_eq!(db.code().code(), "28000", "{db:?}");
     assert_eq!(db.message(), "SCRAM channel binding check failed");
+
+    // A TLS-terminating hop put there on purpose: `channel_binding = "disable"` lets it be.
+    let through = Proxy::start(&proxy_config(
+        server,
+        free_port(),
+        &format!(
+            "[upstream]\nport = {relay}\n\n[upstream.tls]\nmode = \"require\"\n\
+             channel_binding = \"disable\"\n"
+        ),
+    ));
+    assert!(upstream_ssl(&through).await);
+}
+
+/// `upstream.tls.channel_binding = "require"`: a bound login to a TLS server that offers it;
+/// no login at all where the server offers no binding (plain TCP here), with the key named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_channel_binding_require_logs_in_bound_or_not_at_all() {
+    let bound = upstream_tls_proxy("mode = \"require\"\nchannel_binding = \"require\"\n");
+    assert!(upstream_ssl(&bound).await);
+    // `prefer` on a server without TLS: plain TCP, nothing to bind to.
+    let plain = Proxy::start(&proxy_config(
+        pg(),
+        free_port(),
+        "[upstream.tls]\nmode = \"prefer\"\nchannel_binding = \"require\"\n",
+    ));
+    let e = match try_connect(&plain.url("app", "app", "app")).await {
+        Ok(_) => panic!("logged in upstream without channel binding"),
+        Err(e) => e,
+    };
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected an ErrorResponse, got {e:?}"));
+    assert!(
+        db.message().contains("upstream.tls.channel_binding"),
+        "{db:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

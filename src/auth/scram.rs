@@ -103,6 +103,8 @@ pub struct ScramServer<'a> {
     /// The `c=` attribute the client-final message must carry: the GS2 header and, bound, the
     /// channel-binding data, in base64.
     binding: String,
+    /// SCRAM-SHA-256-PLUS: a wrong `c=` is another channel, not a malformed message.
+    plus: bool,
     nonce: String,
 }
 
@@ -173,6 +175,7 @@ impl<'a> ScramServer<'a> {
                     input.extend_from_slice(data);
                     B64.encode(input)
                 },
+                plus,
                 nonce,
             },
             server_first,
@@ -188,7 +191,11 @@ impl<'a> ScramServer<'a> {
             .ok_or(ScramError::BadMessage("missing proof"))?;
         let binding = attr(without_proof, 'c').ok_or(ScramError::BadMessage("missing c="))?;
         if binding != self.binding {
-            return Err(ScramError::BindingMismatch);
+            return Err(if self.plus {
+                ScramError::BindingMismatch
+            } else {
+                ScramError::BadMessage("unexpected channel binding attribute")
+            });
         }
         if attr(without_proof, 'r') != Some(self.nonce.as_str()) {
             return Err(ScramError::BadMessage("nonce does not match"));
@@ -303,6 +310,14 @@ mod tests {
             Err(ScramError::Downgrade)
         );
         exchange(&secret, "x", ChannelBinding::unrequested(), false, None).unwrap();
+        // A bound client-final in a plain exchange: a malformed message, not another channel.
+        let (server, _) = ScramServer::start(&secret, b"n,,n=,r=abc", false, None).unwrap();
+        assert_eq!(
+            server.finish(b"c=cD10bHMtc2VydmVyLWVuZC1wb2ludCwsAQID,r=abc,p=AAAA"),
+            Err(ScramError::BadMessage(
+                "unexpected channel binding attribute"
+            ))
+        );
         exchange(
             &secret,
             "x",
@@ -320,10 +335,30 @@ mod tests {
         let start = |first: &[u8], plus, end_point| {
             ScramServer::start(&secret, first, plus, end_point).map(|_| ())
         };
-        assert!(start(b"p=tls-server-end-point,,n=,r=abc", false, Some(ep)).is_err());
-        assert!(start(b"p=tls-server-end-point,,n=,r=abc", true, None).is_err());
-        assert!(start(b"p=tls-unique,,n=,r=abc", true, Some(ep)).is_err());
-        assert!(start(b"n,,n=,r=abc", true, Some(ep)).is_err());
+        let bad = |m: &'static str| Err(ScramError::BadMessage(m));
+        let p = b"p=tls-server-end-point,,n=,r=abc";
+        assert_eq!(
+            start(p, false, Some(ep)),
+            bad("channel binding requested without SCRAM-SHA-256-PLUS")
+        );
+        assert_eq!(
+            start(p, true, None),
+            bad("SCRAM-SHA-256-PLUS was not offered")
+        );
+        assert_eq!(
+            start(b"p=tls-unique,,n=,r=abc", true, Some(ep)),
+            bad("unsupported channel binding type")
+        );
+        for flag in [&b"n,,n=,r=abc"[..], b"y,,n=,r=abc"] {
+            assert_eq!(
+                start(flag, true, Some(ep)),
+                bad("SCRAM-SHA-256-PLUS without channel binding")
+            );
+        }
+        assert_eq!(
+            start(b"y,,n=,r=abc", false, Some(ep)),
+            Err(ScramError::Downgrade)
+        );
         assert!(start(b"p=tls-server-end-point,,n=,r=abc", true, Some(ep)).is_ok());
     }
 }

@@ -2,7 +2,7 @@
 //! Every problem names its key and, when the key is in the file, its line, so `pgcache check`
 //! can print them all at once.
 
-use super::{AuthMethod, ClientTlsMode, Config, UpstreamTlsMode};
+use super::{AuthMethod, ChannelBinding, ClientTlsMode, Config, UpstreamTlsMode};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -135,6 +135,15 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     }
     if let Some(f) = &c.upstream.tls.ca_file {
         check_readable(&mut bad, "upstream.tls.ca_file", f);
+    }
+    if c.upstream.tls.channel_binding == ChannelBinding::Require
+        && c.upstream.tls.mode == UpstreamTlsMode::Disable
+    {
+        bad(
+            "upstream.tls.channel_binding",
+            "require binds the login to the server's TLS certificate: set upstream.tls.mode too"
+                .into(),
+        );
     }
     if c.pool.max_size == 0 {
         bad("pool.max_size", "must be at least 1".into());
@@ -465,6 +474,27 @@ mod tests {
         assert!(keys.contains(&("pool.min_idle", Some(6))), "{e}");
         // trust on a non-loopback address is refused; the key is not in the file.
         assert!(keys.contains(&("auth.method", None)), "{e}");
+    }
+
+    #[test]
+    fn channel_binding_required_without_tls_is_refused() {
+        let src = "[upstream.tls]\nmode = \"disable\"\nchannel_binding = \"require\"\n";
+        let e = load(src, &[]).unwrap_err();
+        assert_eq!(
+            problem_keys(&e),
+            vec![("upstream.tls.channel_binding", Some(3))],
+            "{e}"
+        );
+        let c = load(
+            "[upstream.tls]\nmode = \"require\"\nchannel_binding = \"disable\"\n",
+            &[],
+        );
+        assert_eq!(
+            c.unwrap().upstream.tls.channel_binding,
+            ChannelBinding::Disable
+        );
+        let e = load("[upstream.tls]\nchannel_binding = \"maybe\"\n", &[]).unwrap_err();
+        assert_eq!(e.problems[0].line, Some(2), "{e}");
     }
 
     #[test]

@@ -134,10 +134,25 @@ pub enum UpstreamTlsMode {
     VerifyFull,
 }
 
+/// SCRAM channel binding on the proxy's own login to the upstream, as libpq's
+/// `channel_binding`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChannelBinding {
+    /// Bind when the server offers it over TLS.
+    #[default]
+    Prefer,
+    /// Never bind (a TLS-terminating hop between proxy and server shows its own certificate).
+    Disable,
+    /// Log in only with a bound SCRAM exchange.
+    Require,
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamTlsConfig {
     pub mode: UpstreamTlsMode,
+    pub channel_binding: ChannelBinding,
     /// PEM file of CA certificates for `verify-full`.
     pub ca_file: Option<String>,
     /// Name to verify in the server certificate (default: `upstream.host`).

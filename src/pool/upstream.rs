@@ -3,14 +3,14 @@
 //! (health check, reset, applying a client's startup parameters).
 
 use crate::admin::registry::ServerTicket;
-use crate::config::UpstreamTlsMode;
+use crate::config::{ChannelBinding, UpstreamTlsMode};
 use crate::error::{sqlstate, PgError, Severity};
 use crate::metrics::METRICS;
 use crate::stream::Stream;
 use crate::wire;
 use bytes::{Bytes, BytesMut};
 use lru::LruCache;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::authentication::sasl::{ChannelBinding as Binding, ScramSha256};
 use postgres_protocol::message::frontend;
 use rustls::pki_types::ServerName;
 use std::collections::BTreeMap;
@@ -27,6 +27,7 @@ pub struct Target {
     pub port: u16,
     pub tls_mode: UpstreamTlsMode,
     pub tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    pub channel_binding: ChannelBinding,
     pub connect_timeout: Duration,
     pub max_message: usize,
     /// Capacity of each connection's prepared-statement LRU.
@@ -168,7 +169,7 @@ impl ServerConn {
             ticket: None,
             max_message: target.max_message,
         };
-        conn.startup(login, &addr).await?;
+        conn.startup(login, &addr, target.channel_binding).await?;
         if conn.pid != 0 {
             conn.cancel = Some(Arc::new(CancelKey {
                 host: target.host.clone(),
@@ -201,7 +202,12 @@ impl ServerConn {
         }
     }
 
-    async fn startup(&mut self, login: &Login, addr: &str) -> Result<(), UpstreamError> {
+    async fn startup(
+        &mut self,
+        login: &Login,
+        addr: &str,
+        binding: ChannelBinding,
+    ) -> Result<(), UpstreamError> {
         let protocol = |message: String| UpstreamError::Protocol {
             addr: addr.to_string(),
             message,
@@ -217,6 +223,14 @@ impl ServerConn {
         frontend::startup_message(params.iter().copied(), &mut out)?;
         self.send(&out).await?;
         let mut scram: Option<ScramSha256> = None;
+        // `channel_binding = "require"`: the login must be a bound SCRAM exchange, as libpq's.
+        let require = binding == ChannelBinding::Require;
+        let mut bound = false;
+        let unbound = |how: &str| {
+            protocol(format!(
+                "upstream.tls.channel_binding = \"require\", but the server {how}"
+            ))
+        };
         loop {
             let (tag, body) = self.read().await?;
             match tag {
@@ -254,7 +268,13 @@ impl ServerConn {
                     };
                     let mut out = BytesMut::new();
                     match code {
+                        Some(0) if require && !bound => {
+                            return Err(unbound("let the proxy in without channel binding"))
+                        }
                         Some(0) => continue,
+                        Some(3 | 5) if require => {
+                            return Err(unbound("asks for a password without SCRAM"))
+                        }
                         Some(3) => frontend::password_message(password()?.as_bytes(), &mut out)?,
                         Some(5) => {
                             let salt: [u8; 4] = data
@@ -274,20 +294,29 @@ impl ServerConn {
                             // the middle with another certificate fails the exchange even when
                             // `upstream.tls.mode` does not check certificates.
                             let offers = |name: &[u8]| data.split(|&b| b == 0).any(|m| m == name);
-                            let end_point = self.stream.server_end_point();
+                            let end_point = match binding {
+                                ChannelBinding::Disable => None,
+                                _ => self.stream.server_end_point(),
+                            };
                             let (mechanism, binding) = match end_point {
-                                Some(e) if offers(b"SCRAM-SHA-256-PLUS") => (
-                                    "SCRAM-SHA-256-PLUS",
-                                    ChannelBinding::tls_server_end_point(e),
-                                ),
+                                Some(e) if offers(b"SCRAM-SHA-256-PLUS") => {
+                                    bound = true;
+                                    ("SCRAM-SHA-256-PLUS", Binding::tls_server_end_point(e))
+                                }
+                                _ if require => {
+                                    return Err(unbound(
+                                        "offers no channel binding the proxy can use (needs \
+                                         TLS and a certificate signed with a hash)",
+                                    ))
+                                }
                                 _ if !offers(b"SCRAM-SHA-256") => {
                                     return Err(protocol(
                                         "server offers no SASL mechanism pgcache supports".into(),
                                     ))
                                 }
                                 // We could bind; the server did not offer to.
-                                Some(_) => ("SCRAM-SHA-256", ChannelBinding::unrequested()),
-                                None => ("SCRAM-SHA-256", ChannelBinding::unsupported()),
+                                Some(_) => ("SCRAM-SHA-256", Binding::unrequested()),
+                                None => ("SCRAM-SHA-256", Binding::unsupported()),
                             };
                             let s = ScramSha256::new(password()?.as_bytes(), binding);
                             frontend::sasl_initial_response(mechanism, s.message(), &mut out)?;

@@ -5,7 +5,7 @@
 //!   `app`/`md5user`/`trustuser`/`other`, database `app`); `PgServer::start_new` starts a private one
 //!   (restartable, optionally TLS). Each runs under a watchdog that stops it when the test process ends.
 //! - `proxy.rs`: `Proxy` runs the `pgcache` binary with a config (`proxy_config`) or CLI flags.
-//! - `tls.rs`: a throwaway CA and server certificate.
+//! - `tls.rs`: a throwaway CA and server certificate, and a TLS relay (a man in the middle).
 //! - `cache.rs`: a proxy with the result cache on, tables, direct writes, cache figures.
 //! - `redis.rs`: a real redis-server that can be killed and started again.
 //! - here: ports, URLs, and `tokio_postgres` clients.
@@ -26,7 +26,7 @@ pub use postgres::{pg, pg_bin, PgOptions, PgServer, ROLES};
 #[allow(unused_imports)]
 pub use proxy::{merge, proxy_config, run_check, Proxy};
 #[allow(unused_imports)]
-pub use tls::{make_tls_files, TlsFiles};
+pub use tls::{make_tls_files, tls_relay, TlsFiles};
 
 use std::net::TcpListener;
 use std::process::Command;
