@@ -1,6 +1,7 @@
 //! Failures of the upstream are contained (issue 2, point 8): a dead or restarting PostgreSQL, a
-//! terminated backend, a server connection closed while idle, a health check cut short — each gets
-//! the client the right error (08006 naming the address, 57P01, 3D000) and never a hang.
+//! terminated backend, a server connection closed while idle, a health check cut short, a server
+//! that skips its SCRAM signature — each gets the client the right error (08006 naming the
+//! address, 57P01, 3D000) and never a hang.
 
 mod support;
 
@@ -341,4 +342,50 @@ async fn unknown_database_gets_3d000_from_upstream() {
     );
     works(&proxy.url("app", "app", "app")).await;
     assert_proxy_healthy(&mut proxy);
+}
+
+/// A hostile upstream that takes the proxy's SCRAM proof and says Ok without ever proving it
+/// knows the password (no SASLFinal): the proxy does not log in (SCRAM is mutual).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_that_skips_its_scram_signature_is_not_trusted() {
+    use support::raw::message;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _startup = s.read(&mut buf).await?;
+                let sasl = [&10i32.to_be_bytes()[..], b"SCRAM-SHA-256\0\0"].concat();
+                s.write_all(&message(b'R', &sasl)).await?;
+                let n = s.read(&mut buf).await?;
+                // 'p', length, mechanism, data length, then "n,,n=,r=<nonce>".
+                let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let nonce = first.rsplit("r=").next().unwrap_or("").to_string();
+                let server_first = format!("r={nonce}SERVER,s=c2FsdHNhbHQ=,i=4096");
+                let cont = [&11i32.to_be_bytes()[..], server_first.as_bytes()].concat();
+                s.write_all(&message(b'R', &cont)).await?;
+                let _final = s.read(&mut buf).await?;
+                // No SASLFinal: straight to Ok and ReadyForQuery.
+                s.write_all(&message(b'R', &0i32.to_be_bytes())).await?;
+                s.write_all(&message(b'Z', b"I")).await?;
+                let _ = s.read(&mut buf).await;
+                Ok::<_, std::io::Error>(())
+            });
+        }
+    });
+    let proxy = Proxy::start(&proxy_config(
+        pg(),
+        free_port(),
+        &format!("[upstream]\nport = {port}\nconnect_timeout = \"2s\"\n\n[pool]\nacquire_timeout = \"2s\"\n"),
+    ));
+    let e = match try_connect(&proxy.url("app", "app", "app")).await {
+        Ok(_) => panic!("logged in through an upstream that never proved it knows the password"),
+        Err(e) => e,
+    };
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected an ErrorResponse, got {e:?}"));
+    assert!(db.message().contains("without its signature"), "{db:?}");
 }

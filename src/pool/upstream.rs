@@ -225,7 +225,10 @@ impl ServerConn {
         let mut scram: Option<ScramSha256> = None;
         // `channel_binding = "require"`: the login must be a bound SCRAM exchange, as libpq's.
         let require = binding == ChannelBinding::Require;
+        // A bound exchange started; and the server's SCRAM signature checked (a server that
+        // says Ok before proving it knows the password is not one to trust).
         let mut bound = false;
+        let mut verified = false;
         let unbound = |how: &str| {
             protocol(format!(
                 "upstream.tls.channel_binding = \"require\", but the server {how}"
@@ -268,6 +271,11 @@ impl ServerConn {
                     };
                     let mut out = BytesMut::new();
                     match code {
+                        Some(0) if scram.is_some() && !verified => {
+                            return Err(protocol(
+                                "server ended SCRAM authentication without its signature".into(),
+                            ))
+                        }
                         Some(0) if require && !bound => {
                             return Err(unbound("let the proxy in without channel binding"))
                         }
@@ -335,6 +343,7 @@ impl ServerConn {
                                 .ok_or_else(|| protocol("SASL final without start".into()))?;
                             s.finish(&data)
                                 .map_err(|e| protocol(format!("server signature: {e}")))?;
+                            verified = true;
                             continue;
                         }
                         other => {
