@@ -174,13 +174,7 @@ async fn exhausted_pool_refuses_with_53300_naming_pool() {
     let holder = connect_retrying_53300(&url).await;
     backend_pid(&holder).await;
 
-    let e = match try_connect(&url).await {
-        Ok(_) => panic!("second client should not get a server connection"),
-        Err(e) => e,
-    };
-    let db = e
-        .as_db_error()
-        .unwrap_or_else(|| panic!("expected an ErrorResponse, got {e:?}"));
+    let db = support::refused(&url, "second client should not get a server connection").await;
     assert_eq!(db.code().code(), "53300", "{db:?}");
     assert_eq!(db.severity(), "FATAL");
     assert!(db.message().contains("app/app"), "{}", db.message());

@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use support::{connect, free_port, make_tls_files, pg, proxy_config, try_connect, Proxy};
+use support::{connect, free_port, make_tls_files, pg, proxy_config, Proxy};
 use support::{tls_relay, PgOptions, PgServer, TlsFiles};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -379,13 +379,11 @@ async fn upstream_scram_binding_catches_a_tls_man_in_the_middle() {
         free_port(),
         &format!("[upstream]\nport = {relay}\n\n[upstream.tls]\nmode = \"require\"\n"),
     ));
-    let e = match try_connect(&proxy.url("app", "app", "app")).await {
-        Ok(_) => panic!("the proxy logged in through a man in the middle"),
-        Err(e) => e,
-    };
-    let db = e
-        .as_db_error()
-        .unwrap_or_else(|| panic!("expected an ErrorResponse, got {e:?}"));
+    let db = support::refused(
+        &proxy.url("app", "app", "app"),
+        "the proxy logged in through a man in the middle",
+    )
+    .await;
     // PostgreSQL's own error, as it sent it.
     assert_eq!(db.code().code(), "28000", "{db:?}");
     assert_eq!(db.message(), "SCRAM channel binding check failed");
@@ -414,13 +412,11 @@ async fn upstream_channel_binding_require_logs_in_bound_or_not_at_all() {
         free_port(),
         "[upstream.tls]\nmode = \"prefer\"\nchannel_binding = \"require\"\n",
     ));
-    let e = match try_connect(&plain.url("app", "app", "app")).await {
-        Ok(_) => panic!("logged in upstream without channel binding"),
-        Err(e) => e,
-    };
-    let db = e
-        .as_db_error()
-        .unwrap_or_else(|| panic!("expected an ErrorResponse, got {e:?}"));
+    let db = support::refused(
+        &plain.url("app", "app", "app"),
+        "logged in upstream without channel binding",
+    )
+    .await;
     assert!(
         db.message().contains("upstream.tls.channel_binding"),
         "{db:?}"
@@ -434,13 +430,11 @@ async fn upstream_tls_verify_full_with_wrong_ca_fails_08006() {
     let proxy = upstream_tls_proxy(&format!(
         "mode = \"verify-full\"\nca_file = \"{wrong_ca}\"\n"
     ));
-    let e = match try_connect(&proxy.url("app", "app", "app")).await {
-        Ok(_) => panic!("an unverifiable upstream certificate must not be accepted"),
-        Err(e) => e,
-    };
-    let db = e
-        .as_db_error()
-        .unwrap_or_else(|| panic!("expected an ErrorResponse, got {e:?}"));
+    let db = support::refused(
+        &proxy.url("app", "app", "app"),
+        "an unverifiable upstream certificate must not be accepted",
+    )
+    .await;
     assert_eq!(db.code().code(), "08006", "{db:?}");
     assert!(db.message().contains("TLS"), "{}", db.message());
     assert!(

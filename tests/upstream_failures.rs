@@ -380,12 +380,10 @@ async fn upstream_that_skips_its_scram_signature_is_not_trusted() {
         free_port(),
         &format!("[upstream]\nport = {port}\nconnect_timeout = \"2s\"\n\n[pool]\nacquire_timeout = \"2s\"\n"),
     ));
-    let e = match try_connect(&proxy.url("app", "app", "app")).await {
-        Ok(_) => panic!("logged in through an upstream that never proved it knows the password"),
-        Err(e) => e,
-    };
-    let db = e
-        .as_db_error()
-        .unwrap_or_else(|| panic!("expected an ErrorResponse, got {e:?}"));
+    let db = support::refused(
+        &proxy.url("app", "app", "app"),
+        "logged in through an upstream that never proved it knows the password",
+    )
+    .await;
     assert!(db.message().contains("without its signature"), "{db:?}");
 }

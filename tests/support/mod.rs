@@ -79,6 +79,18 @@ pub async fn connect_watched(
     (client, tokio::spawn(connection))
 }
 
+/// The ErrorResponse that refuses a connection to `url`; panics with `why` (what getting in would
+/// mean) if the connection succeeds, and when the failure is not an ErrorResponse.
+pub async fn refused(url: &str, why: &str) -> tokio_postgres::error::DbError {
+    match try_connect(url).await {
+        Ok(_) => panic!("{why}"),
+        Err(e) => e
+            .as_db_error()
+            .cloned()
+            .unwrap_or_else(|| panic!("expected an ErrorResponse, got {e:?}")),
+    }
+}
+
 /// The SQLSTATE of the FATAL error the proxy closed a watched connection with; panics when the
 /// connection is still open after `guard`, or ended another way.
 pub async fn closed_with(
