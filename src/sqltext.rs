@@ -171,6 +171,70 @@ impl<H: Hasher> Out<'_, H> {
 /// Feed `sql` to `h` with whitespace runs collapsed and what `blind` says blanked out.
 /// Identifiers (quoted or not) and keywords stay: `t1` and `t2` are different shapes.
 pub fn shape(sql: &str, h: &mut impl Hasher, blind: Blind) {
+    scan(sql, h, blind, None);
+}
+
+/// Where `sql`'s numeric constants are (start and end of each, in order): what
+/// `same_plan_key` compares another text against.
+pub fn number_spans(sql: &str) -> Vec<(usize, usize)> {
+    let mut spans = Vec::new();
+    scan(
+        sql,
+        &mut Collect(Vec::new()),
+        Blind::Numbers,
+        Some(&mut spans),
+    );
+    spans
+}
+
+/// Whether `sql` has the plan key of `text`, whose numbers are at `spans`
+/// (`number_spans(text)`), without making either key: every byte between the numbers is the
+/// same and a number stands where each of `text`'s does. A repeated statement with new numbers
+/// (a simple-protocol client's) is recognised with a few comparisons where its key takes a
+/// scan. It may say no for texts with one key (spaced differently): the memo finds those.
+/// `sql` is bytes, unchecked: a yes means it is UTF-8 (`text`'s pieces cut at ASCII bytes, and
+/// ASCII digits).
+///
+/// Why a yes is right: the scan decides what a byte is from the bytes before it, and from
+/// bytes after it only within the token it is in; up to the first number both texts are the
+/// same, so the scan is in the same state there; a digit in that state starts a number in
+/// either text, which ends at the first byte that cannot continue one, and after it the scan
+/// is in the same state again. (A token that looks ahead past a number — a dollar quote
+/// looking for its end — holds no number in `text`, so what it looks at is the same bytes.)
+pub fn same_plan_key(text: &str, spans: &[(usize, usize)], sql: &[u8]) -> bool {
+    let (t, n) = (text.as_bytes(), sql);
+    let (mut ti, mut ni) = (0, 0);
+    for &(start, end) in spans {
+        let between = &t[ti..start];
+        if n.get(ni..ni + between.len()) != Some(between) {
+            return false;
+        }
+        ni += between.len();
+        if !n.get(ni).is_some_and(u8::is_ascii_digit) {
+            return false;
+        }
+        while ni < n.len() && continues_number(n[ni]) {
+            ni += 1;
+        }
+        ti = end;
+    }
+    t[ti..] == n[ni..]
+}
+
+/// What a numeric constant goes on with after its first digit: digits, points and
+/// separators. Letters after them (an exponent, a hex prefix, `1FROM`) are kept as words, so
+/// no two differently read texts meet.
+fn continues_number(c: u8) -> bool {
+    c.is_ascii_digit() || c == b'.' || c == b'_'
+}
+
+/// `shape`, noting where the numbers are in `numbers` when given.
+fn scan(
+    sql: &str,
+    h: &mut impl Hasher,
+    blind: Blind,
+    mut numbers: Option<&mut Vec<(usize, usize)>>,
+) {
     let all = blind == Blind::All;
     let b = sql.as_bytes();
     let mut out = Out {
@@ -271,11 +335,12 @@ pub fn shape(sql: &str, h: &mut impl Hasher, blind: Blind) {
                 }
             }
             b'0'..=b'9' => {
-                // Digits, points and separators only: letters after them (an exponent, a hex
-                // prefix, `1FROM`) are kept as words, so no two differently read texts meet.
                 let start = i;
-                while i < b.len() && (b[i].is_ascii_digit() || b[i] == b'.' || b[i] == b'_') {
+                while i < b.len() && continues_number(b[i]) {
                     i += 1;
+                }
+                if let Some(n) = numbers.as_deref_mut() {
+                    n.push((start, i));
                 }
                 out.byte(if all { b'#' } else { 0 }, start);
             }
@@ -462,5 +527,72 @@ mod tests {
             plan_key("SELECT 'é', \"ü\" FROM t"),
             "SELECT 'é', \"ü\" FROM t".as_bytes()
         );
+    }
+
+    #[test]
+    fn same_plan_key_finds_new_numbers_in_the_same_text() {
+        let t = "SELECT abalance FROM pgbench_accounts WHERE aid = 12;";
+        let spans = number_spans(t);
+        assert_eq!(spans, [(50, 52)]);
+        for n in ["1", "12", "99817", "1.5", "3_000"] {
+            let sql = t.replace("12", n);
+            assert!(same_plan_key(t, &spans, sql.as_bytes()), "{sql}");
+        }
+        // Not another text, nor the same one spaced differently (the memo finds that).
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 12",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = x;",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = ;",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1e5;",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 12; DROP TABLE t",
+            "SELECT abalance  FROM pgbench_accounts WHERE aid = 12;",
+        ] {
+            assert!(!same_plan_key(t, &spans, sql.as_bytes()), "{sql}");
+        }
+    }
+
+    /// The claim `same_plan_key` rests on, over random texts made of the bytes that steer the
+    /// scan: whenever it says yes, the two keys are equal.
+    #[test]
+    fn same_plan_key_never_says_yes_for_another_key() {
+        use rand::{Rng, SeedableRng};
+        const PIECES: &[&str] = &[
+            "1", "23", "4.5", "_", ".", "a", "E", "e", "x1", " ", "\n", "\r", "--", "/*", "*/",
+            "'", "''", "\"", "$", "$$", "$q$", "\\", ",", ";", "-", "*", "/", "é",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let (mut yes, mut checked) = (0, 0);
+        for _ in 0..100_000 {
+            let text: String = (0..rng.random_range(1..10))
+                .map(|_| PIECES[rng.random_range(0..PIECES.len())])
+                .collect();
+            let spans = number_spans(&text);
+            // Another text: some numbers changed, or a piece put in somewhere.
+            let mut other = String::new();
+            let mut at = 0;
+            for &(s, e) in &spans {
+                other.push_str(&text[at..s]);
+                if rng.random_bool(0.5) {
+                    other.push_str(["7", "88", "9.9", "0_1"][rng.random_range(0..4)]);
+                } else {
+                    other.push_str(&text[s..e]);
+                }
+                at = e;
+            }
+            other.push_str(&text[at..]);
+            if rng.random_bool(0.3) {
+                let mut cut = rng.random_range(0..=other.len());
+                while !other.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                other.insert_str(cut, PIECES[rng.random_range(0..PIECES.len())]);
+            }
+            checked += 1;
+            if same_plan_key(&text, &spans, other.as_bytes()) {
+                yes += 1;
+                assert_eq!(plan_key(&text), plan_key(&other), "{text:?} / {other:?}");
+            }
+        }
+        assert!(yes > checked / 2, "{yes} of {checked}");
     }
 }

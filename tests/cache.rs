@@ -196,6 +196,51 @@ async fn hints_override_rules() {
     assert_eq!(value(&c, &short).await, "two", "expired");
 }
 
+/// A session's statements that differ from its last one only in numbers reuse that one's plan
+/// (no new plan key made): each still gets its own answer, its writes are still seen, and a
+/// number in a comment or a string is not taken for one.
+#[tokio::test]
+async fn statements_differing_in_numbers_share_a_plan_not_an_answer() {
+    let t = table("numbers", "id int primary key, v text");
+    direct(&format!(
+        "insert into {t} values (1, 'one'), (2, 'two'), (10, 'ten'), (3, 'three')"
+    ));
+    let proxy = cache_proxy("transaction", "");
+    let c = connect(&app_url(&proxy)).await;
+    let read = |id: &str| format!("select v from {t} where id = {id}");
+    for (id, v) in [("1", "one"), ("2", "two"), ("10", "ten"), ("2", "two")] {
+        assert_eq!(value(&c, &read(id)).await, v, "id = {id}");
+    }
+    direct(&format!("update {t} set v = 'direct' where id = 2"));
+    assert_eq!(value(&c, &read("2")).await, "two", "a hit");
+    assert_eq!(value(&c, &read("1")).await, "one", "its own entry");
+    // Two writes in a row, the second planned from the first: both reach the cache.
+    for (id, v) in [("1", "w1"), ("2", "w2")] {
+        c.simple_query(&format!("update {t} set v = '{v}' where id = {id}"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(value(&c, &read("2")).await, "w2", "own write seen");
+    assert_eq!(value(&c, &read("1")).await, "w1", "own write seen");
+    // A hint's number is in a comment: `ttl=1s` after `ttl=3600s` must not keep the hour.
+    let hinted = |ttl: &str| format!("/* pgcache: ttl={ttl}s */ select v from {t} where id = 3");
+    assert_eq!(value(&c, &hinted("3600")).await, "three");
+    assert_eq!(value(&c, &hinted("1")).await, "three");
+    direct(&format!("update {t} set v = 'changed' where id = 3"));
+    assert_eq!(
+        value(&c, &hinted("1")).await,
+        "three",
+        "cached for a second"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert_eq!(
+        value(&c, &hinted("1")).await,
+        "changed",
+        "expired after its own second"
+    );
+    assert_eq!(value(&c, &hinted("3600")).await, "three", "an hour");
+}
+
 #[tokio::test]
 async fn explicit_invalidation_from_the_console_and_http() {
     let t = table("explicit_t", "v text");

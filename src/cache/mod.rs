@@ -345,6 +345,7 @@ impl Cache {
         let catalog = db.catalog();
         let mut p = Plan::new(&facts, catalog.as_deref(), &self.config(), generation);
         p.text = sql.into();
+        p.numbers = crate::sqltext::number_spans(sql).into();
         let p = Arc::new(p);
         db.lock_plans().put(key.into_boxed_slice(), p.clone());
         p
@@ -352,6 +353,11 @@ impl Cache {
 
     pub fn get(&self, key: &[u8], db: &Db) -> Option<Arc<Entry>> {
         self.store.get(key, db)
+    }
+
+    /// `get` at time `now`, read by the caller.
+    pub fn get_at(&self, key: &[u8], db: &Db, now: std::time::Instant) -> Option<Arc<Entry>> {
+        self.store.get_at(key, db, now)
     }
 
     pub fn put(&self, key: Box<[u8]>, entry: Entry) {

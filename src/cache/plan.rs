@@ -29,8 +29,10 @@ pub struct Plan {
     pub sets: bool,
     pub tx: Option<TxControl>,
     pub fingerprint: Arc<str>,
-    /// The text it was made for (a session asks again for its last plan by text).
+    /// The text it was made for, and where its numbers are: a session whose next statement
+    /// differs from it only in numbers has the same plan (`sqltext::same_plan_key`).
     pub text: Box<str>,
+    pub numbers: Box<[(usize, usize)]>,
     /// Query insight's fingerprint of the statement, made when insight first needs it (every
     /// text a plan serves differs only in numbers, which insight's fingerprint ignores too).
     pub insight: OnceLock<Arc<crate::insight::fingerprint::Fingerprint>>,

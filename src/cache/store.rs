@@ -96,9 +96,14 @@ impl Store {
     }
 
     pub fn get(&self, key: &[u8], db: &Db) -> Option<Arc<Entry>> {
+        self.get_at(key, db, Instant::now())
+    }
+
+    /// `get` at time `now` (a caller that has just read the clock).
+    pub fn get_at(&self, key: &[u8], db: &Db, now: Instant) -> Option<Arc<Entry>> {
         let i = self.shard_of(key);
         let e = self.lock(i).lru.get(key)?.clone();
-        let expired = e.expires <= Instant::now();
+        let expired = e.expires <= now;
         if !expired && db.current(&e.snapshot) {
             return Some(e);
         }

@@ -17,7 +17,7 @@ use crate::analysis::PinReason;
 use crate::cache::sql::TxControl;
 use crate::cache::{catalog, Db, Entry, Plan, Snapshot};
 use crate::metrics::METRICS;
-use crate::wire::read_cstr;
+use crate::sqltext::same_plan_key;
 use bytes::{Bytes, BytesMut};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -57,8 +57,9 @@ pub(super) struct SessionCache {
     sig: Option<Bytes>,
     /// Room for the key of the next look-up (boxed only when a fill keeps it).
     key: Vec<u8>,
-    /// The plan of the session's last statement: clients repeat statements, and the shared
-    /// plan memo is a lock all sessions take.
+    /// The plan of the session's last statement: clients repeat statements (with new numbers,
+    /// over the simple protocol), and the shared plan memo is a lock all sessions take and a
+    /// key to make.
     last_plan: Option<Arc<Plan>>,
     /// The plan of the simple `Query` being handled, for insight (set by `cache_query` when
     /// the cache did not answer; taken when the query goes upstream).
@@ -198,7 +199,9 @@ impl Session {
     }
 
     /// Plan `sql` and note what running it does to this session (writes, settings, transaction).
-    pub(super) async fn cache_plan(&mut self, sql: &str) -> Option<(Arc<Db>, Arc<Plan>)> {
+    /// `sql` is checked as UTF-8 only when it is not the last statement's with new numbers
+    /// (`None` when it is not UTF-8, as when a message cannot be read).
+    pub(super) async fn cache_plan(&mut self, sql: &[u8]) -> Option<(Arc<Db>, Arc<Plan>)> {
         if self.unreadable(sql) {
             // The proxy cannot tell what it reads or writes: not looked up nor filled, and
             // counted as a write of anything (the whole database is bumped at its end).
@@ -209,9 +212,9 @@ impl Session {
         self.cache_prepare(&db).await;
         let c = self.cache.as_deref_mut()?;
         let plan = match &c.last_plan {
-            Some(p) if *p.text == *sql && db.is_current(p) => p.clone(),
+            Some(p) if same_plan_key(&p.text, &p.numbers, sql) && db.is_current(p) => p.clone(),
             _ => {
-                let p = self.shared.cache.plan(&db, sql);
+                let p = self.shared.cache.plan(&db, std::str::from_utf8(sql).ok()?);
                 c.last_plan = Some(p.clone());
                 p
             }
@@ -312,14 +315,17 @@ impl Session {
         parts: &[&[u8]],
         (sql, protocol): (&[u8], usize),
     ) -> bool {
-        let started = Instant::now();
+        // One clock read for the look-up: the entry's expiry is checked against it, and it is
+        // when a hit was answered. The statement arrived with the client's last read.
+        let sent = self.tx.last_activity.into_std();
+        let now = Instant::now();
         let key = self.cache_key(db, plan, parts);
         let tier = db.tier.clone();
         // With Redis, before the round trip: a local bump during it makes the snapshot stale.
         // Without, a hit needs none; a miss takes it below, before the query goes upstream.
         let mut early = tier.as_ref().map(|_| db.snapshot(&plan.deps));
         let strict = tier.as_ref().is_some_and(|t| t.strict());
-        let mut found = self.shared.cache.get(&key, db);
+        let mut found = self.shared.cache.get_at(&key, db, now);
         let mut current = None;
         let mut stored = None;
         if let Some(t) = &tier {
@@ -352,13 +358,13 @@ impl Session {
                     let e = Entry {
                         bytes: s.bytes,
                         snapshot,
-                        expires: Instant::now() + Duration::from_millis(s.ttl_ms),
+                        expires: now + Duration::from_millis(s.ttl_ms),
                         name: s.name,
                         fingerprint: s.fingerprint,
                         hits: AtomicU64::new(0),
                     };
                     self.shared.cache.put(key.as_slice().into(), e);
-                    self.shared.cache.get(&key, db).map(|e| (bytes, e))
+                    self.shared.cache.get_at(&key, db, now).map(|e| (bytes, e))
                 }
                 None => {
                     if tier.is_some() && current.is_some() {
@@ -376,9 +382,9 @@ impl Session {
             self.queue.push_back(Expect::Synthetic(bytes));
             self.queue.push_back(Expect::SyntheticReady);
             self.emit_synthetic();
-            self.tx.last_activity = tokio::time::Instant::now();
+            self.tx.last_activity = tokio::time::Instant::from_std(now);
             crate::admin::registry::PoolStats::add(&self.stats.queries, 1);
-            self.insight_cached(plan, sql, protocol, started);
+            self.insight_cached(plan, sql, protocol, sent);
             self.cache_key_done(key);
             return true;
         }
@@ -428,8 +434,7 @@ impl Session {
         if let Some(c) = self.cache.as_deref_mut() {
             c.query_plan = None;
         }
-        let mut pos = 5;
-        let Some(sql) = read_cstr(msg, &mut pos) else {
+        let Some(sql) = msg.get(5..).and_then(|b| Some(&b[..memchr::memchr(0, b)?])) else {
             return false;
         };
         let Some((db, plan)) = self.cache_plan(sql).await else {
@@ -440,9 +445,8 @@ impl Session {
             tracing::trace!(cacheable = plan.cacheable, quiet = self.quiet(), status = %(self.tx.status as char), queue = ?self.queue, batch_open = self.tx.batch_open, in_flight = self.tx.in_flight, "simple query not looked up");
             false
         } else {
-            let insight = (sql.as_bytes(), crate::metrics::SIMPLE);
-            self.cache_lookup(&db, &plan, &[b"Q", sql.as_bytes()], insight)
-                .await
+            let insight = (sql, crate::metrics::SIMPLE);
+            self.cache_lookup(&db, &plan, &[b"Q", sql], insight).await
         };
         if !served {
             if let Some(c) = self.cache.as_deref_mut() {

@@ -314,14 +314,14 @@ impl Session {
     /// The proxy cannot read `sql` the way the server will: a backslash while
     /// `standard_conforming_strings` is off (pg_query and the word scan assume it on, so a
     /// quote after a backslash may end a string for them and not for the server).
-    pub(super) fn unreadable(&self, sql: &str) -> bool {
-        self.escapes && memchr::memchr(b'\\', sql.as_bytes()).is_some()
+    pub(super) fn unreadable(&self, sql: &[u8]) -> bool {
+        self.escapes && memchr::memchr(b'\\', sql).is_some()
     }
 
     /// The pooling analysis of `sql`: what it does to the session, from the memo. A text the
     /// proxy cannot read pins the client (or is refused, per `pool.session_state`).
     pub(super) fn analyze(&self, sql: &str) -> Analyzed {
-        if self.unreadable(sql) {
+        if self.unreadable(sql.as_bytes()) {
             return Analyzed::Parsed(Arc::new(Analysis {
                 pin: Some(PinReason::EscapedStrings),
                 ..Default::default()

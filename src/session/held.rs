@@ -69,10 +69,10 @@ fn read_bind(msg: &[u8]) -> Option<BindParts<'_>> {
     let rest = &body[pos..];
     let i16_at = |p: usize| Some(i16::from_be_bytes(rest.get(p..p + 2)?.try_into().ok()?));
     let nfmt = i16_at(0)?.max(0) as usize;
-    let fmts: Vec<i16> = (0..nfmt)
-        .map(|i| i16_at(2 + 2 * i))
-        .collect::<Option<_>>()?;
+    // The parameters' format codes, read where they are (no copy: one per `Bind`).
+    let fmt = |i: usize| i16_at(2 + 2 * i);
     let mut p = 2 + 2 * nfmt;
+    rest.get(..p)?;
     let nparams = i16_at(p)?.max(0) as usize;
     p += 2;
     let mut has_time_word = false;
@@ -84,10 +84,10 @@ fn read_bind(msg: &[u8]) -> Option<BindParts<'_>> {
         }
         let v = rest.get(p..p + len as usize)?;
         p += len as usize;
-        let text = match fmts.len() {
+        let text = match nfmt {
             0 => true,
-            1 => fmts[0] == 0,
-            _ => fmts.get(i) == Some(&0),
+            1 => fmt(0) == Some(0),
+            _ => i < nfmt && fmt(i) == Some(0),
         };
         has_time_word |= text && is_time_word(v);
     }
@@ -143,7 +143,7 @@ impl Session {
         let Some(parse) = self.statement_parse(b.statement) else {
             return;
         };
-        let Some((_, sql, _)) = read_parse(&parse) else {
+        let Some((_, sql, _)) = parse_parts(&parse) else {
             return;
         };
         if let Some((_, plan)) = self.cache_plan(sql).await {
@@ -195,7 +195,10 @@ impl Session {
     }
 
     async fn holdable_parse(&mut self, msg: &[u8]) -> bool {
-        let Some((name, sql, _)) = read_parse(msg) else {
+        let Some((name, sql, _)) = parse_parts(msg) else {
+            return false;
+        };
+        let Ok(name) = std::str::from_utf8(name) else {
             return false;
         };
         if !name.is_empty() && self.stmts.contains_key(name) {
@@ -228,7 +231,7 @@ impl Session {
         let Some(parse) = self.statement_parse(b.statement) else {
             return false;
         };
-        let Some((_, sql, _)) = read_parse(&parse) else {
+        let Some((_, sql, _)) = parse_parts(&parse) else {
             return false;
         };
         let Some((db, plan)) = self.cache_plan(sql).await else {
