@@ -456,8 +456,8 @@ mod tests {
     /// handling of a client's input, kept to one future per level (an async fn's arguments stay
     /// in its future, and each `.await` of a call has its own slot). Tokio adds about 104 bytes
     /// of task header and trailer and rounds the task up to 128-byte lines: a future of at most
-    /// 272 bytes makes a 384-byte task. (256 bytes in debug and release builds when written, 392
-    /// before; 464–472 for the session.)
+    /// 272 bytes makes a 384-byte task. (240 bytes in debug and release builds now, 256 when
+    /// written, 392 before; 464–472 for the session.)
     #[test]
     fn an_idle_client_task_stays_small() {
         let task = future_size(client);

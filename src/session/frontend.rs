@@ -26,10 +26,47 @@ pub(super) const ESCAPES_OFF: (&str, &str) = ("standard_conforming_strings", "of
 
 impl Session {
     pub(super) async fn on_client_input(&mut self) -> Result<(), End> {
-        if self.tracked() {
-            self.pooled_client().await
-        } else {
-            self.pass_client()
+        if !self.tracked() {
+            return self.pass_client();
+        }
+        if self.cache.is_some() {
+            // Boxed once per read: the cache's futures are large and short-lived, and an
+            // extended batch arrives as five messages in one read.
+            return Box::pin(self.cached_client()).await;
+        }
+        self.pooled_client().await
+    }
+
+    /// Transaction mode: each whole message in turn; `CopyData` streams through.
+    async fn pooled_client(&mut self) -> Result<(), End> {
+        loop {
+            // (Not `while let`: its scrutinee would stay in the future across the await.)
+            let Some(msg) = self.next_message()? else {
+                return Ok(());
+            };
+            self.dispatch(msg).await?;
+        }
+    }
+
+    /// Transaction mode with the cache on: each message has the cache's say first.
+    pub(super) async fn cached_client(&mut self) -> Result<(), End> {
+        loop {
+            let Some(msg) = self.next_message()? else {
+                return Ok(());
+            };
+            let tag = msg[0];
+            let msg = if self.skipping {
+                msg
+            } else {
+                let Err(msg) = self.cache_hold_now(tag, msg) else {
+                    continue;
+                };
+                match self.cache_message(tag, msg).await? {
+                    Some(m) => m,
+                    None => continue,
+                }
+            };
+            self.dispatch(msg).await?;
         }
     }
 
@@ -87,55 +124,39 @@ impl Session {
         Ok(())
     }
 
-    /// Transaction mode: handle each whole message; `CopyData` streams through.
-    async fn pooled_client(&mut self) -> Result<(), End> {
-        loop {
-            let next = match self.cscan.next(&self.c_in, |tag| tag != b'd') {
-                Ok(n) => n,
-                Err(e) => return Err(self.protocol_error(e)),
-            };
-            let (streamed, frame) = match next {
-                Some(f) => (f.start, Some(f)),
-                None => (self.cscan.walked(), None),
-            };
-            if streamed > 0 {
-                let bytes = self.c_in.split_to(streamed);
-                self.cscan.consumed(streamed);
-                // CopyData outside COPY is ignored by PostgreSQL too.
-                if let Some(a) = &mut self.server {
-                    forward(bytes, &mut a.to_server);
-                }
+    /// Transaction mode: the client's next whole message, `None` when what is buffered holds
+    /// none. `CopyData` before it streams through; `Terminate` ends the session.
+    fn next_message(&mut self) -> Result<Option<BytesMut>, End> {
+        let next = match self.cscan.next(&self.c_in, |tag| tag != b'd') {
+            Ok(n) => n,
+            Err(e) => return Err(self.protocol_error(e)),
+        };
+        let (streamed, frame) = match next {
+            Some(f) => (f.start, Some(f)),
+            None => (self.cscan.walked(), None),
+        };
+        if streamed > 0 {
+            let bytes = self.c_in.split_to(streamed);
+            self.cscan.consumed(streamed);
+            // CopyData outside COPY is ignored by PostgreSQL too.
+            if let Some(a) = &mut self.server {
+                forward(bytes, &mut a.to_server);
             }
-            let Some(f) = frame else { return Ok(()) };
-            let msg = if f.len == self.c_in.len() && self.server.is_none() {
-                // The one message that starts a transaction: the buffer goes with it (the
-                // session would let go of it after the transaction anyway), saving the split's
-                // bookkeeping allocation.
-                std::mem::take(&mut self.c_in)
-            } else {
-                self.c_in.split_to(f.len)
-            };
-            self.cscan.consumed(f.len);
-            let tag = msg[0];
-            if tag == b'X' {
-                return Err(End::ClientLeft);
-            }
-            // (Written out here rather than in a function of its own: an async fn's arguments
-            // stay in its future for its whole life, and this one is in every idle client's.)
-            let msg = if self.cache.is_some() && !self.skipping {
-                let Err(msg) = self.cache_hold_now(tag, msg) else {
-                    continue;
-                };
-                // Boxed: large and short-lived (a catalog read among them).
-                match Box::pin(self.cache_message(tag, msg)).await? {
-                    Some(m) => m,
-                    None => continue,
-                }
-            } else {
-                msg
-            };
-            self.dispatch(msg).await?;
         }
+        let Some(f) = frame else { return Ok(None) };
+        let msg = if f.len == self.c_in.len() && self.server.is_none() {
+            // The one message that starts a transaction: the buffer goes with it (the
+            // session would let go of it after the transaction anyway), saving the split's
+            // bookkeeping allocation.
+            std::mem::take(&mut self.c_in)
+        } else {
+            self.c_in.split_to(f.len)
+        };
+        self.cscan.consumed(f.len);
+        if msg[0] == b'X' {
+            return Err(End::ClientLeft);
+        }
+        Ok(Some(msg))
     }
 
     /// Handle one message as it stands (the cache having had its say).
