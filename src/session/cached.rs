@@ -1,5 +1,5 @@
 //! The cache on one session: when a read may be answered from the cache, what it is keyed by,
-//! capturing a result on its way to the client, and bumping versions for this client's writes.
+//! and capturing a result on its way to the client (this client's writes: `writes`).
 //!
 //! A lookup happens only when nothing the server still owes could write or change the
 //! transaction (a hit is queued behind it, so it cannot overtake earlier replies), and the
@@ -13,8 +13,6 @@
 use super::backend::{Expect, Kind};
 use super::held::HeldStatement;
 use super::{End, Session};
-use crate::analysis::PinReason;
-use crate::cache::sql::TxControl;
 use crate::cache::{catalog, Db, Entry, Plan, Snapshot};
 use crate::metrics::METRICS;
 use crate::sqltext::same_plan_key;
@@ -42,17 +40,17 @@ pub(super) struct SessionCache {
     pub(super) db: Option<Arc<Db>>,
     /// Never look up or fill again in this session (temporary tables, settings changed where
     /// the proxy cannot see them).
-    off: bool,
+    pub(super) off: bool,
     /// Relations written in the open transaction, bumped at each `ReadyForQuery`.
-    written: Vec<Arc<str>>,
-    written_all: bool,
-    ddl: bool,
+    pub(super) written: Vec<Arc<str>>,
+    pub(super) written_all: bool,
+    pub(super) ddl: bool,
     fill: Option<Fill>,
     /// An extended batch held back until its `Sync`.
     pub(super) held: Vec<BytesMut>,
     pub(super) held_stmt: Option<HeldStatement>,
     /// The open transaction began with a plain `BEGIN` and has not written.
-    tx_plain: bool,
+    pub(super) tx_plain: bool,
     /// Key part for the session's settings, made again when they change.
     sig: Option<Bytes>,
     /// Room for the key of the next look-up (boxed only when a fill keeps it).
@@ -65,7 +63,7 @@ pub(super) struct SessionCache {
     /// the cache did not answer; taken when the query goes upstream).
     pub(super) query_plan: Option<Arc<Plan>>,
     /// Bumps still to tell Redis (relations, whole database) before the client hears of them.
-    remote: Option<(Vec<Arc<str>>, bool)>,
+    pub(super) remote: Option<(Vec<Arc<str>>, bool)>,
 }
 
 impl SessionCache {
@@ -220,32 +218,6 @@ impl Session {
             }
         };
         Some((db, plan))
-    }
-
-    /// Record the effects of a statement about to be sent.
-    pub(super) fn cache_note_sent(&mut self, plan: &Plan) {
-        let status = self.tx.status;
-        let Some(c) = self.cache.as_deref_mut() else {
-            return;
-        };
-        if plan.writes() {
-            for w in plan.writes.iter() {
-                if !c.written.contains(w) {
-                    c.written.push(w.clone());
-                }
-            }
-            c.written_all |= plan.writes_all;
-            c.ddl |= plan.ddl;
-            c.tx_plain = false;
-        }
-        if plan.sets {
-            c.off = true;
-        }
-        match plan.tx {
-            Some(TxControl::BeginPlain) if status == b'I' => c.tx_plain = true,
-            Some(TxControl::BeginOther | TxControl::LocalSet) => c.tx_plain = false,
-            _ => {}
-        }
     }
 
     /// May this plan be looked up (and filled) now?
@@ -456,48 +428,10 @@ impl Session {
         served
     }
 
-    /// A message whose writes cannot be known (`FunctionCall`).
-    pub(super) fn cache_note_unknown_write(&mut self) {
-        if let Some(c) = self.cache.as_deref_mut() {
-            c.written_all = true;
-            c.off = true;
-        }
-    }
-
     /// The statement a fill was armed for was not sent (no server connection could be had).
     pub(super) fn cache_drop_fill(&mut self) {
         if let Some(c) = self.cache.as_deref_mut() {
             c.fill = None;
-        }
-    }
-
-    /// After a record of the session's writes is no longer needed.
-    fn cache_clear_writes(&mut self) {
-        if let Some(c) = self.cache.as_deref_mut() {
-            c.written.clear();
-            c.written_all = false;
-            c.ddl = false;
-        }
-    }
-
-    /// Bump everything this session's open transaction wrote (at a `ReadyForQuery`, or when the
-    /// session or its server goes away).
-    pub(super) fn cache_bump_writes(&mut self) {
-        let Some(c) = self.cache.as_deref_mut() else {
-            return;
-        };
-        let Some(db) = c.db.clone() else { return };
-        if c.ddl {
-            db.catalog_stale();
-            db.bump_all_local("ddl");
-        } else if c.written_all {
-            db.bump_all_local("write");
-        }
-        db.bump_local(&c.written, "write");
-        if db.tier.is_some() && (c.ddl || c.written_all || !c.written.is_empty()) {
-            let r = c.remote.get_or_insert_with(Default::default);
-            r.0.extend(c.written.iter().cloned());
-            r.1 |= c.ddl || c.written_all;
         }
     }
 
@@ -508,30 +442,8 @@ impl Session {
         })
     }
 
-    /// Bumps are waiting for Redis.
-    pub(super) fn cache_remote_pending(&self) -> bool {
-        self.cache.as_ref().is_some_and(|c| c.remote.is_some())
-    }
-
-    /// Tell Redis (and so the other proxies) what this client wrote, before it is answered: the
-    /// `ReadyForQuery` waits in the client's buffer until this returns.
-    pub(super) async fn cache_flush_remote(&mut self) {
-        let Some(c) = self.cache.as_deref_mut() else {
-            return;
-        };
-        let (Some((mut rels, all)), Some(db)) = (c.remote.take(), c.db.clone()) else {
-            return;
-        };
-        let Some(t) = db.tier.clone() else { return };
-        rels.sort();
-        rels.dedup();
-        if !t.bump(&db.name, &rels, all).await {
-            tracing::debug!("redis: a write could not be broadcast; other proxies see it at TTL or through their change stream");
-        }
-    }
-
     /// A `ReadyForQuery` from the server, before the client sees it: store a finished fill,
-    /// bump writes.
+    /// bump writes (`writes`).
     pub(super) fn cache_ready(&mut self, status: u8) {
         let max_ok = self.shared.cache.enabled();
         let Some(c) = self.cache.as_deref_mut() else {
@@ -577,46 +489,23 @@ impl Session {
                 None => {}
             }
         }
-        let c = self.cache.as_deref_mut().expect("cache on");
-        let pending = c.written_all || c.ddl || !c.written.is_empty();
-        if pending {
-            self.cache_bump_writes();
-        }
-        if status == b'I' {
-            self.cache_clear_writes();
-            if let Some(c) = self.cache.as_deref_mut() {
-                c.tx_plain = false;
-            }
-        }
+        self.cache_ready_writes(status);
     }
 
-    /// The session is ending or lost its server: whatever it wrote may have committed.
+    /// The session is ending or lost its server: whatever it wrote may have committed, and a
+    /// result being captured is not stored.
     pub(super) fn cache_session_end(&mut self) {
-        self.cache_bump_writes();
-        self.cache_clear_writes();
-        if let Some(c) = self.cache.as_deref_mut() {
-            // Nobody waits for an answer any more: tell Redis in the background.
-            if let (Some((rels, all)), Some(db)) = (c.remote.take(), c.db.clone()) {
-                if let Some(t) = db.tier.clone() {
-                    tokio::spawn(async move { t.bump(&db.name, &rels, all).await });
-                }
-            }
-            if c.fill.take().is_some() {
-                METRICS
-                    .cache_fill_skips
-                    .with_label_values(&["disconnect"])
-                    .inc();
-            }
-        }
-    }
-
-    /// A statement that pins a client in transaction mode; in either mode temporary tables
-    /// could shadow cached names.
-    pub(super) fn cache_note_pin(&mut self, reason: Option<PinReason>) {
-        if reason == Some(PinReason::TempTable) {
-            if let Some(c) = self.cache.as_deref_mut() {
-                c.off = true;
-            }
+        self.cache_session_end_writes();
+        if self
+            .cache
+            .as_deref_mut()
+            .and_then(|c| c.fill.take())
+            .is_some()
+        {
+            METRICS
+                .cache_fill_skips
+                .with_label_values(&["disconnect"])
+                .inc();
         }
     }
 }

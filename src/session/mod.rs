@@ -23,6 +23,7 @@ pub mod settings;
 pub mod startup;
 mod statements;
 mod timing;
+mod writes;
 
 use crate::admin::control;
 use crate::admin::registry::{ClientState, ClientTicket, PoolStats};
