@@ -6,7 +6,9 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use pgcache::hot::{entry_key, settings_sig, Analyzer, Fingerprints, Scanner, L1};
+use pgcache::hot::{
+    entry_key, number_spans, same_plan_key, settings_sig, Analyzer, Fingerprints, Scanner, L1,
+};
 use std::collections::BTreeMap;
 use std::hint::black_box;
 
@@ -161,6 +163,29 @@ fn memos(c: &mut Criterion) {
     });
     let l1 = L1::new(16, "pgbench_accounts");
     c.bench_function("plan/memo_hit", |b| b.iter(|| l1.plan(black_box(SELECT))));
+    // A simple-protocol client's next statement, a new number in it: found in the memo by its
+    // plan key, or (a session's usual case) recognised as its last statement's.
+    let mut aid = 0u32;
+    let mut next = || {
+        aid = aid.wrapping_add(1);
+        format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid};")
+    };
+    c.bench_function("plan/new_literal_memo_hit", |b| {
+        b.iter_batched(
+            &mut next,
+            |sql| l1.plan(black_box(&sql)),
+            BatchSize::SmallInput,
+        )
+    });
+    let last = "SELECT abalance FROM pgbench_accounts WHERE aid = 1;";
+    let spans = number_spans(last);
+    c.bench_function("plan/new_literal_same_as_last", |b| {
+        b.iter_batched(
+            &mut next,
+            |sql| same_plan_key(last, &spans, black_box(sql.as_bytes())),
+            BatchSize::SmallInput,
+        )
+    });
 }
 
 fn fingerprints(c: &mut Criterion) {

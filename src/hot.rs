@@ -1,6 +1,6 @@
 //! The hot path's pieces, reachable from outside the crate only for the microbenchmarks
 //! (`benches/hotpath.rs`, criterion): walking frames, building cache keys, the L1 lookup, the
-//! statement memos (pooling analysis, cache plans) and fingerprinting. The proxy itself does not
+//! statement memos (pooling analysis, cache plans, a session's last plan) and fingerprinting. The proxy itself does not
 //! go through this module; each item is a thin door onto the code sessions run.
 
 use crate::cache::{Cache, Db, Entry};
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 pub use crate::analysis::Analyzer;
 pub use crate::cache::{entry_key, settings_sig};
 pub use crate::insight::fingerprint::Memo as Fingerprints;
+pub use crate::sqltext::{number_spans, same_plan_key};
 pub use crate::wire::Scanner;
 
 /// The in-process cache of one database, as sessions use it: entries filled with the versions
