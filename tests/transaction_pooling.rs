@@ -353,6 +353,43 @@ async fn query_timeout_cancels_a_long_statement() {
     a.batch_execute("select 1").await.unwrap();
 }
 
+/// A statement that survives the first cancel (here it catches it) is cancelled again.
+#[tokio::test]
+async fn query_timeout_cancels_again_while_the_statement_runs() {
+    let proxy = tx_proxy("query_timeout = \"300ms\"\n");
+    let a = support::connect(&proxy.url("app", "app", "app")).await;
+    let stubborn = "do $$ begin perform pg_sleep(10); \
+                    exception when query_canceled then perform pg_sleep(10); end $$";
+    let e = tokio::time::timeout(Duration::from_secs(30), a.batch_execute(stubborn))
+        .await
+        .expect("cancelled before the second sleep ends")
+        .unwrap_err();
+    assert_eq!(code(&e), "57014");
+    a.batch_execute("select 1").await.unwrap();
+}
+
+/// `query_timeout` is about running: a statement that waited for the pool's only connection
+/// longer than the timeout, then ran for less, is not cancelled.
+#[tokio::test]
+async fn query_timeout_does_not_count_the_wait_for_a_connection() {
+    let proxy = tx_proxy("query_timeout = \"500ms\"\n");
+    let url = proxy.url("app", "app", "app");
+    let a = support::connect(&url).await;
+    let b = support::connect(&url).await;
+    a.batch_execute("begin; select 1").await.unwrap();
+    let holder = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        a.batch_execute("commit").await.unwrap();
+    });
+    let started = std::time::Instant::now();
+    b.batch_execute("select pg_sleep(0.2)").await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "it waited for the connection"
+    );
+    holder.await.unwrap();
+}
+
 #[tokio::test]
 async fn idle_transaction_timeout_closes_the_client_and_rolls_back() {
     table("tp_idle", "a int");

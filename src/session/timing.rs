@@ -9,6 +9,10 @@ use crate::shutdown::Phase;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// After a `query_timeout` cancel, the statement is cancelled again if it still runs this much
+/// later (or `query_timeout` later, if longer).
+const CANCEL_AGAIN: Duration = Duration::from_secs(1);
+
 impl Session {
     /// Draining: idle clients leave now, busy ones when their transaction ends; forced: all.
     pub(super) fn check_shutdown(&mut self) -> Option<End> {
@@ -53,6 +57,11 @@ impl Session {
                             tracing::warn!(error = %e, "could not send cancel for query_timeout");
                         }
                     });
+                    // A cancel can be lost (it reaches a server that has not started the
+                    // statement yet, or its connection fails): while the statement still runs,
+                    // cancel it again.
+                    let again = self.cfg.pool.query_timeout.max(CANCEL_AGAIN);
+                    self.tx.query_deadline = Some(now + again);
                 }
             }
             return Ok(());
@@ -78,12 +87,14 @@ impl Session {
         Err(End::Closed)
     }
 
-    /// A message that owes a `ReadyForQuery` went upstream (at this event's time).
+    /// A message that owes a `ReadyForQuery` went upstream. `query_timeout` counts from now,
+    /// not from when the client sent it: waiting for a server connection is not running, and a
+    /// cancel sent before the server has the statement would be lost.
     pub(super) fn statement_sent(&mut self) {
         self.tx.in_flight += 1;
         let t = self.cfg.pool.query_timeout;
         if !t.is_zero() && self.tx.query_deadline.is_none() {
-            self.tx.query_deadline = Some(self.tx.last_activity + t);
+            self.tx.query_deadline = Some(Instant::now() + t);
         }
     }
 
