@@ -222,6 +222,47 @@ async fn send_cancel(port: u16, pid: i32, secret: [u8; 4]) {
         .expect("proxy closes the cancel connection (hang guard)");
 }
 
+/// PostgreSQL cancels whatever a backend runs when the request arrives, and a forwarded cancel
+/// can arrive after the statement it was meant for: a server connection a cancel was sent for is
+/// not given to another client (the pool's only connection, so the next client gets a new one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_a_cancel_was_sent_for_serves_no_other_client() {
+    let extra = "[pool]\nmode = \"transaction\"\nmax_size = 1\n";
+    let proxy = Proxy::start(&proxy_config(pg(), free_port(), extra));
+    let url = proxy.url("app", "app", "app");
+    let client = Arc::new(connect(&url).await);
+    let pid = |c: Arc<tokio_postgres::Client>| async move {
+        let row = c.query_one("select pg_backend_pid()", &[]).await.unwrap();
+        row.get::<_, i32>(0)
+    };
+    let before = pid(client.clone()).await;
+    let running = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .simple_query("select pg_sleep(30) /* pooled_cancel_marker */")
+                .await
+        })
+    };
+    tokio::task::spawn_blocking(|| wait_running("pooled_cancel_marker"))
+        .await
+        .expect("wait for query");
+    client
+        .cancel_token()
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("send cancel request to the proxy");
+    let e = tokio::time::timeout(CANCEL_GUARD, running)
+        .await
+        .expect("the cancel reached the backend")
+        .expect("query task")
+        .expect_err("the cancelled query fails");
+    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("57014"));
+    let other = Arc::new(connect(&url).await);
+    assert_ne!(pid(other).await, before, "a fresh server connection");
+    assert_ne!(pid(client).await, before);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_hands_out_its_own_keys_and_maps_cancels() {
     let proxy = start();

@@ -353,6 +353,22 @@ async fn query_timeout_cancels_a_long_statement() {
     a.batch_execute("select 1").await.unwrap();
 }
 
+/// A timeout's cancel may reach the server late: the connection it was sent for is not given to
+/// anyone after it (the pool's only connection, so the next statement runs on a new one).
+#[tokio::test]
+async fn a_connection_cancelled_for_a_timeout_serves_no_one_after() {
+    let proxy = tx_proxy("query_timeout = \"300ms\"\n");
+    let url = proxy.url("app", "app", "app");
+    let a = support::connect(&url).await;
+    let before = show(&a, "select pg_backend_pid()").await;
+    assert_eq!(
+        code(&a.batch_execute("select pg_sleep(10)").await.unwrap_err()),
+        "57014"
+    );
+    let b = support::connect(&url).await;
+    assert_ne!(show(&b, "select pg_backend_pid()").await, before);
+}
+
 /// A statement that survives the first cancel (here it catches it) is cancelled again.
 #[tokio::test]
 async fn query_timeout_cancels_again_while_the_statement_runs() {

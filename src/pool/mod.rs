@@ -75,7 +75,8 @@ impl ManageConnection for Manager {
     }
 
     fn has_broken(&self, conn: &mut Box<ServerConn>) -> bool {
-        conn.broken
+        // A cancel sent for it may still arrive and hit the next client's statement.
+        conn.broken || conn.cancel.as_ref().is_some_and(|k| k.sent())
     }
 }
 

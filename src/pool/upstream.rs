@@ -171,12 +171,12 @@ impl ServerConn {
         };
         conn.startup(login, &addr, target.channel_binding).await?;
         if conn.pid != 0 {
-            conn.cancel = Some(Arc::new(CancelKey {
-                host: target.host.clone(),
-                port: target.port,
-                pid: conn.pid,
-                secret: conn.secret.clone(),
-            }));
+            conn.cancel = Some(Arc::new(CancelKey::new(
+                target.host.clone(),
+                target.port,
+                conn.pid,
+                conn.secret.clone(),
+            )));
         }
         Ok(conn)
     }
@@ -433,16 +433,40 @@ impl ServerConn {
 
 /// Enough to cancel a query running on one server connection: a CancelRequest sent on a new
 /// plain TCP connection (PostgreSQL reads cancel packets before TLS and authentication).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct CancelKey {
     pub host: String,
     pub port: u16,
     pub pid: i32,
     pub secret: pgwire::messages::startup::SecretKey,
+    sent: std::sync::atomic::AtomicBool,
 }
 
 impl CancelKey {
+    pub fn new(
+        host: String,
+        port: u16,
+        pid: i32,
+        secret: pgwire::messages::startup::SecretKey,
+    ) -> Self {
+        CancelKey {
+            host,
+            port,
+            pid,
+            secret,
+            sent: Default::default(),
+        }
+    }
+
+    /// A cancel was sent for this connection. PostgreSQL cancels whatever the backend runs when
+    /// it arrives, which may be after the statement it was meant for: the connection is closed
+    /// rather than given to another client (`Pools::has_broken`).
+    pub fn sent(&self) -> bool {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub async fn send(&self) -> std::io::Result<()> {
+        self.sent.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
         let secret = self.secret.to_bytes();
         let mut out = BytesMut::new();
