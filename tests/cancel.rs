@@ -38,22 +38,20 @@ fn wait_running(marker: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_token_cancels_running_query_with_57014() {
-    let proxy = start();
-    let client = Arc::new(connect(&proxy.url("app", "app", "app")).await);
+/// Runs `pg_sleep(30)` (tagged `marker`) on `client`, cancels it with the client's cancel token
+/// once it runs, and checks that it failed with PostgreSQL's 57014.
+async fn cancel_a_sleep(client: &Arc<tokio_postgres::Client>, marker: &'static str) {
     let running = {
         let client = client.clone();
         tokio::spawn(async move {
             client
-                .simple_query("select pg_sleep(30) /* cancel_token_marker */")
+                .simple_query(&format!("select pg_sleep(30) /* {marker} */"))
                 .await
         })
     };
-    tokio::task::spawn_blocking(|| wait_running("cancel_token_marker"))
+    tokio::task::spawn_blocking(move || wait_running(marker))
         .await
         .expect("wait for query");
-
     client
         .cancel_token()
         .cancel_query(tokio_postgres::NoTls)
@@ -68,6 +66,13 @@ async fn cancel_token_cancels_running_query_with_57014() {
         .as_db_error()
         .unwrap_or_else(|| panic!("expected an ErrorResponse, got {e:?}"));
     assert_eq!(db.code().code(), "57014", "{db:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_token_cancels_running_query_with_57014() {
+    let proxy = start();
+    let client = Arc::new(connect(&proxy.url("app", "app", "app")).await);
+    cancel_a_sleep(&client, "cancel_token_marker").await;
 
     // The session carries on.
     let one: i32 = client
@@ -236,28 +241,7 @@ async fn a_connection_a_cancel_was_sent_for_serves_no_other_client() {
         row.get::<_, i32>(0)
     };
     let before = pid(client.clone()).await;
-    let running = {
-        let client = client.clone();
-        tokio::spawn(async move {
-            client
-                .simple_query("select pg_sleep(30) /* pooled_cancel_marker */")
-                .await
-        })
-    };
-    tokio::task::spawn_blocking(|| wait_running("pooled_cancel_marker"))
-        .await
-        .expect("wait for query");
-    client
-        .cancel_token()
-        .cancel_query(tokio_postgres::NoTls)
-        .await
-        .expect("send cancel request to the proxy");
-    let e = tokio::time::timeout(CANCEL_GUARD, running)
-        .await
-        .expect("the cancel reached the backend")
-        .expect("query task")
-        .expect_err("the cancelled query fails");
-    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("57014"));
+    cancel_a_sleep(&client, "pooled_cancel_marker").await;
     let other = Arc::new(connect(&url).await);
     assert_ne!(pid(other).await, before, "a fresh server connection");
     assert_ne!(pid(client).await, before);
