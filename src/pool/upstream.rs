@@ -465,20 +465,27 @@ impl CancelKey {
         self.sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    pub async fn send(&self) -> std::io::Result<()> {
+    /// Send the request. The connection counts as `sent` from this call on, before the returned
+    /// future first runs: a send spawned elsewhere leaves no moment in which the connection
+    /// could go back to the pool unmarked.
+    pub fn send(
+        self: Arc<Self>,
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
         self.sent.store(true, std::sync::atomic::Ordering::Relaxed);
-        let mut tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
-        let secret = self.secret.to_bytes();
-        let mut out = BytesMut::new();
-        out.extend_from_slice(&((12 + secret.len()) as i32).to_be_bytes());
-        out.extend_from_slice(&80877102i32.to_be_bytes());
-        out.extend_from_slice(&self.pid.to_be_bytes());
-        out.extend_from_slice(&secret);
-        tcp.write_all(&out).await?;
-        // The server closes the connection once it has read the request.
-        let mut sink = [0u8; 1];
-        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut sink)).await;
-        Ok(())
+        async move {
+            let mut tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
+            let secret = self.secret.to_bytes();
+            let mut out = BytesMut::new();
+            out.extend_from_slice(&((12 + secret.len()) as i32).to_be_bytes());
+            out.extend_from_slice(&80877102i32.to_be_bytes());
+            out.extend_from_slice(&self.pid.to_be_bytes());
+            out.extend_from_slice(&secret);
+            tcp.write_all(&out).await?;
+            // The server closes the connection once it has read the request.
+            let mut sink = [0u8; 1];
+            let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut sink)).await;
+            Ok(())
+        }
     }
 }
 

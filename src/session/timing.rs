@@ -50,16 +50,13 @@ impl Session {
         if self.tx.in_flight > 0 {
             if self.tx.query_deadline.is_some_and(|d| d <= now) {
                 self.tx.query_deadline = None;
-                let Some(a) = self.server.as_mut() else {
-                    return Ok(());
-                };
-                if let Some(key) = a.conn.cancel.clone() {
-                    // Closed, not pooled, when the client is done with it (a late cancel must
-                    // not find another client's statement there; `send` says so too, but later).
-                    a.conn.broken = true;
+                if let Some(key) = self.server.as_ref().and_then(|a| a.conn.cancel.clone()) {
                     tracing::info!(pool = %self.pool.key(), "query_timeout reached: cancelling the statement");
+                    // Marks the connection as cancelled now (`CancelKey::sent`): it is closed,
+                    // not pooled, when the client is done with it.
+                    let send = key.send();
                     tokio::spawn(async move {
-                        if let Err(e) = key.send().await {
+                        if let Err(e) = send.await {
                             tracing::warn!(error = %e, "could not send cancel for query_timeout");
                         }
                     });
