@@ -1,7 +1,8 @@
 //! The hot path's pieces, reachable from outside the crate only for the microbenchmarks
 //! (`benches/hotpath.rs`, criterion): walking frames, building cache keys, the L1 lookup, the
-//! statement memos (pooling analysis, cache plans, a session's last plan) and fingerprinting. The proxy itself does not
-//! go through this module; each item is a thin door onto the code sessions run.
+//! statement memos (pooling analysis, cache plans, a session's last plan) and fingerprinting.
+//! The proxy itself does not go through this module; each item is a thin door onto the code
+//! sessions run.
 
 use crate::cache::{Cache, Db, Entry};
 use crate::config::{CacheConfig, CacheRule};

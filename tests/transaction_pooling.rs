@@ -338,19 +338,28 @@ async fn sql_prepare_and_execute_work_pinned() {
     assert_eq!(show(&a, "execute tp_p(21)").await, "42");
 }
 
+/// Runs `sql`, which `query_timeout` must cancel (57014) before `guard` passes (`why` says
+/// what that guards against); the session carries on.
+async fn times_out(a: &tokio_postgres::Client, sql: &str, guard: Duration, why: &str) {
+    let e = tokio::time::timeout(guard, a.batch_execute(sql))
+        .await
+        .expect(why)
+        .unwrap_err();
+    assert_eq!(code(&e), "57014");
+    a.batch_execute("select 1").await.unwrap();
+}
+
+/// `times_out` for `pg_sleep(10)` under a timeout of well under a second.
+async fn sleep_times_out(a: &tokio_postgres::Client) {
+    let (guard, why) = (Duration::from_secs(20), "cancelled well before 10 s");
+    times_out(a, "select pg_sleep(10)", guard, why).await;
+}
+
 #[tokio::test]
 async fn query_timeout_cancels_a_long_statement() {
     let proxy = tx_proxy("query_timeout = \"300ms\"\n");
     let a = support::connect(&proxy.url("app", "app", "app")).await;
-    let e = tokio::time::timeout(
-        Duration::from_secs(20),
-        a.batch_execute("select pg_sleep(10)"),
-    )
-    .await
-    .expect("cancelled well before 10 s")
-    .unwrap_err();
-    assert_eq!(code(&e), "57014");
-    a.batch_execute("select 1").await.unwrap();
+    sleep_times_out(&a).await;
 }
 
 /// A timeout's cancel may reach the server late: the connection it was sent for is not given to
@@ -361,10 +370,7 @@ async fn a_connection_cancelled_for_a_timeout_serves_no_one_after() {
     let url = proxy.url("app", "app", "app");
     let a = support::connect(&url).await;
     let before = show(&a, "select pg_backend_pid()").await;
-    assert_eq!(
-        code(&a.batch_execute("select pg_sleep(10)").await.unwrap_err()),
-        "57014"
-    );
+    sleep_times_out(&a).await;
     let b = support::connect(&url).await;
     assert_ne!(show(&b, "select pg_backend_pid()").await, before);
 }
@@ -376,12 +382,8 @@ async fn query_timeout_cancels_again_while_the_statement_runs() {
     let a = support::connect(&proxy.url("app", "app", "app")).await;
     let stubborn = "do $$ begin perform pg_sleep(10); \
                     exception when query_canceled then perform pg_sleep(10); end $$";
-    let e = tokio::time::timeout(Duration::from_secs(30), a.batch_execute(stubborn))
-        .await
-        .expect("cancelled before the second sleep ends")
-        .unwrap_err();
-    assert_eq!(code(&e), "57014");
-    a.batch_execute("select 1").await.unwrap();
+    let why = "cancelled before the second sleep ends";
+    times_out(&a, stubborn, Duration::from_secs(30), why).await;
 }
 
 /// `query_timeout` is about running: a statement that waited for the pool's only connection
