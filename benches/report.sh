@@ -92,8 +92,28 @@ hit_ratio() {
         }' "$HITS"
 }
 dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
-# versus WORKLOAD A B COLUMN -> target A's figure over target B's (a summary column), or —
-versus() { ratio "$(field "$1" "$2" "$4")" "$(field "$1" "$3" "$4")"; }
+# versus WORKLOAD A B COLUMN -> target A's figure over target B's, or —: the ratio is taken per round
+# (A and B ran back to back in it) and the median over the rounds where both ran is printed, which
+# follows the machine's drift better than a ratio of medians taken from different rounds. COLUMN
+# names the figure as in the summary: 5 TPS, 6 mean latency, 7 p99, 8 CPU per transaction.
+versus() {
+    awk -F'\t' -v w="$1" -v a="$2" -v b="$3" -v c="$4" '
+        function fig() {
+            if (c == 5) return $5
+            if (c == 6) return $7
+            if (c == 7) return $8
+            if ($9 == "NA" || $6 + 0 == 0) return "NA"
+            return $9 / $6
+        }
+        $2 == w && $4 == "ok" && ($3 == a || $3 == b) { v = fig(); if (v != "NA") got[$3, $1] = v; rounds[$1] = 1 }
+        END {
+            for (r in rounds)
+                if (((a, r) in got) && ((b, r) in got) && got[b, r] + 0 != 0) q[++n] = got[a, r] / got[b, r]
+            if (n == 0) { print "—"; exit }
+            for (i = 2; i <= n; i++) { t = q[i]; for (j = i - 1; j >= 1 && q[j] > t; j--) q[j + 1] = q[j]; q[j + 1] = t }
+            printf "%.2f", (n % 2) ? q[(n + 1) / 2] : (q[n / 2] + q[n / 2 + 1]) / 2
+        }' "$RUNS"
+}
 # verdict VALUE OP LIMIT: "met"/"**missed**" (OP is >= or <=), "—" without a value
 verdict() {
     awk -v v="$1" -v op="$2" -v l="$3" 'BEGIN {
@@ -159,7 +179,7 @@ targets_section() {
     echo
     echo "## Ratios"
     echo
-    echo "A TPS ratio above 1, and latency and CPU ratios below 1, favour pgcache."
+    echo "Each ratio is taken per round (the two targets ran back to back) and the median over rounds is shown. A TPS ratio above 1, and latency and CPU ratios below 1, favour pgcache."
     echo
     echo "| workload | TPS pgcache/PgBouncer | p99 pgcache/PgBouncer | CPU per tx pgcache/PgBouncer | TPS pgcache/direct | p99 pgcache/direct |"
     echo "|---|---:|---:|---:|---:|---:|"
