@@ -342,6 +342,24 @@ fn may_touch_session(sql: &str) -> bool {
     false
 }
 
+/// Whether a text that differs from `sql` only in its numbers (`sqltext::same_plan_key`;
+/// `numbers` is `sqltext::number_spans(sql)`) gets the pre-scan's answer `sql` gets: yes when
+/// each number is a digit run standing alone, neither in a word nor followed by a point. A
+/// number `same_plan_key` puts in its place is digits, points and `_`: read here as words that
+/// start with a digit or `_` and points, none of which the pre-scan looks for, and each leaves
+/// it where a digit run would; inside a quote or comment (where the pre-scan may disagree with
+/// `sqltext` on where one ends) digits do not move its end, and a dollar quote's closing tag,
+/// the one place they could, would put a word character before the number.
+pub fn numbers_stand_alone(sql: &str, numbers: &[(usize, usize)]) -> bool {
+    use crate::sqltext::{is, WORD};
+    let b = sql.as_bytes();
+    numbers.iter().all(|&(start, end)| {
+        b[start..end].iter().all(u8::is_ascii_digit)
+            && (start == 0 || !is(b[start - 1], WORD))
+            && b.get(end).is_none_or(|&c| !is(c, WORD) && c != b'.')
+    })
+}
+
 /// The memo: one parse per distinct statement text, bounded.
 pub struct Analyzer {
     memo: Mutex<LruCache<Box<str>, Arc<Analysis>>>,

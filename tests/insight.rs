@@ -197,6 +197,61 @@ async fn with_the_cache_on_texts_differing_in_constants_share_a_fingerprint() {
     assert_eq!(calls(query_row(&proxy, &select(&u)).await), "1");
 }
 
+/// With the cache off, a simple-protocol statement that differs from the session's last only in
+/// numbers takes that one's fingerprint (and, if that one could not touch the session, its
+/// pooling analysis) without scanning its text. Counts stay per fingerprint through repeats,
+/// changes of statement and texts that differ in more than numbers; a `SET` repeated with a new
+/// number is analysed again, so the value a client gets back on a shared connection is its last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_repeated_with_new_numbers_keep_their_own_fingerprint_and_effects() {
+    let t = table("insight_repeat", "id int primary key, v text");
+    let u = table("insight_repeat_other", "id int primary key, v text");
+    for name in [&t, &u] {
+        support::cache::direct(&format!(
+            "insert into {name} select g, 'v' || g from generate_series(1, 9) g"
+        ));
+    }
+    let proxy = cache_proxy(
+        "transaction",
+        "[pool]\nmax_size = 1\n[cache]\nenabled = false\n",
+    );
+    let c = connect(&app_url(&proxy)).await;
+    for (sql, want) in [
+        (format!("select v from {t} where id = 1"), "v1"),
+        (format!("select v from {t} where id = 22"), ""),
+        (format!("select v from {u} where id = 3"), "v3"),
+        (format!("select v from {u} where id = 4"), "v4"),
+        (format!("select v from {t} where id = 5 -- five"), "v5"),
+        (format!("select v from {t} where id = 6"), "v6"),
+        (format!("select v || 7 from {t} where id = 7"), "v77"),
+        (format!("select v || 8 from {t} where id = 8"), "v88"),
+    ] {
+        let rows = c.simple_query(&sql).await.expect(&sql);
+        let got = support::cache::first_value(&rows).unwrap_or_default();
+        assert_eq!(got, want, "{sql}");
+    }
+    let calls = |r: HashMap<String, String>| r["calls"].clone();
+    let select = |name: &str| format!("select v from {name} where id = $1");
+    assert_eq!(calls(query_row(&proxy, &select(&t)).await), "4");
+    assert_eq!(calls(query_row(&proxy, &select(&u)).await), "2");
+    let concat = format!("select v || $1 from {t} where id = $2");
+    assert_eq!(calls(query_row(&proxy, &concat).await), "2");
+
+    // One server connection, two clients: the other client's statement resets the setting on
+    // it, and this client's next one gets back what it set last.
+    c.simple_query("set statement_timeout = 1000")
+        .await
+        .expect("set");
+    c.simple_query("set statement_timeout = 2000")
+        .await
+        .expect("set again");
+    let other = connect(&app_url(&proxy)).await;
+    let theirs = support::cache::value(&other, "show statement_timeout").await;
+    assert_eq!(theirs, "0");
+    let ours = support::cache::value(&c, "show statement_timeout").await;
+    assert_eq!(ours, "2s");
+}
+
 /// A batch answered from the cache can bring a new unnamed statement: a later run of it that
 /// goes upstream (a `Bind` with no `Parse`) counts under its own fingerprint, not under that of
 /// the unnamed statement parsed before it.

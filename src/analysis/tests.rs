@@ -254,3 +254,93 @@ fn unparsable_is_flagged_and_memo_returns_same() {
         _ => panic!("a SET is parsed"),
     }
 }
+
+/// What `session::insight::LastQuery` rests on: a text that differs from one the pre-scan
+/// passed only in numbers (`sqltext::same_plan_key` says yes) is passed too, when those
+/// numbers stand alone (`numbers_stand_alone`). Random texts made
+/// of the words the pre-scan looks for, the bytes that steer it and `sqltext`'s scan, and
+/// numbers; each against a copy with numbers changed and sometimes a piece put in.
+#[test]
+fn new_numbers_never_make_a_passed_text_touch_the_session() {
+    use crate::sqltext::{number_spans, same_plan_key};
+    use rand::{Rng, SeedableRng};
+    const PIECES: &[&str] = &[
+        "1",
+        "23",
+        "4.5",
+        "1_0",
+        "_",
+        ".",
+        "a",
+        "E",
+        "e",
+        "x1",
+        "é",
+        " ",
+        " ",
+        "\n",
+        "\r",
+        "(",
+        ",",
+        ";",
+        "--",
+        "/*",
+        "*/",
+        "'",
+        "\"",
+        "$",
+        "$$",
+        "$q$",
+        "$a1$",
+        "\\",
+        "set",
+        "do",
+        "temp",
+        "pg_temp",
+        "pg_advisory_",
+        "set_config",
+        "listen",
+        "execute",
+        "select",
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let (mut passed, mut checked) = (0, 0);
+    for _ in 0..200_000 {
+        // Numbers standing alone are what this is about: two pieces in five.
+        const ALONE: &[&str] = &[" 1 ", "23", "(4)", ",5", "=6;", " 78"];
+        let text: String = (0..rng.random_range(1..10))
+            .map(|_| match rng.random_bool(0.4) {
+                true => ALONE[rng.random_range(0..ALONE.len())],
+                false => PIECES[rng.random_range(0..PIECES.len())],
+            })
+            .collect();
+        let spans = number_spans(&text);
+        if spans.is_empty() || may_touch_session(&text) || !numbers_stand_alone(&text, &spans) {
+            continue;
+        }
+        let mut other = String::new();
+        let mut at = 0;
+        for &(s, e) in &spans {
+            other.push_str(&text[at..s]);
+            other.push_str(["7", "88", "9.9", "0_1", "5"][rng.random_range(0..5)]);
+            at = e;
+        }
+        other.push_str(&text[at..]);
+        if rng.random_bool(0.2) {
+            let mut cut = rng.random_range(0..=other.len());
+            while !other.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            other.insert_str(cut, PIECES[rng.random_range(0..PIECES.len())]);
+        }
+        checked += 1;
+        if same_plan_key(&text, &spans, other.as_bytes()) {
+            passed += 1;
+            assert!(!may_touch_session(&other), "{text:?} / {other:?}");
+        }
+    }
+    assert!(
+        passed > checked / 2 && passed > 10_000,
+        "{passed} of {checked}"
+    );
+}

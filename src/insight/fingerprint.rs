@@ -5,6 +5,7 @@
 //! constant. So the memo is keyed by the text's *shape*: a quick scan that blanks out literals
 //! and comments. Texts of one shape are fingerprinted once, from the first of them.
 
+use crate::sqltext::Blind;
 use lru::LruCache;
 use std::hash::BuildHasher;
 use std::num::NonZeroUsize;
@@ -61,7 +62,22 @@ impl Default for Memo {
 impl Memo {
     pub fn get(&self, sql: &str) -> Arc<Fingerprint> {
         let h = self.hasher.build_hasher();
-        let key = crate::sqltext::shape_hash(sql, h, crate::sqltext::Blind::All);
+        self.get_by_shape(sql, crate::sqltext::shape_hash(sql, h, Blind::All))
+    }
+
+    /// `get`, noting where `sql`'s numbers are in `numbers` (from the same scan): a text that
+    /// differs from `sql` only in numbers (`sqltext::same_plan_key`) has its fingerprint.
+    pub fn get_noting_numbers(
+        &self,
+        sql: &str,
+        numbers: &mut Vec<(usize, usize)>,
+    ) -> Arc<Fingerprint> {
+        let h = self.hasher.build_hasher();
+        let key = crate::sqltext::shape_hash_and_numbers(sql, h, Blind::All, numbers);
+        self.get_by_shape(sql, key)
+    }
+
+    fn get_by_shape(&self, sql: &str, key: u64) -> Arc<Fingerprint> {
         if let Some(f) = self.lock().get(&key) {
             return f.clone();
         }

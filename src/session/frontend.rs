@@ -399,9 +399,8 @@ impl Session {
         PoolStats::add(&self.stats.queries, 1);
         let mut pos = 5;
         let sql = read_cstr(&msg, &mut pos).unwrap_or_default();
-        let analysis = self.analyze(sql);
         let plan = self.cache.as_deref_mut().and_then(|c| c.query_plan.take());
-        let timed = self.insight_query(sql, plan.as_deref());
+        let (analysis, timed) = self.look_at_query(sql, plan.as_deref());
         // `DEALLOCATE name` of one of the client's protocol-level statements: the server knows it
         // under another name (and other clients may use it), so the proxy answers, as for `Close`.
         if let Some(name) = analysis

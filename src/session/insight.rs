@@ -7,10 +7,12 @@
 //! `PortalSuspended`, `EmptyQueryResponse`, an error; `ReadyForQuery` for a simple query).
 
 use super::Session;
-use crate::insight::fingerprint::Fingerprint;
+use crate::analysis::{numbers_stand_alone, Analyzed};
+use crate::insight::fingerprint::{Fingerprint, Memo};
 use crate::insight::stats::Sample;
 use crate::insight::{ExplainArgs, Runs, SlowEvent};
 use crate::metrics::{self, METRICS};
+use crate::sqltext::same_plan_key;
 use crate::wire;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -40,6 +42,66 @@ pub(super) struct SessionInsight {
     bound: Option<Bound>,
     /// Fingerprint of the client's unnamed statement, made at its first `Bind`.
     unnamed_fp: Option<Arc<Fingerprint>>,
+    /// The client's last simple `Query` (boxed: dropped when the session parks).
+    last_query: Option<Box<LastQuery>>,
+}
+
+/// A session's last simple-protocol statement. A client that sends one statement with new
+/// numbers each time (the simple protocol has no parameters) sends a new text each time; one
+/// that differs from this only in numbers (`sqltext::same_plan_key`) takes its fingerprint
+/// and, when this one cannot have touched the session, its pooling analysis, without a scan
+/// of its own for either. Why those follow from `same_plan_key`: the fingerprint memo's key is
+/// the text's shape with every number blanked, and the numbers are where the shape's scan
+/// found them (so `same_plan_key`'s argument holds for it as for the plan key); the analysis'
+/// pre-scan (`analysis::may_touch_session`) looks for words, and a digit run standing alone
+/// can neither make nor unmake one of them (`analysis::numbers_stand_alone`, and its test over
+/// random texts).
+struct LastQuery {
+    text: String,
+    numbers: Vec<(usize, usize)>,
+    fp: Arc<Fingerprint>,
+    /// The analysis said `Analyzed::Plain` (the text cannot touch the session), and a text
+    /// with other numbers gets that answer too (`analysis::numbers_stand_alone`).
+    plain: bool,
+}
+
+/// Longer statements are not kept: a session holds at most this much text for `LastQuery`.
+const LAST_QUERY_MAX: usize = 2048;
+
+impl LastQuery {
+    /// Make `sql` the last statement in `slot` (its buffers reused) and return its fingerprint.
+    fn remember(
+        slot: &mut Option<Box<LastQuery>>,
+        memo: &Memo,
+        sql: &str,
+        plain: bool,
+    ) -> Arc<Fingerprint> {
+        if sql.len() > LAST_QUERY_MAX {
+            *slot = None;
+            return memo.get(sql);
+        }
+        match slot.as_deref_mut() {
+            Some(l) => {
+                l.fp = memo.get_noting_numbers(sql, &mut l.numbers);
+                l.text.clear();
+                l.text.push_str(sql);
+                l.plain = plain && numbers_stand_alone(sql, &l.numbers);
+                l.fp.clone()
+            }
+            None => {
+                let mut numbers = Vec::new();
+                let fp = memo.get_noting_numbers(sql, &mut numbers);
+                let plain = plain && numbers_stand_alone(sql, &numbers);
+                *slot = Some(Box::new(LastQuery {
+                    text: sql.to_string(),
+                    numbers,
+                    fp: fp.clone(),
+                    plain,
+                }));
+                fp
+            }
+        }
+    }
 }
 
 impl Session {
@@ -48,19 +110,37 @@ impl Session {
         c.slow_query.explain && !c.slow_query.threshold.is_zero()
     }
 
-    /// A simple `Query` is going upstream; `plan` is the cache's plan of it (cache on), which
-    /// keeps its fingerprint (as for a hit) so that a statement is not scanned for its shape
-    /// again.
-    pub(super) fn insight_query(
+    /// A simple `Query` is going upstream: its pooling analysis, and its `Pending` (insight
+    /// on). `plan` is the cache's plan of it (cache on), which keeps its fingerprint (as for a
+    /// hit) so that a statement is not scanned for its shape again; without one, a statement
+    /// that differs from the client's last only in numbers takes that one's (`LastQuery`).
+    pub(super) fn look_at_query(
         &mut self,
         sql: &str,
         plan: Option<&crate::cache::Plan>,
-    ) -> Option<Box<Pending>> {
-        self.insight.as_ref()?;
+    ) -> (Analyzed, Option<Box<Pending>>) {
+        let Some(si) = self.insight.as_deref() else {
+            return (self.analyze(sql), None);
+        };
+        let repeat = si
+            .last_query
+            .as_deref()
+            .filter(|l| same_plan_key(&l.text, &l.numbers, sql.as_bytes()))
+            .map(|l| (l.fp.clone(), l.plain));
+        // `unreadable` depends on a setting, not only on the text: asked each time.
+        let analysis = match repeat {
+            Some((_, true)) if !self.unreadable(sql.as_bytes()) => Analyzed::Plain,
+            _ => self.analyze(sql),
+        };
         let memo = &self.shared.insight.memo;
-        let fp = match plan {
-            Some(p) => p.insight.get_or_init(|| memo.get(sql)).clone(),
-            None => memo.get(sql),
+        let fp = match (plan, repeat) {
+            (Some(p), _) => p.insight.get_or_init(|| memo.get(sql)).clone(),
+            (None, Some((fp, _))) => fp,
+            (None, None) => {
+                let plain = matches!(analysis, Analyzed::Plain);
+                let si = self.insight.as_deref_mut().expect("insight is on");
+                LastQuery::remember(&mut si.last_query, memo, sql, plain)
+            }
         };
         let explain = (self.explaining() && fp.statements == 1).then(|| ExplainArgs {
             key: (**self.pool.key()).clone(),
@@ -69,14 +149,22 @@ impl Session {
             bind: None,
             settings: self.settings.wanted.clone(),
         });
-        Some(Box::new(Pending {
+        let pending = Box::new(Pending {
             fp,
             sent: self.tx.last_activity.into_std(),
             rows: 0,
             error: None,
             protocol: metrics::SIMPLE,
             explain,
-        }))
+        });
+        (analysis, Some(pending))
+    }
+
+    /// The session is about to park: what it kept of its last statement goes.
+    pub(super) fn insight_park(&mut self) {
+        if let Some(si) = self.insight.as_deref_mut() {
+            si.last_query = None;
+        }
     }
 
     /// The client's unnamed statement was parsed again.

@@ -246,6 +246,7 @@ impl Session {
     pub async fn run(mut self: Box<Self>) {
         let end = self.serve().await;
         if end == End::Parked {
+            self.insight_park();
             park::park(self);
             return;
         }
