@@ -289,10 +289,10 @@ async fn login(shared: &Shared, tcp: TcpStream) -> Option<Login> {
             CANCEL_REQUEST => {
                 if packet.len() >= 16 {
                     let pid = i32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
-                    if let Some(key) = shared.cancels.lookup(pid, &packet[12..]) {
+                    if let Some(send) = shared.cancels.cancel(pid, &packet[12..]) {
                         tracing::debug!(pid, "forwarding cancel request");
                         METRICS.cancels_forwarded.inc();
-                        if let Err(e) = key.send().await {
+                        if let Err(e) = send.await {
                             tracing::warn!(error = %e, "could not forward cancel request");
                         }
                     }
