@@ -36,7 +36,7 @@
 #   WARMUP=3           seconds of unrecorded -S per target before the rounds
 #   CACHE_WARMUP=10    seconds of unrecorded -S per protocol mode through the cache-on pgcache
 #   HOT_WARMUP=4       then seconds of unrecorded hot-* per protocol mode
-#   KEEP_TMP=1         keep the temp dir (logs) after the run
+#   KEEP_TMP=1         keep the temp dir (logs, and pgbench's per-transaction logs) after the run
 #   ONLY=a,b           run only these workloads (names as in the table: select-simple, tpcb...)
 # Exit status: non-zero only when something is broken (a server does not start, pgbench fails against
 # PostgreSQL or pgcache, a proxy dies, an idle client fails, a proxy exceeds its pool) — never
@@ -564,7 +564,8 @@ run_pgbench() {
     [ -n "$pid" ] && cpu_s="$(awk -v a="$cpu0" -v b="$cpu1" -v t="$CLK_TCK" 'BEGIN { printf "%.2f", (b - a) / t }')"
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$target" "$status" \
         "${tps:-NA}" "${tx:-NA}" ${stats} "$cpu_s" "${rss:-NA}" "${conn:-NA}" "$other" "$note" >>"$RUNS"
-    rm -f "$dir"/tx.*
+    # Per-transaction logs are large; kept only with the temp dir (a p99 worth a closer look).
+    [ "${KEEP_TMP:-0}" = 1 ] || rm -f "$dir"/tx.*
     printf '    %-16s %-10s %s\n' "$name" "$target" \
         "$( [ "$status" = ok ] && printf 'tps %-10s mean %s ms  p99 %s ms' "$tps" ${stats} || printf 'FAILED: %s' "$note")  (other CPU $other%)" >&2
 }
