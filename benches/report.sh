@@ -29,16 +29,21 @@ CPU_MODEL="$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
 MEM_GIB="$(awk '/^MemTotal/ { printf "%.0f", $2 / 1048576 }' /proc/meminfo)"
 PG_VERSION="$("$PG_BIN/postgres" --version | awk '{ print $3 }')"
 
+# An awk function for the programs below: the median of a[1..n] (n > 0), sorting a in place.
+AWK_MEDIAN='
+    function median_of(a, n,   i, j, t) {
+        for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > t + 0; j--) a[j + 1] = a[j]; a[j + 1] = t }
+        return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }'
+
 SUMMARY="$TMP/summary.tsv"
 # One row per (workload, target): status, rounds ok, median tps, median mean latency, median p99,
 # median CPU s per 10k transactions, max peak RSS, all tps values, median connect ms (-C), max other
 # CPU %, first failure note.
-awk -F'\t' -v OFS='\t' '
-    function median(list,   a, n, i, j, t) {
+awk -F'\t' -v OFS='\t' "$AWK_MEDIAN"'
+    function median(list,   a, n) {
         n = split(list, a, " ")
-        for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > t + 0; j--) a[j + 1] = a[j]; a[j + 1] = t }
-        if (n == 0) return "NA"
-        return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+        return (n == 0) ? "NA" : median_of(a, n)
     }
     {
         k = $2 SUBSEP $3
@@ -79,7 +84,8 @@ mib() { awk -v k="$1" 'BEGIN { if (k == "NA" || k == "") print "—"; else print
 # with fewer than 100 lookups (TPC-B: its SELECT follows an UPDATE in the same transaction, so only
 # pgbench's start-up query is looked up) has no ratio worth printing
 hit_ratio() {
-    awk -F'\t' -v w="$1" -v t="${2:-cached}" '$2 == w && $5 == t {
+    awk -F'\t' -v w="$1" -v t="${2:-cached}" "$AWK_MEDIAN"'
+        $2 == w && $5 == t {
             split($3, a, " "); split($4, b, " ")
             if (a[1] == "NA" || b[1] == "NA") next
             h = b[1] - a[1]; m = b[2] - a[2]
@@ -87,8 +93,7 @@ hit_ratio() {
         }
         END {
             if (n == 0) { print "—"; exit }
-            for (i = 2; i <= n; i++) { t = r[i]; for (j = i - 1; j >= 1 && r[j] > t; j--) r[j + 1] = r[j]; r[j + 1] = t }
-            printf "%.2f", (n % 2) ? r[(n + 1) / 2] : (r[n / 2] + r[n / 2 + 1]) / 2
+            printf "%.2f", median_of(r, n)
         }' "$HITS"
 }
 dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
@@ -97,7 +102,7 @@ dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
 # follows the machine's drift better than a ratio of medians taken from different rounds. COLUMN
 # names the figure as in the summary: 5 TPS, 6 mean latency, 7 p99, 8 CPU per transaction.
 versus() {
-    awk -F'\t' -v w="$1" -v a="$2" -v b="$3" -v c="$4" '
+    awk -F'\t' -v w="$1" -v a="$2" -v b="$3" -v c="$4" "$AWK_MEDIAN"'
         function fig() {
             if (c == 5) return $5
             if (c == 6) return $7
@@ -110,8 +115,7 @@ versus() {
             for (r in rounds)
                 if (((a, r) in got) && ((b, r) in got) && got[b, r] + 0 != 0) q[++n] = got[a, r] / got[b, r]
             if (n == 0) { print "—"; exit }
-            for (i = 2; i <= n; i++) { t = q[i]; for (j = i - 1; j >= 1 && q[j] > t; j--) q[j + 1] = q[j]; q[j + 1] = t }
-            printf "%.2f", (n % 2) ? q[(n + 1) / 2] : (q[n / 2] + q[n / 2 + 1]) / 2
+            printf "%.2f", median_of(q, n)
         }' "$RUNS"
 }
 # verdict VALUE OP LIMIT: "met"/"**missed**" (OP is >= or <=), "—" without a value
