@@ -403,4 +403,4 @@ fn skip_quoted(b: &[u8], start: usize, q: u8, escapes: bool) -> usize {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

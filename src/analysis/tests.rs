@@ -262,6 +262,7 @@ fn unparsable_is_flagged_and_memo_returns_same() {
 /// numbers; each against a copy with numbers changed and sometimes a piece put in.
 #[test]
 fn new_numbers_never_make_a_passed_text_touch_the_session() {
+    use crate::sqltext::tests::with_new_numbers;
     use crate::sqltext::{number_spans, same_plan_key};
     use rand::{Rng, SeedableRng};
     const PIECES: &[&str] = &[
@@ -318,21 +319,7 @@ fn new_numbers_never_make_a_passed_text_touch_the_session() {
         if spans.is_empty() || may_touch_session(&text) || !numbers_stand_alone(&text, &spans) {
             continue;
         }
-        let mut other = String::new();
-        let mut at = 0;
-        for &(s, e) in &spans {
-            other.push_str(&text[at..s]);
-            other.push_str(["7", "88", "9.9", "0_1", "5"][rng.random_range(0..5)]);
-            at = e;
-        }
-        other.push_str(&text[at..]);
-        if rng.random_bool(0.2) {
-            let mut cut = rng.random_range(0..=other.len());
-            while !other.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            other.insert_str(cut, PIECES[rng.random_range(0..PIECES.len())]);
-        }
+        let other = with_new_numbers(&mut rng, &text, &spans, 0.0, 0.2, PIECES);
         checked += 1;
         if same_plan_key(&text, &spans, other.as_bytes()) {
             passed += 1;

@@ -182,25 +182,7 @@ fn same_plan_key_never_says_yes_for_another_key() {
             .collect();
         let spans = number_spans(&text);
         // Another text: some numbers changed, or a piece put in somewhere.
-        let mut other = String::new();
-        let mut at = 0;
-        for &(s, e) in &spans {
-            other.push_str(&text[at..s]);
-            if rng.random_bool(0.5) {
-                other.push_str(["7", "88", "9.9", "0_1"][rng.random_range(0..4)]);
-            } else {
-                other.push_str(&text[s..e]);
-            }
-            at = e;
-        }
-        other.push_str(&text[at..]);
-        if rng.random_bool(0.3) {
-            let mut cut = rng.random_range(0..=other.len());
-            while !other.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            other.insert_str(cut, PIECES[rng.random_range(0..PIECES.len())]);
-        }
+        let other = with_new_numbers(&mut rng, &text, &spans, 0.5, 0.3, PIECES);
         checked += 1;
         // The shape scan finds the numbers where `number_spans` does, whatever it blanks.
         let mut noted = vec![(0, 0)];
@@ -217,4 +199,39 @@ fn same_plan_key_never_says_yes_for_another_key() {
         }
     }
     assert!(yes > checked / 2, "{yes} of {checked}");
+}
+
+/// `text` (whose numbers are at `spans`) with each number kept with probability `keep` and
+/// otherwise replaced by another number, then with probability `insert` one of `pieces` put in
+/// somewhere: a text `same_plan_key` should mostly, but not always, match (property tests here
+/// and in `analysis`).
+pub(crate) fn with_new_numbers(
+    rng: &mut rand::rngs::StdRng,
+    text: &str,
+    spans: &[(usize, usize)],
+    keep: f64,
+    insert: f64,
+    pieces: &[&str],
+) -> String {
+    use rand::Rng;
+    let mut other = String::new();
+    let mut at = 0;
+    for &(s, e) in spans {
+        other.push_str(&text[at..s]);
+        if rng.random_bool(keep) {
+            other.push_str(&text[s..e]);
+        } else {
+            other.push_str(["7", "88", "9.9", "0_1", "5"][rng.random_range(0..5)]);
+        }
+        at = e;
+    }
+    other.push_str(&text[at..]);
+    if rng.random_bool(insert) {
+        let mut cut = rng.random_range(0..=other.len());
+        while !other.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        other.insert_str(cut, pieces[rng.random_range(0..pieces.len())]);
+    }
+    other
 }
