@@ -64,12 +64,23 @@ async fn query_row(proxy: &Proxy, needle: &str) -> HashMap<String, String> {
         .unwrap_or_else(|| panic!("no {needle:?} in SHOW QUERIES: {rows:#?}"))
 }
 
+/// `SHOW QUERIES`'s call count for the statement whose normalized text contains `needle`.
+async fn calls(proxy: &Proxy, needle: &str) -> String {
+    query_row(proxy, needle).await["calls"].clone()
+}
+
+/// A fresh table `name (id int primary key, v text)` holding ids 1..=`rows`, `v` = 'v' || id.
+fn numbered_table(name: &str, rows: u32) -> String {
+    let t = table(name, "id int primary key, v text");
+    support::cache::direct(&format!(
+        "insert into {t} select g, 'v' || g from generate_series(1, {rows}) g"
+    ));
+    t
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_a_known_workload_exactly() {
-    let t = table("insight_counted", "id int primary key, v text");
-    support::cache::direct(&format!(
-        "insert into {t} select g, 'v' || g from generate_series(1, 5) g"
-    ));
+    let t = numbered_table("insight_counted", 5);
     let proxy = cache_proxy("transaction", "");
     let addr = proxy_metrics(&proxy);
     let c = connect(&app_url(&proxy)).await;
@@ -168,13 +179,8 @@ async fn metrics_count_a_known_workload_exactly() {
 /// one fingerprint, and a text on another table never under theirs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_cache_on_texts_differing_in_constants_share_a_fingerprint() {
-    let t = table("insight_planned", "id int primary key, v text");
-    let u = table("insight_planned_other", "id int primary key, v text");
-    for name in [&t, &u] {
-        support::cache::direct(&format!(
-            "insert into {name} select g, 'v' || g from generate_series(1, 5) g"
-        ));
-    }
+    let t = numbered_table("insight_planned", 5);
+    let u = numbered_table("insight_planned_other", 5);
     let proxy = cache_proxy("transaction", "");
     let c = connect(&app_url(&proxy)).await;
     for sql in [
@@ -188,13 +194,12 @@ async fn with_the_cache_on_texts_differing_in_constants_share_a_fingerprint() {
     ] {
         c.simple_query(&sql).await.expect(&sql);
     }
-    let calls = |r: HashMap<String, String>| r["calls"].clone();
     let update = |name: &str| format!("update {name} set v = $1 where id = $2");
-    assert_eq!(calls(query_row(&proxy, &update(&t)).await), "3");
-    assert_eq!(calls(query_row(&proxy, &update(&u)).await), "1");
+    assert_eq!(calls(&proxy, &update(&t)).await, "3");
+    assert_eq!(calls(&proxy, &update(&u)).await, "1");
     let select = |name: &str| format!("select v from {name} where id = $1");
-    assert_eq!(calls(query_row(&proxy, &select(&t)).await), "2");
-    assert_eq!(calls(query_row(&proxy, &select(&u)).await), "1");
+    assert_eq!(calls(&proxy, &select(&t)).await, "2");
+    assert_eq!(calls(&proxy, &select(&u)).await, "1");
 }
 
 /// With the cache off, a simple-protocol statement that differs from the session's last only in
@@ -204,13 +209,8 @@ async fn with_the_cache_on_texts_differing_in_constants_share_a_fingerprint() {
 /// number is analysed again, so the value a client gets back on a shared connection is its last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_repeated_with_new_numbers_keep_their_own_fingerprint_and_effects() {
-    let t = table("insight_repeat", "id int primary key, v text");
-    let u = table("insight_repeat_other", "id int primary key, v text");
-    for name in [&t, &u] {
-        support::cache::direct(&format!(
-            "insert into {name} select g, 'v' || g from generate_series(1, 9) g"
-        ));
-    }
+    let t = numbered_table("insight_repeat", 9);
+    let u = numbered_table("insight_repeat_other", 9);
     let proxy = cache_proxy(
         "transaction",
         "[pool]\nmax_size = 1\n[cache]\nenabled = false\n",
@@ -230,12 +230,11 @@ async fn statements_repeated_with_new_numbers_keep_their_own_fingerprint_and_eff
         let got = support::cache::first_value(&rows).unwrap_or_default();
         assert_eq!(got, want, "{sql}");
     }
-    let calls = |r: HashMap<String, String>| r["calls"].clone();
     let select = |name: &str| format!("select v from {name} where id = $1");
-    assert_eq!(calls(query_row(&proxy, &select(&t)).await), "4");
-    assert_eq!(calls(query_row(&proxy, &select(&u)).await), "2");
+    assert_eq!(calls(&proxy, &select(&t)).await, "4");
+    assert_eq!(calls(&proxy, &select(&u)).await, "2");
     let concat = format!("select v || $1 from {t} where id = $2");
-    assert_eq!(calls(query_row(&proxy, &concat).await), "2");
+    assert_eq!(calls(&proxy, &concat).await, "2");
 
     // One server connection, two clients: the other client's statement resets the setting on
     // it, and this client's next one gets back what it set last.
@@ -258,11 +257,8 @@ async fn statements_repeated_with_new_numbers_keep_their_own_fingerprint_and_eff
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unnamed_statement_from_a_cached_batch_counts_under_its_own_fingerprint() {
     use support::raw::{bind, execute, parse, sync, RawConn};
-    let t = table("insight_unnamed", "id int primary key, v text");
-    support::cache::direct(&format!(
-        "insert into {t} select g, 'v' || g from generate_series(1, 5) g; \
-         grant select on {t} to trustuser"
-    ));
+    let t = numbered_table("insight_unnamed", 5);
+    support::cache::direct(&format!("grant select on {t} to trustuser"));
     let proxy = cache_proxy("transaction", "");
     let mut raw = RawConn::login_trust(proxy.port()).await;
     let (a, b) = (
@@ -295,15 +291,8 @@ async fn an_unnamed_statement_from_a_cached_batch_counts_under_its_own_fingerpri
         rows.last().is_some_and(|(_, d)| d.ends_with(b"6")),
         "{rows:?}"
     );
-    let calls = |r: HashMap<String, String>| r["calls"].clone();
-    assert_eq!(
-        calls(query_row(&proxy, &format!("count(*) from {t}")).await),
-        "3"
-    );
-    assert_eq!(
-        calls(query_row(&proxy, &format!("from {t} where id = $1")).await),
-        "1"
-    );
+    assert_eq!(calls(&proxy, &format!("count(*) from {t}")).await, "3");
+    assert_eq!(calls(&proxy, &format!("from {t} where id = $1")).await, "1");
 }
 
 /// A transaction-mode proxy, cache off, logging every statement slower than 1 ms to `log` (as
