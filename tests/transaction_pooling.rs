@@ -43,6 +43,12 @@ fn code(e: &tokio_postgres::Error) -> String {
         .unwrap_or_else(|| format!("no db error: {e}"))
 }
 
+/// Two clients of `proxy`'s `app` database.
+async fn two_clients(proxy: &Proxy) -> (tokio_postgres::Client, tokio_postgres::Client) {
+    let url = proxy.url("app", "app", "app");
+    (support::connect(&url).await, support::connect(&url).await)
+}
+
 async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
     c.query_one("select pg_backend_pid()", &[])
         .await
@@ -53,9 +59,7 @@ async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
 #[tokio::test]
 async fn clients_share_one_server_connection_between_transactions() {
     let proxy = tx_proxy("");
-    let url = proxy.url("app", "app", "app");
-    let a = support::connect(&url).await;
-    let b = support::connect(&url).await;
+    let (a, b) = two_clients(&proxy).await;
     // Two clients, one server connection: both are served, by the same backend.
     assert_eq!(backend_pid(&a).await, backend_pid(&b).await);
 }
@@ -63,9 +67,7 @@ async fn clients_share_one_server_connection_between_transactions() {
 #[tokio::test]
 async fn same_statement_names_with_different_text_do_not_collide() {
     let proxy = tx_proxy("");
-    let url = proxy.url("app", "app", "app");
-    let a = support::connect(&url).await;
-    let b = support::connect(&url).await;
+    let (a, b) = two_clients(&proxy).await;
     // tokio-postgres names each client's first statement "s0": different SQL, same name, one
     // server connection.
     let sa = a.prepare("select $1::int + 1").await.unwrap();
@@ -246,9 +248,7 @@ async fn set_is_refused_when_not_tracked() {
 #[tokio::test]
 async fn do_blocks_are_read_for_session_settings() {
     let proxy = tx_proxy("");
-    let url = proxy.url("app", "app", "app");
-    let a = support::connect(&url).await;
-    let b = support::connect(&url).await;
+    let (a, b) = two_clients(&proxy).await;
     let default = show(&b, "show work_mem").await;
     a.batch_execute("do $$ begin set work_mem = '7MB'; end $$")
         .await
@@ -328,9 +328,7 @@ async fn session_state_refused_when_configured() {
 #[tokio::test]
 async fn sql_prepare_and_execute_work_pinned() {
     let proxy = tx_proxy("max_size = 2\n");
-    let url = proxy.url("app", "app", "app");
-    let a = support::connect(&url).await;
-    let b = support::connect(&url).await;
+    let (a, b) = two_clients(&proxy).await;
     a.batch_execute("prepare tp_p(int) as select $1 * 2")
         .await
         .unwrap();
@@ -391,9 +389,7 @@ async fn query_timeout_cancels_again_while_the_statement_runs() {
 #[tokio::test]
 async fn query_timeout_does_not_count_the_wait_for_a_connection() {
     let proxy = tx_proxy("query_timeout = \"500ms\"\n");
-    let url = proxy.url("app", "app", "app");
-    let a = support::connect(&url).await;
-    let b = support::connect(&url).await;
+    let (a, b) = two_clients(&proxy).await;
     a.batch_execute("begin; select 1").await.unwrap();
     let holder = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(1000)).await;
