@@ -80,27 +80,30 @@ impl LastQuery {
             *slot = None;
             return memo.get(sql);
         }
+        let mut numbers = match slot.as_deref_mut() {
+            Some(l) => std::mem::take(&mut l.numbers),
+            None => Vec::new(),
+        };
+        let fp = memo.get_noting_numbers(sql, &mut numbers);
+        let plain = plain && numbers_stand_alone(sql, &numbers);
         match slot.as_deref_mut() {
             Some(l) => {
-                l.fp = memo.get_noting_numbers(sql, &mut l.numbers);
                 l.text.clear();
                 l.text.push_str(sql);
-                l.plain = plain && numbers_stand_alone(sql, &l.numbers);
-                l.fp.clone()
+                (l.numbers, l.fp, l.plain) = (numbers, fp.clone(), plain);
             }
             None => {
-                let mut numbers = Vec::new();
-                let fp = memo.get_noting_numbers(sql, &mut numbers);
-                let plain = plain && numbers_stand_alone(sql, &numbers);
+                let text = sql.to_string();
+                let fp = fp.clone();
                 *slot = Some(Box::new(LastQuery {
-                    text: sql.to_string(),
+                    text,
                     numbers,
-                    fp: fp.clone(),
+                    fp,
                     plain,
                 }));
-                fp
             }
         }
+        fp
     }
 }
 
