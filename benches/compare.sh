@@ -16,8 +16,8 @@
 #      (-C -S) at 16 clients;
 #   5. measures idle client connections (benches/idle_clients.rs) through fresh instances of each
 #      proxy: RSS per client and the server connection count;
-#   6. per run records TPS, mean/p99 latency, proxy CPU and peak RSS, and the CPU used by anything
-#      else on the machine (so a disturbed run shows);
+#   6. per run records TPS, mean/p99/slowest latency, proxy CPU, peak RSS and wake-ups, and the CPU
+#      used by anything else on the machine (so a disturbed run shows);
 #   7. prints a table, the ratios pgcache/PgBouncer and pgcache/direct, the cache-on figures (hit
 #      ratio, cached/direct, cached/cache-off), and writes
 #      benches/results/<date>-<hostname>.csv and .md (`-smoke` added under SMOKE=1).
@@ -210,6 +210,9 @@ cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
 status_kb() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"; }
 # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0): the peak per run.
 reset_hwm() { echo 5 >"/proc/$1/clear_refs" 2>/dev/null || true; }
+# How often the process's threads have blocked (each block ends in a wake-up): voluntary context
+# switches summed over its threads. Per transaction, the proxy's wake-up rate (benches/README.md).
+sleeps() { cat "/proc/$1"/task/*/status 2>/dev/null | awk '$1 == "voluntary_ctxt_switches:" { n += $2 } END { print n + 0 }'; }
 
 psql_admin() { "$PG_BIN/psql" -X -q -At -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres "$@"; }
 # A query through a target as the app user (SCRAM).
@@ -440,7 +443,8 @@ fi
 # ---------------------------------------------------------------------------------------------
 # 4. pgbench, interleaved. One line per run in $RUNS (tab-separated):
 #    round workload target status tps transactions lat_mean_ms lat_p99_ms cpu_s rss_peak_kb conn_ms
-#    other_cpu_pct note
+#    other_cpu_pct lat_max_ms wakeups_per_tx note
+# (no field is empty but the note, which comes last: `read` with IFS=tab merges empty fields)
 RUNS="$TMP/runs.tsv"
 : >"$RUNS"
 # Cache-on runs: round, workload, "hits misses" before, "hits misses" after.
@@ -449,14 +453,15 @@ HITS="$TMP/hits.tsv"
 BROKEN=()
 
 # Latency: every transaction is logged (pgbench -l, one file per thread; third field = latency in
-# µs); mean and p99 (nearest rank) come from those logs, so both cover exactly the measured run.
+# µs); mean, p99 (nearest rank) and the slowest come from those logs, so all cover exactly the
+# measured run.
 latency_stats() {
     cat "$1".* | awk '$3 ~ /^[0-9]+$/ { print $3 }' | sort -n -S 25% | awk '
         { v[NR] = $1; s += $1 }
         END {
-            if (NR == 0) { print "NA NA"; exit }
+            if (NR == 0) { print "NA NA NA"; exit }
             r = int(NR * 0.99); if (r < NR * 0.99) r++; if (r < 1) r = 1
-            printf "%.3f %.3f\n", s / NR / 1000, v[r] / 1000
+            printf "%.3f %.3f %.3f\n", s / NR / 1000, v[r] / 1000, v[NR] / 1000
         }'
 }
 
@@ -514,11 +519,12 @@ alive() {
 # run_pgbench ROUND WORKLOAD TARGET CLIENTS ARGS
 run_pgbench() {
     local round=$1 name=$2 target=$3 clients=$4 args=${5//@HOT@/$HOT_SQL}
-    local port pid dir out rc=0 cpu0=0 cpu1=0 rss="" tps tx conn stats note="" status=ok
+    local port pid dir out rc=0 cpu0=0 cpu1=0 sl0=0 sl1=0 rss="" tps tx conn stats note="" status=ok
     port="$(port_of "$target")"; pid="$(pid_of "$target")"
     dir="$TMP/run/$round-$name-$target"; mkdir -p "$dir"; out="$dir/pgbench.out"
     if [ -n "$pid" ]; then
         alive "$target" "$pid" "before $name"; reset_hwm "$pid"; cpu0="$(cpu_ticks "$pid")"
+        sl0="$(sleeps "$pid")"
     fi
     local own0 own1 mach0 mach1 other hm0=""
     is_cache_target "$target" && hm0="$(cache_counters "$target")"
@@ -543,7 +549,7 @@ run_pgbench() {
             printf "%.1f", 100 * ((b[1] - a[1]) - (o1 - o0) - (p1 - p0)) / total }')"
     if [ -n "$pid" ]; then
         alive "$target" "$pid" "during $name (round $round)"
-        cpu1="$(cpu_ticks "$pid")"; rss="$(status_kb "$pid" VmHWM)"
+        cpu1="$(cpu_ticks "$pid")"; rss="$(status_kb "$pid" VmHWM)"; sl1="$(sleeps "$pid")"
     fi
     tps="$(awk '/^tps = / { print $3; exit }' "$out")"
     tx="$(awk '/^number of transactions actually processed:/ { print $6; exit }' "$out")"
@@ -558,16 +564,20 @@ run_pgbench() {
     if [ "$status" = ok ]; then
         stats="$(latency_stats "$dir/tx")"
     else
-        stats="NA NA"
+        stats="NA NA NA"
     fi
-    local cpu_s="NA"
+    local cpu_s="NA" wakes="NA" mean p99 slowest
+    read -r mean p99 slowest <<<"$stats"
     [ -n "$pid" ] && cpu_s="$(awk -v a="$cpu0" -v b="$cpu1" -v t="$CLK_TCK" 'BEGIN { printf "%.2f", (b - a) / t }')"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$target" "$status" \
-        "${tps:-NA}" "${tx:-NA}" ${stats} "$cpu_s" "${rss:-NA}" "${conn:-NA}" "$other" "$note" >>"$RUNS"
+    [ -n "$pid" ] && [ "${tx:-0}" -gt 0 ] 2>/dev/null \
+        && wakes="$(awk -v a="$sl0" -v b="$sl1" -v n="$tx" 'BEGIN { printf "%.3f", (b - a) / n }')"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$target" \
+        "$status" "${tps:-NA}" "${tx:-NA}" "$mean" "$p99" "$cpu_s" "${rss:-NA}" "${conn:-NA}" "$other" \
+        "$slowest" "$wakes" "$note" >>"$RUNS"
     # Per-transaction logs are large; kept only with the temp dir (a p99 worth a closer look).
     [ "${KEEP_TMP:-0}" = 1 ] || rm -f "$dir"/tx.*
     printf '    %-16s %-10s %s\n' "$name" "$target" \
-        "$( [ "$status" = ok ] && printf 'tps %-10s mean %s ms  p99 %s ms' "$tps" ${stats} || printf 'FAILED: %s' "$note")  (other CPU $other%)" >&2
+        "$( [ "$status" = ok ] && printf 'tps %-10s mean %s ms  p99 %s ms  slowest %s ms' "$tps" "$mean" "$p99" "$slowest" || printf 'FAILED: %s' "$note")  (other CPU $other%)" >&2
 }
 
 # PgBouncer < 1.21 has no prepared statements in transaction mode: its -M prepared failure is known.

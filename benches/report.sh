@@ -11,7 +11,7 @@ for w in "${WORKLOADS[@]}"; do
             if expected_failure "$target" "$name"; then
                 sed -i "s/\t$name\t$target\tfailed\t/\t$name\t$target\tfailed (expected)\t/" "$RUNS"
             elif [ "$target" != pgbouncer ]; then
-                BROKEN+=("pgbench $name against $target failed: $(awk -F'\t' -v w="$name" -v t="$target" '$2 == w && $3 == t && $4 != "ok" { print $13; exit }' "$RUNS")")
+                BROKEN+=("pgbench $name against $target failed: $(awk -F'\t' -v w="$name" -v t="$target" '$2 == w && $3 == t && $4 != "ok" { print $15; exit }' "$RUNS")")
             fi
         fi
     done
@@ -39,7 +39,8 @@ AWK_MEDIAN='
 SUMMARY="$TMP/summary.tsv"
 # One row per (workload, target): status, rounds ok, median tps, median mean latency, median p99,
 # median CPU s per 10k transactions, max peak RSS, all tps values, median connect ms (-C), max other
-# CPU %, first failure note.
+# CPU %, slowest transaction (max over rounds), median proxy wake-ups per transaction, first
+# failure note (last: it may be empty).
 awk -F'\t' -v OFS='\t' "$AWK_MEDIAN"'
     function median(list,   a, n) {
         n = split(list, a, " ")
@@ -56,9 +57,11 @@ awk -F'\t' -v OFS='\t' "$AWK_MEDIAN"'
             if ($9 != "NA" && $6 > 0) cpu[k] = cpu[k] " " ($9 / $6 * 10000)
             if ($10 != "NA" && $10 > rss[k]) rss[k] = $10
             if ($11 != "NA") conn[k] = conn[k] " " $11
+            if ($13 != "NA" && (!(k in slow) || $13 + 0 > slow[k])) slow[k] = $13 + 0
+            if ($14 != "NA") wake[k] = wake[k] " " $14
         } else {
             status[k] = $4; alltps[k] = alltps[k] (alltps[k] == "" ? "" : ";") "failed"
-            if (note[k] == "") note[k] = $13
+            if (note[k] == "") note[k] = $15
         }
     }
     END {
@@ -72,7 +75,9 @@ awk -F'\t' -v OFS='\t' "$AWK_MEDIAN"'
             r = (rss[k] == "") ? "NA" : rss[k]
             cm = (conn[k] == "") ? "NA" : sprintf("%.3f", median(conn[k]))
             o = (k in oth) ? sprintf("%.1f", oth[k]) : "NA"
-            print p[1], p[2], st, ok[k] + 0 "/" runs[k], t, m, q, c, r, alltps[k], cm, o, note[k]
+            sl = (k in slow) ? sprintf("%.1f", slow[k]) : "NA"
+            wk = (wake[k] == "") ? "NA" : sprintf("%.3f", median(wake[k]))
+            print p[1], p[2], st, ok[k] + 0 "/" runs[k], t, m, q, c, r, alltps[k], cm, o, sl, wk, note[k]
         }
     }' "$RUNS" >"$SUMMARY"
 
@@ -166,14 +171,15 @@ targets_section() {
     echo "- Other CPU: CPU time used during a run by anything but pgbench, PostgreSQL and the proxies (from /proc/stat, plus hypervisor steal), as % of the machine; max over rounds. Within ±5% is accounting noise; more means other work disturbed the run."
     echo "- *cached*: a second pgcache, same settings plus \`[cache] enabled\` with one rule for \`pgbench_*\` (TTL 1 h: only the proxy writes these tables; room for every key); warmed with ${CACHE_WARMUP}s of \`-S\` and ${HOT_WARMUP}s of the hot set per protocol mode before the rounds. Hit ratio: hits / (hits + misses) over the run, from its \`/metrics\`, median over rounds. \`pgbench -S\` (*select-\**) draws from $((SCALE * 100000)) accounts, so there the ratio says how much of that key space the cache holds; *hot-\** sends the same statement with the account drawn from 1..$HOT_KEYS, a working set the warm cache holds (what a cache is for). PgBouncer does not run *hot-\** (its figures would repeat *select-\**)."
     echo "- Proxy CPU: utime+stime of the proxy process (/proc/<pid>/stat) over the run, per 10k transactions, median over rounds. Peak RSS: VmHWM, reset before each run (clear_refs), max over rounds."
+    echo "- Slowest tx: the slowest transaction pgbench logged, max over rounds (a round with an outlier shows here, not in the median p99). Wake-ups per tx: voluntary context switches of the proxy's threads (each one blocked and was woken again) per transaction, median over rounds; a run where this is several times the usual is one where the proxy's threads slept and woke for nearly every event (\`benches/README.md\`, *Profiling*)."
     echo
     echo "## Throughput and latency"
     echo
-    echo "| workload | target | TPS (median) | mean latency ms | p99 latency ms | connect ms | proxy CPU s / 10k tx | proxy peak RSS MiB | TPS per round | other CPU % (max) | status |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|"
-    while IFS=$'\t' read -r w t st okr tps mean p99 cpu rss all conn oth note; do
+    echo "| workload | target | TPS (median) | mean latency ms | p99 latency ms | slowest tx ms (max) | connect ms | proxy CPU s / 10k tx | proxy wake-ups per tx | proxy peak RSS MiB | TPS per round | other CPU % (max) | status |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"
+    while IFS=$'\t' read -r w t st okr tps mean p99 cpu rss all conn oth slow wake note; do
         s="$st"; [ "$st" = ok ] || s="**$st** ($okr ok): ${note//|/\\|}"
-        echo "| $w | $t | $(dash "$tps") | $(dash "$mean") | $(dash "$p99") | $(dash "$conn") | $(dash "$cpu") | $(mib "$rss") | $all | $(dash "$oth") | $s |"
+        echo "| $w | $t | $(dash "$tps") | $(dash "$mean") | $(dash "$p99") | $(dash "$slow") | $(dash "$conn") | $(dash "$cpu") | $(dash "$wake") | $(mib "$rss") | $all | $(dash "$oth") | $s |"
     done <"$SUMMARY"
     disturbed="$(awk -F'\t' '$12 != "NA" && $12 + 0 > 5 { n++ } END { print n + 0 }' "$RUNS")"
     if [ "$disturbed" -gt 0 ]; then
@@ -271,17 +277,17 @@ targets_section() {
 } >"$MD"
 
 {
-    echo "section,round,workload,target,status,runs_ok,tps,transactions,lat_mean_ms,lat_p99_ms,proxy_cpu_s,proxy_cpu_s_per_10k_tx,proxy_peak_rss_kb,connect_ms,other_cpu_pct,tps_per_round,idle_clients,rss_before_kb,rss_after_kb,rss_per_client_bytes,max_server_conns,rss_closed_kb,note"
-    while IFS=$'\t' read -r w t st okr tps mean p99 cpu rss all conn oth note; do
-        echo "summary,,$w,$t,$st,$okr,$tps,,$mean,$p99,,$cpu,$rss,$conn,$oth,$all,,,,,,,\"${note//\"/\'}\""
+    echo "section,round,workload,target,status,runs_ok,tps,transactions,lat_mean_ms,lat_p99_ms,lat_max_ms,proxy_cpu_s,proxy_cpu_s_per_10k_tx,proxy_wakeups_per_tx,proxy_peak_rss_kb,connect_ms,other_cpu_pct,tps_per_round,idle_clients,rss_before_kb,rss_after_kb,rss_per_client_bytes,max_server_conns,rss_closed_kb,note"
+    while IFS=$'\t' read -r w t st okr tps mean p99 cpu rss all conn oth slow wake note; do
+        echo "summary,,$w,$t,$st,$okr,$tps,,$mean,$p99,$slow,,$cpu,$wake,$rss,$conn,$oth,$all,,,,,,,\"${note//\"/\'}\""
     done <"$SUMMARY"
-    while IFS=$'\t' read -r round w t st tps tx mean p99 cpu rss conn oth note; do
+    while IFS=$'\t' read -r round w t st tps tx mean p99 cpu rss conn oth slow wake note; do
         per10k="$(awk -v c="$cpu" -v n="$tx" 'BEGIN { if (c == "NA" || n == "NA" || n + 0 == 0) print "NA"; else printf "%.3f", c / n * 10000 }')"
-        echo "run,$round,$w,$t,$st,,$tps,$tx,$mean,$p99,$cpu,$per10k,$rss,$conn,$oth,,,,,,,,\"${note//\"/\'}\""
+        echo "run,$round,$w,$t,$st,,$tps,$tx,$mean,$p99,$slow,$cpu,$per10k,$wake,$rss,$conn,$oth,,,,,,,,\"${note//\"/\'}\""
     done <"$RUNS"
     while IFS=$'\t' read -r t n kv; do
         get() { tr ' ' '\n' <<<"$kv" | awk -F= -v k="$1" '$1 == k { print $2 }'; }
-        echo "idle,,,$t,$( [ "$(get ok)" = true ] && echo ok || echo failed),,,,,,,,$(get hwm_kb),,,,$n,$(get rss_before_kb),$(get rss_after_kb),$(get per_client_bytes),$(get max_server_conns),$(get rss_closed_kb),"
+        echo "idle,,,$t,$( [ "$(get ok)" = true ] && echo ok || echo failed),,,,,,,,,,$(get hwm_kb),,,,$n,$(get rss_before_kb),$(get rss_after_kb),$(get per_client_bytes),$(get max_server_conns),$(get rss_closed_kb),"
     done <"$IDLE"
 } >"$CSV"
 
