@@ -6,9 +6,15 @@
 //! Speaks just enough of the protocol for pgbench (`-M simple`, `extended`, `prepared`): SSL
 //! refused, no authentication, simple `Query`, and `Parse`/`Bind`/`Describe`/`Execute`/`Sync`/
 //! `Close`/`Flush`. Every row is one `int4` column whose text is `10` (pgbench reads its scale
-//! from `count(*)`). Usage: `canned --port PORT`; runs until killed.
+//! from `count(*)`). Usage: `canned --port PORT [--spin-ns N]`; runs until killed.
+//!
+//! `--spin-ns N` makes it busy for N ns (on the CPU, not asleep) before it answers each
+//! statement (`Query`, `Execute`): a server a little dearer than nothing, to see how pgbench's
+//! tail on this machine moves with the CPU a server spends per statement (benches/README.md,
+//! *Profiling*). compare.sh does not use it.
 
 use bytes::{Buf, BufMut, BytesMut};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -26,12 +32,22 @@ async fn main() -> std::io::Result<()> {
             eprintln!("usage: canned --port PORT");
             std::process::exit(2)
         });
+    let work = match args.iter().position(|a| a == "--spin-ns") {
+        None => Duration::ZERO,
+        Some(i) => match args.get(i + 1).and_then(|n| n.parse::<u64>().ok()) {
+            Some(n) => Duration::from_nanos(n),
+            None => {
+                eprintln!("canned: --spin-ns needs a number of nanoseconds");
+                std::process::exit(2)
+            }
+        },
+    };
     let listener = TcpListener::bind(("127.0.0.1", port)).await?;
     loop {
         let (sock, _) = listener.accept().await?;
         sock.set_nodelay(true)?;
         tokio::spawn(async move {
-            let _ = serve(sock).await;
+            let _ = serve(sock, work).await;
         });
     }
 }
@@ -89,6 +105,17 @@ fn partitions(out: &mut BytesMut) {
     frame(out, b'C', b"SELECT 1\0");
 }
 
+/// Stay on the CPU for `d` (`--spin-ns`).
+fn spin(d: Duration) {
+    if d.is_zero() {
+        return;
+    }
+    let start = Instant::now();
+    while start.elapsed() < d {
+        std::hint::spin_loop();
+    }
+}
+
 fn ready(out: &mut BytesMut) {
     frame(out, b'Z', b"I");
 }
@@ -116,7 +143,7 @@ fn params(sql: &[u8]) -> u16 {
     max
 }
 
-async fn serve(mut sock: TcpStream) -> std::io::Result<()> {
+async fn serve(mut sock: TcpStream, work: Duration) -> std::io::Result<()> {
     let mut buf = BytesMut::with_capacity(8192);
     let mut out = BytesMut::with_capacity(8192);
     // Startup: SSLRequest / GSSENCRequest get 'N'; then the StartupMessage.
@@ -172,6 +199,7 @@ async fn serve(mut sock: TcpStream) -> std::io::Result<()> {
                     ready(&mut out);
                 }
                 b'Q' => {
+                    spin(work);
                     row_description(&mut out);
                     data_row(&mut out);
                     frame(&mut out, b'C', b"SELECT 1\0");
@@ -195,6 +223,7 @@ async fn serve(mut sock: TcpStream) -> std::io::Result<()> {
                     row_description(&mut out);
                 }
                 b'E' => {
+                    spin(work);
                     data_row(&mut out);
                     frame(&mut out, b'C', b"SELECT 1\0");
                 }
