@@ -194,6 +194,20 @@ free_port() {
     die "no free port found"
 }
 
+# own_session COMMAND...: run COMMAND as a session of its own (and so, with the kernel's
+# autogroup scheduling on, a scheduling group of its own), in place: started with `&` from this
+# script it is no process group leader, so setsid execs it under the same pid. Every server and
+# proxy under test runs this way, as PostgreSQL (pg_ctl) and PgBouncer (-d) do by themselves:
+# otherwise a proxy started here would share pgbench's group, and its CPU share, while PgBouncer
+# has a group to itself (benches/README.md, *Profiling*, ninth session).
+own_session() {
+    local pgrp
+    pgrp="$(awk '{ print $5 }' "/proc/$BASHPID/stat")"
+    # A group leader would make setsid fork, and the pid the caller keeps would be gone.
+    [ "$pgrp" != "$BASHPID" ] || { log "warning: $1 shares pgbench's session (job control on?)"; exec "$@"; }
+    exec setsid "$@"
+}
+
 # wait_until SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.2 s; fail after SECONDS.
 wait_until() {
     local secs=$1 what=$2; shift 2
@@ -377,7 +391,7 @@ password = "$APP_SECRET"
 method = "scram-sha-256"
 $cache_toml
 EOF
-    "$PGCACHE_BIN" --config "$dir/proxy.toml" >"$dir/pgcache.log" 2>&1 &
+    own_session "$PGCACHE_BIN" --config "$dir/proxy.toml" >"$dir/pgcache.log" 2>&1 &
     if [ "$cached" = plain ]; then
         PLAIN_PID=$!; PLAIN_PORT=$port
     elif [ "$cached" = redis ]; then
@@ -425,7 +439,7 @@ has_target plain && start_pgcache 1000 plain
 if has_target redis || has_target l2; then
     [ -x "$REDIS_SERVER" ] || die "redis-server not found ($REDIS_SERVER); apt-get install redis-server, or REDIS_TIER=0"
     REDIS_PORT="$(free_port)"
-    "$REDIS_SERVER" --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >"$TMP/redis.log" 2>&1 &
+    own_session "$REDIS_SERVER" --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >"$TMP/redis.log" 2>&1 &
     REDIS_PID=$!
     wait_until 10 "redis-server (127.0.0.1:$REDIS_PORT)" bash -c "exec 3<>/dev/tcp/127.0.0.1/$REDIS_PORT" \
         || { show "$TMP/redis.log"; die "redis-server did not start"; }
@@ -434,7 +448,7 @@ if has_target redis || has_target l2; then
 fi
 if has_target limit; then
     CANNED_PORT="$(free_port)"
-    "$CANNED_BIN" --port "$CANNED_PORT" >"$TMP/canned.log" 2>&1 &
+    own_session "$CANNED_BIN" --port "$CANNED_PORT" >"$TMP/canned.log" 2>&1 &
     CANNED_PID=$!
     wait_until 10 "canned-row server (127.0.0.1:$CANNED_PORT)" psql_app "$CANNED_PORT" \
         || { show "$TMP/canned.log"; die "the canned-row server did not start"; }

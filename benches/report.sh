@@ -101,6 +101,14 @@ hit_ratio() {
             printf "%.2f", median_of(r, n)
         }' "$HITS"
 }
+# The kernel's autogroup scheduling, as the report states it: (on), (off) or (not in this kernel).
+autogroup_state() {
+    case "$(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null || echo none)" in
+        1) echo "(on here)" ;;
+        0) echo "(off here)" ;;
+        *) echo "(not in this kernel)" ;;
+    esac
+}
 dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
 # versus WORKLOAD A B COLUMN -> target A's figure over target B's, or —: the ratio is taken per round
 # (A and B ran back to back in it) and the median over the rounds where both ran is printed, which
@@ -165,7 +173,7 @@ targets_section() {
     echo "- Machine: $(nproc) cores ($CPU_MODEL), $MEM_GIB GiB RAM, $(uname -sr)"
     echo "- pgcache $GIT_REV (release build), PgBouncer $BOUNCER_VERSION, PostgreSQL $PG_VERSION"
     echo "- PostgreSQL: throwaway cluster, **fsync=off, synchronous_commit=off, full_page_writes=off**, shared_buffers=256MB, max_connections=300; pgbench scale $SCALE"
-    echo "- Proxies: transaction pooling, $POOL_SIZE server connections each, SCRAM-SHA-256 for clients (both given the SCRAM secret from pg_authid) and to the server; all on 127.0.0.1 (pgbench, proxies and PostgreSQL share the cores)"
+    echo "- Proxies: transaction pooling, $POOL_SIZE server connections each, SCRAM-SHA-256 for clients (both given the SCRAM secret from pg_authid) and to the server; all on 127.0.0.1 (pgbench, proxies and PostgreSQL share the cores; each server and proxy runs as a session of its own, and so, with the kernel's autogroup scheduling $(autogroup_state), in a scheduling group of its own, as PostgreSQL and PgBouncer put themselves)"
     echo "- pgbench $THREADS threads, ${DURATION}s per run, $ROUNDS round(s) interleaved direct → PgBouncer → pgcache → pgcache with the cache on (*cached*)$([[ " ${TARGETS[*]} " == *" plain "* ]] && echo ' → pgcache with query insight off (*plain*, select workloads only)') per workload; ${WARMUP}s warm-up per target first; pgbench phase ${PGBENCH_SECS}s. 1-minute load average before the script started: $LOAD_START (other work on the machine; ideally ~0)"
     echo "- TPS: median over rounds of pgbench's \`tps\` (with \`-C\`: including reconnection times). Latency: every transaction logged (\`pgbench -l\`); mean and p99 (nearest rank) per run, median over rounds. pgbench logs a transaction's latency without connection set-up; for \`-C\` its mean connection time is the *connect ms* column."
     echo "- Other CPU: CPU time used during a run by anything but pgbench, PostgreSQL and the proxies (from /proc/stat, plus hypervisor steal), as % of the machine; max over rounds. Within ±5% is accounting noise; more means other work disturbed the run."
