@@ -25,7 +25,7 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: relay --port PORT --upstream HOST:PORT [--threads N]");
+    eprintln!("usage: relay --port PORT --upstream HOST:PORT [--threads N | --loop]");
     std::process::exit(2)
 }
 
@@ -68,9 +68,8 @@ async fn relay(mut client: TcpStream, upstream: &str) -> std::io::Result<()> {
 }
 
 /// One direction's bytes read but not yet written (the other side's send buffer was full).
-#[derive(Default)]
 struct Side {
-    sock: Option<std::net::TcpStream>,
+    sock: std::net::TcpStream,
     pending: Vec<u8>,
 }
 
@@ -117,7 +116,13 @@ fn event_loop(port: u16, upstream: &str) -> std::io::Result<()> {
                             Token(i),
                             Interest::READABLE | Interest::WRITABLE,
                         )?;
-                        sides.insert(i, Side { sock: Some(s), pending: Vec::new() });
+                        sides.insert(
+                            i,
+                            Side {
+                                sock: s,
+                                pending: Vec::new(),
+                            },
+                        );
                     }
                     next += 2;
                 }
@@ -131,9 +136,8 @@ fn event_loop(port: u16, upstream: &str) -> std::io::Result<()> {
                 closed |= flush(&mut sides, me).is_err();
             }
             if ev.is_readable() || ev.is_read_closed() {
-                loop {
-                    let Some(Side { sock: Some(s), .. }) = sides.get_mut(&me) else { break };
-                    match s.read(&mut buf) {
+                while let Some(side) = sides.get_mut(&me) {
+                    match side.sock.read(&mut buf) {
                         Ok(0) => {
                             closed = true;
                             break;
@@ -158,8 +162,8 @@ fn event_loop(port: u16, upstream: &str) -> std::io::Result<()> {
             }
             if closed {
                 for i in [me, peer] {
-                    if let Some(Side { sock: Some(s), .. }) = sides.remove(&i) {
-                        let fd = s.as_raw_fd();
+                    if let Some(side) = sides.remove(&i) {
+                        let fd = side.sock.as_raw_fd();
                         let _ = poll.registry().deregister(&mut SourceFd(&fd));
                     }
                 }
@@ -170,12 +174,12 @@ fn event_loop(port: u16, upstream: &str) -> std::io::Result<()> {
 
 /// Write side `i`'s pending bytes as far as its socket takes them.
 fn flush(sides: &mut HashMap<usize, Side>, i: usize) -> std::io::Result<()> {
-    let Some(Side { sock: Some(s), pending }) = sides.get_mut(&i) else {
+    let Some(Side { sock, pending }) = sides.get_mut(&i) else {
         return Ok(());
     };
     let mut done = 0;
     while done < pending.len() {
-        match s.write(&pending[done..]) {
+        match sock.write(&pending[done..]) {
             Ok(n) => done += n,
             Err(e) if e.kind() == ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
