@@ -29,7 +29,7 @@ async fn main() -> std::io::Result<()> {
         .and_then(|i| args.get(i + 1))
         .and_then(|p| p.parse::<u16>().ok())
         .unwrap_or_else(|| {
-            eprintln!("usage: canned --port PORT");
+            eprintln!("usage: canned --port PORT [--spin-ns N]");
             std::process::exit(2)
         });
     let work = match args.iter().position(|a| a == "--spin-ns") {
