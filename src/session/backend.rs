@@ -14,7 +14,7 @@ use super::insight::Pending;
 use super::{End, Session};
 use crate::error::PgError;
 use crate::wire;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 /// What a message sent upstream will be answered with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,24 +101,49 @@ fn completes(kind: &Kind, tag: u8) -> bool {
     }
 }
 
+/// The server's bytes being handled, taken out of the connection's buffer so that replies can
+/// be read in place while the session acts on them. `run` bytes at its front go to the client
+/// as they are, in one piece when they leave (`Session::flush_run`): a reply's rows and the
+/// messages around them are not split off one by one.
+struct Input {
+    buf: BytesMut,
+    run: usize,
+}
+
 impl Session {
     pub(super) async fn on_server_input(&mut self) -> Result<(), End> {
+        let Some(a) = &mut self.server else {
+            return Ok(());
+        };
+        let mut input = Input {
+            buf: std::mem::take(&mut a.conn.buf),
+            run: 0,
+        };
+        let result = self.server_messages(&mut input);
+        self.flush_run(&mut input);
+        if let Some(a) = &mut self.server {
+            a.conn.buf = input.buf;
+        }
+        result
+    }
+
+    fn server_messages(&mut self, input: &mut Input) -> Result<(), End> {
         let pooled = self.tracked();
         loop {
             let Some(a) = &mut self.server else {
                 return Ok(());
             };
-            let buf = &a.conn.buf;
             let next = if pooled {
-                a.scan.next(buf, |t| t != b'D' && t != b'd')
+                a.scan.next(&input.buf, |t| t != b'D' && t != b'd')
             } else {
-                a.scan.next(buf, |t| t == b'Z' || t == b'E')
+                a.scan.next(&input.buf, |t| t == b'Z' || t == b'E')
             };
             let next = match next {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::warn!(error = %e, "malformed message from upstream");
                     a.conn.broken = true;
+                    self.flush_run(input);
                     PgError::fatal(
                         crate::error::sqlstate::PROTOCOL_VIOLATION,
                         format!("pgcache: upstream sent {e}"),
@@ -127,32 +152,62 @@ impl Session {
                     return Err(End::ServerLost);
                 }
             };
-            let (streamed, frame) = match next {
-                Some(f) => (f.start, Some(f)),
-                None => (a.scan.walked(), None),
+            // What was walked over before the next message streams (rows).
+            let Some(f) = next else {
+                input.run = a.scan.walked();
+                return Ok(());
             };
-            let bytes = (streamed > 0).then(|| {
-                a.scan.consumed(streamed);
-                a.conn.buf.split_to(streamed)
-            });
-            let msg = frame.map(|f| {
-                a.scan.consumed(f.len);
-                a.conn.buf.split_to(f.len)
-            });
-            if let Some(bytes) = bytes {
-                self.deliver(bytes);
-            }
-            let Some(msg) = msg else { return Ok(()) };
-            if pooled {
+            input.run = f.start;
+            let tag = input.buf[f.start];
+            if !pooled {
+                self.on_session_reply(input, f.len);
+            } else if self.cache.is_some() || matches!(tag, b'N' | b'A' | b'S' | b'E' | b'G') {
+                // Looked at whole (the cache captures replies in order with its own answers).
+                self.flush_run(input);
+                let msg = input.buf.split_to(f.len);
+                self.consumed(f.len);
                 self.on_reply(msg);
             } else {
-                self.on_session_reply(msg);
+                self.on_reply_in_place(input, f.len);
             }
         }
     }
 
+    /// The scanner's view of the buffer lost `n` bytes at its front.
+    fn consumed(&mut self, n: usize) {
+        if let Some(a) = &mut self.server {
+            a.scan.consumed(n);
+        }
+    }
+
+    /// Send the client the bytes of the run.
+    fn flush_run(&mut self, input: &mut Input) {
+        if input.run > 0 {
+            let bytes = input.buf.split_to(input.run);
+            self.consumed(input.run);
+            input.run = 0;
+            self.deliver(bytes);
+        }
+    }
+
+    /// A message the client does not get: whatever precedes it leaves first.
+    fn drop_message(&mut self, input: &mut Input, len: usize) {
+        self.flush_run(input);
+        input.buf.advance(len);
+        self.consumed(len);
+    }
+
+    /// The proxy's own answers that are next, behind the bytes of the run.
+    fn emit_synthetic_after(&mut self, input: &mut Input) {
+        if self.synthetic_next() {
+            self.flush_run(input);
+            self.emit_synthetic_now();
+        }
+    }
+
     /// Session mode: track the transaction status and fatal errors; forward.
-    fn on_session_reply(&mut self, msg: BytesMut) {
+    fn on_session_reply(&mut self, input: &mut Input, len: usize) {
+        let msg = &input.buf[input.run..input.run + len];
         match msg[0] {
             b'Z' => self.statement_done(msg.get(5).copied().unwrap_or(b'I')),
             _ if wire::is_fatal(&msg[5..]) => {
@@ -162,7 +217,54 @@ impl Session {
             }
             _ => {}
         }
-        forward(msg, &mut self.to_client);
+        input.run += len;
+    }
+
+    /// Transaction mode, the cache off: a reply that is not a notice, an error or the start of a
+    /// COPY, matched against the queue where it lies (as `on_reply` does).
+    fn on_reply_in_place(&mut self, input: &mut Input, len: usize) {
+        self.emit_synthetic_after(input);
+        let at = input.run;
+        let msg = &input.buf[at..at + len];
+        let tag = msg[0];
+        if tag == b'C' {
+            self.note_command(&msg[5..]);
+            if let Some(Expect::Reply { timed: Some(p), .. }) = self.queue.front_mut() {
+                Session::insight_rows(p, &msg[5..]);
+            }
+        }
+        let Some(Expect::Reply { kind, swallow, .. }) = self.queue.front() else {
+            // Nothing expected (a server going away says so): pass it on.
+            input.run += len;
+            return;
+        };
+        let swallow = *swallow;
+        if let (
+            b'1',
+            Kind::Parse {
+                server_name: Some(n),
+                ..
+            },
+        ) = (tag, kind)
+        {
+            self.shared.pools.note_statement(self.pool.key(), n);
+        }
+        if completes(kind, tag) {
+            if let Some(Expect::Reply { timed: Some(p), .. }) = self.queue.pop_front() {
+                self.insight_finish(*p, false);
+            }
+            if tag == b'Z' {
+                let status = msg.get(5).copied().unwrap_or(b'I');
+                self.statement_done(status);
+                self.cache_ready(status);
+            }
+        }
+        if swallow {
+            self.drop_message(input, len);
+        } else {
+            input.run += len;
+        }
+        self.emit_synthetic_after(input);
     }
 
     /// Transaction mode: match against the queue.
@@ -369,15 +471,25 @@ impl Session {
         self.tx.copy_in = !ended;
     }
 
-    /// Send the client the proxy's own answers that are now in order.
-    pub(super) fn emit_synthetic(&mut self) {
-        // Called after every reply; nearly always nothing synthetic is next.
-        if !matches!(
+    /// The proxy's own answers (or a COPY's end mark) are next in the queue.
+    #[inline]
+    fn synthetic_next(&self) -> bool {
+        matches!(
             self.queue.front(),
             Some(Expect::CopyEnd | Expect::Synthetic(_) | Expect::SyntheticReady)
-        ) {
-            return;
+        )
+    }
+
+    /// Send the client the proxy's own answers that are now in order.
+    #[inline]
+    pub(super) fn emit_synthetic(&mut self) {
+        // Called around every reply; nearly always nothing synthetic is next.
+        if self.synthetic_next() {
+            self.emit_synthetic_now();
         }
+    }
+
+    fn emit_synthetic_now(&mut self) {
         // One allocation for all of it (the buffer is usually empty: it is freed once written).
         let room: usize = (self.queue.iter())
             .map_while(|e| match e {

@@ -144,14 +144,8 @@ impl Session {
             }
         }
         let Some(f) = frame else { return Ok(None) };
-        let msg = if f.len == self.c_in.len() && self.server.is_none() {
-            // The one message that starts a transaction: the buffer goes with it (the
-            // session would let go of it after the transaction anyway), saving the split's
-            // bookkeeping allocation.
-            std::mem::take(&mut self.c_in)
-        } else {
-            self.c_in.split_to(f.len)
-        };
+        // The rest of the buffer stays for the next read (`Session::shed_idle`).
+        let msg = self.c_in.split_to(f.len);
         self.cscan.consumed(f.len);
         if msg[0] == b'X' {
             return Err(End::ClientLeft);

@@ -196,24 +196,36 @@ impl Session {
             si.bound = None;
             return;
         };
-        let Some((_, sql, types)) = super::held::read_parse(parse) else {
-            si.bound = None;
-            return;
+        // The statement's fingerprint is kept with it: its text is read only the first time
+        // (or to explain it).
+        let known = match prepared_fp {
+            Some(cell) => cell.get().cloned(),
+            None => si.unnamed_fp.clone(),
         };
-        let memo = &self.shared.insight.memo;
-        let fp = match prepared_fp {
-            Some(cell) => cell.get_or_init(|| memo.get(sql)).clone(),
-            None => si.unnamed_fp.get_or_insert_with(|| memo.get(sql)).clone(),
+        let (fp, explain) = match known {
+            Some(fp) if !explaining => (fp, None),
+            _ => {
+                let Some((_, sql, types)) = super::held::read_parse(parse) else {
+                    si.bound = None;
+                    return;
+                };
+                let memo = &self.shared.insight.memo;
+                let fp = match prepared_fp {
+                    Some(cell) => cell.get_or_init(|| memo.get(sql)).clone(),
+                    None => si.unnamed_fp.get_or_insert_with(|| memo.get(sql)).clone(),
+                };
+                let explain = explaining.then(|| {
+                    Box::new(ExplainArgs {
+                        key: (**self.pool.key()).clone(),
+                        sql: sql.to_string(),
+                        parse_types: Some(Bytes::copy_from_slice(types)),
+                        bind: Some(Bytes::copy_from_slice(rest)),
+                        settings: settings.clone(),
+                    })
+                });
+                (fp, explain)
+            }
         };
-        let explain = explaining.then(|| {
-            Box::new(ExplainArgs {
-                key: (**self.pool.key()).clone(),
-                sql: sql.to_string(),
-                parse_types: Some(Bytes::copy_from_slice(types)),
-                bind: Some(Bytes::copy_from_slice(rest)),
-                settings: settings.clone(),
-            })
-        });
         si.bound = Some((portal.into(), fp, explain));
     }
 
@@ -328,9 +340,14 @@ fn rows_of(tag: &[u8]) -> u64 {
     if tag.len() == last.len() {
         return 0;
     }
-    std::str::from_utf8(last)
-        .ok()
-        .and_then(|s| s.parse().ok())
+    // Digits read in place: this runs for every statement.
+    if last.is_empty() || !last.iter().all(u8::is_ascii_digit) {
+        return 0;
+    }
+    (last.iter())
+        .try_fold(0u64, |n, &d| {
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
         .unwrap_or(0)
 }
 
@@ -355,6 +372,8 @@ mod tests {
         assert_eq!(super::rows_of(b"INSERT 0 12\0"), 12);
         assert_eq!(super::rows_of(b"BEGIN\0"), 0);
         assert_eq!(super::rows_of(b"CREATE TABLE\0"), 0);
+        assert_eq!(super::rows_of(b"SELECT 18446744073709551616\0"), 0);
+        assert_eq!(super::rows_of(b"SELECT x1\0"), 0);
         assert_eq!(super::class("23505"), "23");
         assert_eq!(super::class("x\"y"), "other");
     }

@@ -133,12 +133,9 @@ impl Session {
             }
         }
         let backlog = self.server.as_ref().map_or(0, |a| a.to_server.len());
-        // An idle client holds no read buffer: wait for bytes before making room for them.
-        if self.server.is_none() && self.c_in.is_empty() && self.c_in.capacity() > 0 {
-            // What is left of the last batch's buffer (an extended-protocol client's batch
-            // arrives as several messages in one read).
-            self.c_in = BytesMut::new();
-        }
+        // A busy client reads each statement into what is left of the last one's buffer (no
+        // allocation per transaction); a quiet one lets it go when the sweep asks it to park
+        // (`Session::shed_idle`).
         let ready = self.c_in.capacity() > self.c_in.len()
             || !matches!(self.client.poll_read_ready(cx), Poll::Pending);
         if backlog < HIGH_WATER && ready {

@@ -46,7 +46,6 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use timing::sleep_until;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -275,10 +274,16 @@ impl Session {
             if let Some(end) = self.check_shutdown() {
                 return end;
             }
-            let deadline = self.next_deadline();
-            let event = tokio::select! {
-                ev = std::future::poll_fn(|cx| self.poll_io(cx)) => ev,
-                _ = sleep_until(deadline) => io::Event::Timer,
+            // No deadline (no timeouts configured, the common case): no timer and no select.
+            // With one, the timer is polled first, so a stream that is always ready cannot
+            // starve it.
+            let event = match self.next_deadline() {
+                None => std::future::poll_fn(|cx| self.poll_io(cx)).await,
+                Some(deadline) => tokio::select! {
+                    biased;
+                    _ = tokio::time::sleep_until(deadline) => io::Event::Timer,
+                    ev = std::future::poll_fn(|cx| self.poll_io(cx)) => ev,
+                },
             };
             self.refresh_config();
             let busy = self.tx.in_flight > 0;
@@ -299,6 +304,7 @@ impl Session {
                 io::Event::Phase => continue,
                 io::Event::Park => {
                     self.ticket.info.set_running();
+                    self.shed_idle();
                     if self.parkable() {
                         return End::Parked;
                     }
@@ -317,10 +323,6 @@ impl Session {
                 // out first, so the connection's next borrower finds that buffer free.
                 self.write_client_now();
                 self.release().await;
-            }
-            if self.server.is_none() && self.c_in.is_empty() {
-                // Between transactions a client keeps no read buffer (10,000 idle clients).
-                self.c_in = BytesMut::new();
             }
         }
     }
@@ -394,6 +396,17 @@ impl Session {
         Ok(())
     }
 
+    /// The client has been quiet a while (the sweep asks it to park): let go of the read buffer
+    /// and the reply queue its transactions reused.
+    fn shed_idle(&mut self) {
+        if self.c_in.is_empty() {
+            self.c_in = BytesMut::new();
+        }
+        if self.queue.is_empty() {
+            self.queue = VecDeque::new();
+        }
+    }
+
     /// `conn` now serves this client.
     fn attached(&mut self, conn: ServerGuard) {
         let info = &self.ticket.info;
@@ -444,8 +457,7 @@ impl Session {
         let Some(mut a) = self.detach() else {
             return;
         };
-        // Empty now; between transactions a client keeps no queue memory either.
-        self.queue = VecDeque::new();
+        // Empty now; its memory is kept for the next transaction (`shed_idle` lets it go).
         if self.settings.dirty() {
             Box::pin(self.capture_settings(&mut a.conn)).await;
         }

@@ -53,16 +53,19 @@ impl SettingMap {
         for name in applied.keys().filter(|k| !self.contains_key(k)) {
             sql.push_str(&format!("RESET {};", quote_ident(name)));
         }
-        let sets: Vec<String> = self
-            .iter()
-            .filter(|(k, v)| match applied.get(*k) {
-                Some(a) => a != *v,
-                None => reported.get(*k) != Some(v),
-            })
-            .map(|(k, v)| format!("set_config({}, {}, false)", quote(k), quote(v)))
-            .collect();
+        // Checked on every check-out: nothing is allocated when nothing differs.
+        let mut sets = String::new();
+        let differing = self.iter().filter(|(k, v)| match applied.get(*k) {
+            Some(a) => a != *v,
+            None => reported.get(*k) != Some(v),
+        });
+        for (k, v) in differing {
+            sets.push_str(if sets.is_empty() { "SELECT " } else { ", " });
+            sets.push_str(&format!("set_config({}, {}, false)", quote(k), quote(v)));
+        }
         if !sets.is_empty() {
-            sql.push_str(&format!("SELECT {};", sets.join(", ")));
+            sql.push_str(&sets);
+            sql.push(';');
         }
         (!sql.is_empty()).then_some(sql)
     }

@@ -114,10 +114,3 @@ impl Session {
             (self.tx.in_flight > 0 && !t.is_zero()).then(|| self.tx.last_activity + t);
     }
 }
-
-pub(super) async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
-}
