@@ -47,6 +47,22 @@ impl FpStats {
         }
     }
 
+    /// Count one more run of the statement.
+    fn add(&mut self, s: &Sample, repeated: Option<(u64, u64)>) {
+        self.calls += 1;
+        self.rows += s.rows;
+        self.errors += u64::from(s.error);
+        self.cache_hits += u64::from(s.cached);
+        self.total_us += s.us;
+        self.max_us = self.max_us.max(s.us);
+        let b = &mut self.hist[bucket(s.us)];
+        *b = b.saturating_add(1);
+        if let Some((run, threshold)) = repeated {
+            self.repeated_runs += u64::from(run == threshold);
+            self.longest_run = self.longest_run.max(run);
+        }
+    }
+
     pub fn mean_us(&self) -> f64 {
         if self.calls == 0 {
             0.0
@@ -102,8 +118,10 @@ pub struct Sample {
     pub cached: bool,
 }
 
+type Shard = HashMap<u64, FpStats>;
+
 pub struct Table {
-    shards: Vec<Mutex<HashMap<u64, FpStats>>>,
+    shards: Vec<Mutex<Shard>>,
 }
 
 impl Default for Table {
@@ -117,7 +135,7 @@ impl Default for Table {
 }
 
 impl Table {
-    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, FpStats>> {
+    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, Shard> {
         self.shards[(id as usize) % SHARDS]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -133,7 +151,11 @@ impl Table {
         repeated: Option<(u64, u64)>,
     ) {
         let mut shard = self.shard(fp.id);
-        if !shard.contains_key(&fp.id) {
+        if let Some(e) = shard.get_mut(&fp.id) {
+            e.add(s, repeated);
+            return;
+        }
+        {
             let room = max.div_ceil(SHARDS).max(1);
             while shard.len() >= room {
                 let least = shard
@@ -146,21 +168,9 @@ impl Table {
                 };
             }
         }
-        let e = shard
-            .entry(fp.id)
-            .or_insert_with(|| FpStats::new(fp.clone()));
-        e.calls += 1;
-        e.rows += s.rows;
-        e.errors += u64::from(s.error);
-        e.cache_hits += u64::from(s.cached);
-        e.total_us += s.us;
-        e.max_us = e.max_us.max(s.us);
-        let b = &mut e.hist[bucket(s.us)];
-        *b = b.saturating_add(1);
-        if let Some((run, threshold)) = repeated {
-            e.repeated_runs += u64::from(run == threshold);
-            e.longest_run = e.longest_run.max(run);
-        }
+        let mut e = FpStats::new(fp.clone());
+        e.add(s, repeated);
+        shard.insert(fp.id, e);
     }
 
     /// Claim the right to explain `id` now: false when it was explained less than `every` ago.
