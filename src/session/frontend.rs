@@ -144,7 +144,8 @@ impl Session {
             }
         }
         let Some(f) = frame else { return Ok(None) };
-        // The rest of the buffer stays for the next read (`Session::shed_idle`).
+        // The rest of the buffer serves the next read (between transactions, the next
+        // transaction's on this thread: `spare`).
         let msg = self.c_in.split_to(f.len);
         self.cscan.consumed(f.len);
         if msg[0] == b'X' {

@@ -133,12 +133,14 @@ impl Session {
             }
         }
         let backlog = self.server.as_ref().map_or(0, |a| a.to_server.len());
-        // A busy client reads each statement into what is left of the last one's buffer (no
-        // allocation per transaction); a quiet one lets it go when the sweep asks it to park
-        // (`Session::shed_idle`).
+        // Between transactions a client holds no read buffer: it takes one (a spare of the
+        // thread's, `spare`) when there are bytes to read.
         let ready = self.c_in.capacity() > self.c_in.len()
             || !matches!(self.client.poll_read_ready(cx), Poll::Pending);
         if backlog < HIGH_WATER && ready {
+            if self.c_in.capacity() == 0 {
+                self.c_in = super::spare::read_buffer();
+            }
             make_client_room(&mut self.c_in);
             match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.c_in) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ClientGone),

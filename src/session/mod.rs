@@ -20,6 +20,7 @@ mod insight;
 mod io;
 pub mod park;
 pub mod settings;
+mod spare;
 pub mod startup;
 mod statements;
 mod timing;
@@ -324,6 +325,11 @@ impl Session {
                 self.write_client_now();
                 self.release().await;
             }
+            if self.server.is_none() {
+                // Between transactions a client holds no read buffer or queue (10,000 idle
+                // clients): the thread's next transaction reuses them.
+                self.shed_idle();
+            }
         }
     }
 
@@ -396,14 +402,13 @@ impl Session {
         Ok(())
     }
 
-    /// The client has been quiet a while (the sweep asks it to park): let go of the read buffer
-    /// and the reply queue its transactions reused.
+    /// Let go of the read buffer and the reply queue, if empty, to the thread's spares.
     fn shed_idle(&mut self) {
-        if self.c_in.is_empty() {
-            self.c_in = BytesMut::new();
+        if self.c_in.is_empty() && self.c_in.capacity() > 0 {
+            spare::give_read_buffer(std::mem::take(&mut self.c_in));
         }
-        if self.queue.is_empty() {
-            self.queue = VecDeque::new();
+        if self.queue.is_empty() && self.queue.capacity() > 0 {
+            spare::give_queue(std::mem::take(&mut self.queue));
         }
     }
 
@@ -417,7 +422,11 @@ impl Session {
         }
         self.registration.attach(conn.cancel.clone());
         // Room for a whole extended batch's replies at once (it would grow 0 → 4 → 8).
-        self.queue.reserve(8);
+        if self.queue.capacity() == 0 {
+            self.queue = spare::queue();
+        } else {
+            self.queue.reserve(spare::QUEUE);
+        }
         let max = self.cfg.proxy.max_message_bytes;
         self.server = Some(Box::new(Attached {
             conn,
@@ -457,7 +466,6 @@ impl Session {
         let Some(mut a) = self.detach() else {
             return;
         };
-        // Empty now; its memory is kept for the next transaction (`shed_idle` lets it go).
         if self.settings.dirty() {
             Box::pin(self.capture_settings(&mut a.conn)).await;
         }
