@@ -1,5 +1,6 @@
 //! The proxy speaks the PostgreSQL protocol (issue 2, point 3): the simple and extended query
-//! protocols through a `pgcache` in session mode in front of a real PostgreSQL, driven by
+//! protocols through a `pgcache` in session mode (and pipelined batches in transaction mode, where
+//! every reply is matched against what was sent) in front of a real PostgreSQL, driven by
 //! tokio-postgres and a raw wire client (`support::raw`). COPY, asynchronous messages, byte-for-byte
 //! errors and rows, large results and pgbench are in `transparency.rs`.
 
@@ -429,4 +430,45 @@ async fn describe_reports_parameter_and_column_types() {
     let (direct, proxied) = direct_and_proxied(&proxy, &batch, 1).await;
     assert_eq!(raw::tags(&proxied), "1tnZ");
     assert_same_messages(&direct, &proxied, "describe with no data");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transaction mode: replies matched against what was sent, forwarded as they lie
+
+/// Pipelined batches through a transaction-mode proxy reach the client byte for byte as
+/// PostgreSQL sends them: rows, a notice in the middle of a batch, an error that skips the rest
+/// of its batch, and a result large enough to arrive over many reads.
+#[tokio::test]
+async fn transaction_mode_batches_match_direct_bytes() {
+    let extra = "[pool]\nmode = \"transaction\"\nmax_size = 1\n";
+    let proxy = support::Proxy::start(&support::proxy_config(pg(), support::free_port(), extra));
+    let mut batch = Vec::new();
+    for sql in [
+        "select g, repeat('x', g) from generate_series(1, 50) g",
+        "do $$ begin raise notice 'between two results'; end $$",
+        "select 'after the notice'::text",
+    ] {
+        batch.extend(raw::parse("", sql, &[]));
+        batch.extend(raw::bind("", "", &[], &[], &[]));
+        batch.extend(raw::describe(b'P', ""));
+        batch.extend(raw::execute("", 0));
+    }
+    batch.extend(raw::sync());
+    for sql in ["select 1/0", "select 'skipped'::text"] {
+        batch.extend(raw::parse("", sql, &[]));
+        batch.extend(raw::bind("", "", &[], &[], &[]));
+        batch.extend(raw::execute("", 0));
+    }
+    batch.extend(raw::sync());
+    batch.extend(raw::query(
+        "select g, repeat(md5(g::text), 20) from generate_series(1, 5000) g",
+    ));
+    let (direct, proxied) = direct_and_proxied(&proxy, &batch, 3).await;
+    assert!(
+        raw::tags(&proxied).starts_with("12TDDD"),
+        "{}",
+        raw::tags(&proxied)
+    );
+    assert_eq!(proxied.len(), direct.len());
+    assert_same_messages(&direct, &proxied, "transaction-mode batches");
 }
