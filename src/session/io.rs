@@ -85,14 +85,19 @@ fn make_room(buf: &mut BytesMut) {
 /// small, and what is left of the buffer takes it: growing to `READ_CHUNK` here allocated
 /// 16 KiB per transaction (the 1 KiB the first read took is still shared with the message
 /// split off it). Part of a message in (a large one, COPY data): `READ_CHUNK`.
-fn make_client_room(buf: &mut BytesMut) {
+/// True when the buffer grew past a first read's size (`Session::shed_idle` does not keep it).
+fn make_client_room(buf: &mut BytesMut) -> bool {
     let room = buf.capacity() - buf.len();
     if buf.is_empty() {
         if room < FIRST_READ / 4 {
             buf.reserve(FIRST_READ);
         }
+        false
     } else if room < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
+        true
+    } else {
+        false
     }
 }
 
@@ -141,7 +146,7 @@ impl Session {
             if self.c_in.capacity() == 0 {
                 self.c_in = super::spare::read_buffer();
             }
-            make_client_room(&mut self.c_in);
+            self.c_in_grown |= make_client_room(&mut self.c_in);
             match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.c_in) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::ClientGone),
                 Poll::Ready(Ok(n)) => {

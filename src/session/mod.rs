@@ -104,6 +104,9 @@ pub struct Session {
     mode: PoolMode,
     client: Stream,
     c_in: BytesMut,
+    /// `c_in` grew for a large message: it goes when the transaction ends, not to the spares
+    /// (what it is a slice of may be large).
+    c_in_grown: bool,
     to_client: BytesMut,
     client_needs_flush: bool,
     cscan: Scanner,
@@ -173,6 +176,7 @@ impl Session {
             mode,
             client,
             c_in,
+            c_in_grown: false,
             to_client: BytesMut::new(),
             client_needs_flush: false,
             cscan: Scanner::new(max),
@@ -405,7 +409,10 @@ impl Session {
     /// Let go of the read buffer and the reply queue, if empty, to the thread's spares.
     fn shed_idle(&mut self) {
         if self.c_in.is_empty() && self.c_in.capacity() > 0 {
-            spare::give_read_buffer(std::mem::take(&mut self.c_in));
+            let buf = std::mem::take(&mut self.c_in);
+            if !std::mem::take(&mut self.c_in_grown) {
+                spare::give_read_buffer(buf);
+            }
         }
         if self.queue.is_empty() && self.queue.capacity() > 0 {
             spare::give_queue(std::mem::take(&mut self.queue));

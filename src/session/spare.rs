@@ -12,8 +12,9 @@ use std::collections::VecDeque;
 /// Spares kept per thread, of each kind: enough for the transactions a worker has in flight at
 /// once in practice; more are freed.
 const KEEP: usize = 64;
-/// A read buffer bigger than this (a large statement, COPY data) is freed, not kept.
-const MAX_READ: usize = 64 * 1024;
+/// A read buffer with more room than this is freed, not kept (one that grew for a large
+/// message is not even offered: `Session::shed_idle`).
+const MAX_READ: usize = 4 * 1024;
 /// Room for a whole extended-protocol batch's replies (it would grow 0 → 4 → 8).
 pub const QUEUE: usize = 8;
 
