@@ -45,6 +45,9 @@ pub enum PinReason {
     /// A `DO` block whose effect on the session cannot be read: another language than
     /// PL/pgSQL, dynamic SQL (`EXECUTE`), or a body the PL/pgSQL parser rejects.
     DoBlock,
+    /// A statement whose text is not UTF-8 (a client with another `client_encoding`): the
+    /// proxy cannot read what it does to the session.
+    NotUtf8,
 }
 
 impl fmt::Display for PinReason {
@@ -61,6 +64,7 @@ impl fmt::Display for PinReason {
                 "backslashes in statements with standard_conforming_strings off"
             }
             PinReason::DoBlock => "DO blocks with dynamic SQL or in another language than PL/pgSQL",
+            PinReason::NotUtf8 => "statements whose text is not UTF-8",
         })
     }
 }

@@ -191,6 +191,11 @@ pub fn read_cstr<'a>(body: &'a [u8], pos: &mut usize) -> Option<&'a str> {
     Some(s)
 }
 
+/// True when `body` holds a NUL: a C string in it ends (whatever its encoding).
+pub fn terminated(body: &[u8]) -> bool {
+    memchr::memchr(0, body).is_some()
+}
+
 /// Name and value of a `ParameterStatus` body.
 pub fn parameter_status(body: &[u8]) -> Option<(&str, &str)> {
     let mut pos = 0;

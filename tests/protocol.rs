@@ -472,3 +472,49 @@ async fn transaction_mode_batches_match_direct_bytes() {
     assert_eq!(proxied.len(), direct.len());
     assert_same_messages(&direct, &proxied, "transaction-mode batches");
 }
+
+/// A client whose `client_encoding` is not UTF8 sends text the proxy cannot read: a `SET` in it
+/// must not slip past transaction pooling unseen (refused here, pinned by default).
+#[tokio::test]
+async fn text_that_is_not_utf8_is_not_pooled_unread() {
+    let extra = "[pool]\nmode = \"transaction\"\nmax_size = 1\nsession_state = \"refuse\"\n";
+    let proxy = support::Proxy::start(&support::proxy_config(pg(), support::free_port(), extra));
+    let (mut a, _) = RawConn::login(
+        proxy.port(),
+        &[
+            ("user", "trustuser"),
+            ("database", "app"),
+            ("client_encoding", "LATIN1"),
+        ],
+    )
+    .await;
+    // 'café' in LATIN1: é is the single byte 0xE9.
+    let set = b"set application_name = 'caf\xe9'\0";
+    a.send(&raw::message(b'Q', set)).await;
+    let reply = a.until_ready().await;
+    assert_eq!(raw::tags(&reply), "EZ", "simple query refused");
+    let e = reply.iter().find(|m| m.0 == b'E').expect("error");
+    assert_eq!(raw::field(&e.1, b'C').as_deref(), Some("0A000"));
+    // The extended protocol too: a Parse of it.
+    let mut parse = b"\0".to_vec();
+    parse.extend_from_slice(set);
+    parse.extend_from_slice(&0i16.to_be_bytes());
+    let mut batch = raw::message(b'P', &parse);
+    batch.extend(raw::bind("", "", &[], &[], &[]));
+    batch.extend(raw::execute("", 0));
+    batch.extend(raw::sync());
+    a.send(&batch).await;
+    let reply = a.until_ready().await;
+    let e = reply.iter().find(|m| m.0 == b'E').expect("error");
+    assert_eq!(raw::field(&e.1, b'C').as_deref(), Some("0A000"));
+    // Text that is plain ASCII runs as usual, and the one server connection never ran the SET.
+    let rows = a.simple("select 'plain'").await;
+    assert!(raw::tags(&rows).contains('D'), "{}", raw::tags(&rows));
+    let b = connect(&app_url(&proxy)).await;
+    let name: String = b
+        .query_one("show application_name", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!name.starts_with("caf"), "{name}");
+}

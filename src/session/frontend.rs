@@ -393,9 +393,13 @@ impl Session {
     fn on_query(&mut self, msg: BytesMut) {
         PoolStats::add(&self.stats.queries, 1);
         let mut pos = 5;
-        let sql = read_cstr(&msg, &mut pos).unwrap_or_default();
         let plan = self.cache.as_deref_mut().and_then(|c| c.query_plan.take());
-        let (analysis, timed) = self.look_at_query(sql, plan.as_deref());
+        let (analysis, timed) = match read_cstr(&msg, &mut pos) {
+            Some(sql) => self.look_at_query(sql, plan.as_deref()),
+            None if wire::terminated(&msg[5..]) => (not_utf8(), None),
+            // Malformed: the server says so.
+            None => self.look_at_query("", plan.as_deref()),
+        };
         // `DEALLOCATE name` of one of the client's protocol-level statements: the server knows it
         // under another name (and other clients may use it), so the proxy answers, as for `Close`.
         if let Some(name) = analysis
@@ -437,6 +441,14 @@ impl Session {
         }
         self.statement_sent();
     }
+}
+
+/// What the proxy knows of a statement whose text is not UTF-8: nothing, so it pins.
+pub(super) fn not_utf8() -> Analyzed {
+    Analyzed::Parsed(Arc::new(Analysis {
+        pin: Some(PinReason::NotUtf8),
+        ..Default::default()
+    }))
 }
 
 /// Append `bytes` to `dst`. No copy when `dst` is empty or ends where `bytes` begins (messages

@@ -108,7 +108,7 @@ fn bind_rest(msg: &[u8]) -> Option<&[u8]> {
 }
 
 /// Name, query text and parameter types of a `Parse` message, as bytes (not checked as UTF-8).
-fn parse_parts(msg: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+pub(super) fn parse_parts(msg: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
     let body = msg.get(5..)?;
     let name_end = memchr::memchr(0, body)?;
     let rest = &body[name_end + 1..];

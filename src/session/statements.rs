@@ -116,7 +116,14 @@ impl Session {
             let mut pos = 0;
             let (Some(name), Some(query)) = (read_cstr(body, &mut pos), read_cstr(body, &mut pos))
             else {
-                // Malformed: the server says so.
+                if super::held::parse_parts(&msg).is_some() {
+                    // Whole, but its name or text is not UTF-8: unreadable, so pinned (or
+                    // refused). A pinned client's statements need no tracking.
+                    if let Err(refusal) = self.admit(&super::frontend::not_utf8()) {
+                        return self.refuse_extended(refusal);
+                    }
+                }
+                // (Malformed: the server says so.)
                 return self.push(
                     msg,
                     Kind::Parse {
