@@ -225,7 +225,19 @@ impl Session {
     fn on_reply_in_place(&mut self, input: &mut Input, len: usize) {
         self.emit_synthetic_after(input);
         let at = input.run;
-        let msg = &input.buf[at..at + len];
+        match self.match_reply(&input.buf[at..at + len]) {
+            Some((true, _)) => self.drop_message(input, len),
+            // For the client, or nothing was expected (a server going away says so): it goes on.
+            _ => input.run += len,
+        }
+        self.emit_synthetic_after(input);
+    }
+
+    /// A reply (not a notice, an error or the start of a COPY) against the head of the queue:
+    /// note what it completes. `None` when nothing was expected; otherwise whether the client
+    /// does not get it (the proxy sent what it answers on its own), and whether it is the
+    /// `ReadyForQuery` that ends what was expected.
+    fn match_reply(&mut self, msg: &[u8]) -> Option<(bool, bool)> {
         let tag = msg[0];
         if tag == b'C' {
             self.note_command(&msg[5..]);
@@ -234,9 +246,7 @@ impl Session {
             }
         }
         let Some(Expect::Reply { kind, swallow, .. }) = self.queue.front() else {
-            // Nothing expected (a server going away says so): pass it on.
-            input.run += len;
-            return;
+            return None;
         };
         let swallow = *swallow;
         if let (
@@ -249,22 +259,18 @@ impl Session {
         {
             self.shared.pools.note_statement(self.pool.key(), n);
         }
-        if completes(kind, tag) {
-            if let Some(Expect::Reply { timed: Some(p), .. }) = self.queue.pop_front() {
-                self.insight_finish(*p, false);
-            }
-            if tag == b'Z' {
-                let status = msg.get(5).copied().unwrap_or(b'I');
-                self.statement_done(status);
-                self.cache_ready(status);
-            }
+        if !completes(kind, tag) {
+            return Some((swallow, false));
         }
-        if swallow {
-            self.drop_message(input, len);
-        } else {
-            input.run += len;
+        if let Some(Expect::Reply { timed: Some(p), .. }) = self.queue.pop_front() {
+            self.insight_finish(*p, false);
         }
-        self.emit_synthetic_after(input);
+        if tag == b'Z' {
+            let status = msg.get(5).copied().unwrap_or(b'I');
+            self.statement_done(status);
+            self.cache_ready(status);
+        }
+        Some((swallow, tag == b'Z'))
     }
 
     /// Transaction mode: match against the queue.
@@ -300,45 +306,17 @@ impl Session {
             self.emit_synthetic();
             return;
         }
-        if tag == b'C' {
-            self.note_command(&msg[5..]);
-            if let Some(Expect::Reply { timed: Some(p), .. }) = self.queue.front_mut() {
-                Session::insight_rows(p, &msg[5..]);
-            }
-        }
-        let Some(Expect::Reply { kind, swallow, .. }) = self.queue.front() else {
+        let Some((swallow, ready)) = self.match_reply(&msg) else {
             // Nothing expected (a server going away says so): pass it on.
             self.spoil_fill("error");
             return forward(msg, &mut self.to_client);
         };
-        let swallow = *swallow;
-        if let (
-            b'1',
-            Kind::Parse {
-                server_name: Some(n),
-                ..
-            },
-        ) = (tag, kind)
-        {
-            self.shared.pools.note_statement(self.pool.key(), n);
-        }
-        if completes(kind, tag) {
-            if let Some(Expect::Reply { timed: Some(p), .. }) = self.queue.pop_front() {
-                self.insight_finish(*p, false);
-            }
-            if tag == b'Z' {
-                let status = msg.get(5).copied().unwrap_or(b'I');
-                self.statement_done(status);
-                self.cache_ready(status);
-                if !swallow {
-                    forward(msg, &mut self.to_client);
-                }
-                self.emit_synthetic();
-                return;
-            }
-        }
         if !swallow {
-            self.deliver(msg);
+            if ready {
+                forward(msg, &mut self.to_client);
+            } else {
+                self.deliver(msg);
+            }
         }
         self.emit_synthetic();
     }
