@@ -289,3 +289,36 @@ async fn a_write_hidden_by_backslash_escapes_still_invalidates() {
         assert_eq!(value(&d, read).await, next.to_string(), "{mode}");
     }
 }
+
+/// A client whose `client_encoding` is not UTF8 writes text the proxy cannot read: the write
+/// still invalidates (as a write of anything), so no client reads the old row from the cache.
+#[tokio::test]
+async fn a_write_whose_text_is_not_utf8_still_invalidates() {
+    use support::raw::{self, RawConn};
+    for mode in MODES {
+        let t = table(&format!("latin1_{mode}"), "id int primary key, v text");
+        direct(&format!("insert into {t} values (1, 'plain')"));
+        direct(&format!("grant all on {t} to trustuser"));
+        let proxy = cache_proxy(mode, "");
+        let c = connect(&app_url(&proxy)).await;
+        let q = format!("select v from {t} where id = 1");
+        assert_eq!(value(&c, &q).await, "plain");
+        assert_eq!(value(&c, &q).await, "plain", "{mode}: cached");
+        let (mut w, _) = RawConn::login(
+            proxy.port(),
+            &[
+                ("user", "trustuser"),
+                ("database", "app"),
+                ("client_encoding", "LATIN1"),
+            ],
+        )
+        .await;
+        // 'café' in LATIN1: é is the single byte 0xE9.
+        let mut update = format!("update {t} set v = 'caf").into_bytes();
+        update.extend_from_slice(b"\xe9' where id = 1\0");
+        w.send(&raw::message(b'Q', &update)).await;
+        let reply = w.until_ready().await;
+        assert_eq!(raw::tags(&reply), "CZ", "{mode}: update ran");
+        assert_eq!(value(&c, &q).await, "café", "{mode}: not served stale");
+    }
+}

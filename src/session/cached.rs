@@ -198,7 +198,7 @@ impl Session {
 
     /// Plan `sql` and note what running it does to this session (writes, settings, transaction).
     /// `sql` is checked as UTF-8 only when it is not the last statement's with new numbers
-    /// (`None` when it is not UTF-8, as when a message cannot be read).
+    /// (`None` when it is not UTF-8, and then counted as a write of anything, as unreadable text).
     pub(super) async fn cache_plan(&mut self, sql: &[u8]) -> Option<(Arc<Db>, Arc<Plan>)> {
         if self.unreadable(sql) {
             // The proxy cannot tell what it reads or writes: not looked up nor filled, and
@@ -208,12 +208,19 @@ impl Session {
         }
         let db = self.cache_db()?;
         self.cache_prepare(&db).await;
-        let c = self.cache.as_deref_mut()?;
-        let plan = match &c.last_plan {
-            Some(p) if same_plan_key(&p.text, &p.numbers, sql) && db.is_current(p) => p.clone(),
-            _ => {
-                let p = self.shared.cache.plan(&db, std::str::from_utf8(sql).ok()?);
-                c.last_plan = Some(p.clone());
+        let last = (self.cache.as_deref()?.last_plan.as_ref())
+            .filter(|p| same_plan_key(&p.text, &p.numbers, sql) && db.is_current(p))
+            .cloned();
+        let plan = match last {
+            Some(p) => p,
+            None => {
+                let Ok(text) = std::str::from_utf8(sql) else {
+                    // Not UTF-8 (a client_encoding other than UTF8): as unreadable as above.
+                    self.cache_note_unknown_write();
+                    return None;
+                };
+                let p = self.shared.cache.plan(&db, text);
+                self.cache.as_deref_mut()?.last_plan = Some(p.clone());
                 p
             }
         };
