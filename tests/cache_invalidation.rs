@@ -320,5 +320,21 @@ async fn a_write_whose_text_is_not_utf8_still_invalidates() {
         let reply = w.until_ready().await;
         assert_eq!(raw::tags(&reply), "CZ", "{mode}: update ran");
         assert_eq!(value(&c, &q).await, "café", "{mode}: not served stale");
+        assert_eq!(value(&c, &q).await, "café", "{mode}: cached again");
+        // A statement whose name is not UTF-8 (its text is): the Bind cannot be tied to a text
+        // the proxy read, so it counts as a write of anything too.
+        let mut parse = b"upd\xe9\0".to_vec();
+        parse.extend_from_slice(format!("update {t} set v = 'named' where id = 1\0").as_bytes());
+        parse.extend_from_slice(&0i16.to_be_bytes());
+        let mut bind = b"\0upd\xe9\0".to_vec();
+        bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        let mut batch = raw::message(b'P', &parse);
+        batch.extend(raw::message(b'B', &bind));
+        batch.extend(raw::execute("", 0));
+        batch.extend(raw::sync());
+        w.send(&batch).await;
+        let reply = w.until_ready().await;
+        assert_eq!(raw::tags(&reply), "12CZ", "{mode}: named update ran");
+        assert_eq!(value(&c, &q).await, "named", "{mode}: not served stale");
     }
 }

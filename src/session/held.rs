@@ -137,14 +137,16 @@ impl Session {
         }
     }
 
-    /// A `Bind` outside a held batch: note the writes of what it runs.
+    /// A `Bind` outside a held batch: note the writes of what it runs. One the proxy cannot tie
+    /// to a statement text it has seen (a name that is not UTF-8, a statement made with SQL
+    /// `PREPARE`, a malformed message) may write anything.
     pub(super) async fn cache_note_bind(&mut self, msg: &[u8]) {
-        let Some(b) = read_bind(msg) else { return };
-        let Some(parse) = self.statement_parse(b.statement) else {
-            return;
+        let parse = read_bind(msg).and_then(|b| self.statement_parse(b.statement));
+        let Some(parse) = parse else {
+            return self.cache_note_unknown_write();
         };
         let Some((_, sql, _)) = parse_parts(&parse) else {
-            return;
+            return self.cache_note_unknown_write();
         };
         if let Some((_, plan)) = self.cache_plan(sql).await {
             self.cache_note_sent(&plan);
