@@ -304,15 +304,7 @@ async fn a_write_whose_text_is_not_utf8_still_invalidates() {
         let q = format!("select v from {t} where id = 1");
         assert_eq!(value(&c, &q).await, "plain");
         assert_eq!(value(&c, &q).await, "plain", "{mode}: cached");
-        let (mut w, _) = RawConn::login(
-            proxy.port(),
-            &[
-                ("user", "trustuser"),
-                ("database", "app"),
-                ("client_encoding", "LATIN1"),
-            ],
-        )
-        .await;
+        let mut w = RawConn::login_trust_latin1(proxy.port()).await;
         // 'café' in LATIN1: é is the single byte 0xE9.
         let mut update = format!("update {t} set v = 'caf").into_bytes();
         update.extend_from_slice(b"\xe9' where id = 1\0");

@@ -479,15 +479,7 @@ async fn transaction_mode_batches_match_direct_bytes() {
 async fn text_that_is_not_utf8_is_not_pooled_unread() {
     let extra = "[pool]\nmode = \"transaction\"\nmax_size = 1\nsession_state = \"refuse\"\n";
     let proxy = support::Proxy::start(&support::proxy_config(pg(), support::free_port(), extra));
-    let (mut a, _) = RawConn::login(
-        proxy.port(),
-        &[
-            ("user", "trustuser"),
-            ("database", "app"),
-            ("client_encoding", "LATIN1"),
-        ],
-    )
-    .await;
+    let mut a = RawConn::login_trust_latin1(proxy.port()).await;
     // 'café' in LATIN1: é is the single byte 0xE9.
     let set = b"set application_name = 'caf\xe9'\0";
     a.send(&raw::message(b'Q', set)).await;

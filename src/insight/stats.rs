@@ -155,18 +155,16 @@ impl Table {
             e.add(s, repeated);
             return;
         }
-        {
-            let room = max.div_ceil(SHARDS).max(1);
-            while shard.len() >= room {
-                let least = shard
-                    .iter()
-                    .min_by_key(|(_, v)| v.total_us)
-                    .map(|(k, _)| *k);
-                match least {
-                    Some(k) => shard.remove(&k),
-                    None => break,
-                };
-            }
+        let room = max.div_ceil(SHARDS).max(1);
+        while shard.len() >= room {
+            let least = shard
+                .iter()
+                .min_by_key(|(_, v)| v.total_us)
+                .map(|(k, _)| *k);
+            match least {
+                Some(k) => shard.remove(&k),
+                None => break,
+            };
         }
         let mut e = FpStats::new(fp.clone());
         e.add(s, repeated);

@@ -452,13 +452,10 @@ impl Session {
     /// A `ReadyForQuery` from the server, before the client sees it: store a finished fill,
     /// bump writes (`writes`).
     pub(super) fn cache_ready(&mut self, status: u8) {
-        if self.cache.is_none() {
-            return;
-        }
-        let max_ok = self.shared.cache.enabled();
         let Some(c) = self.cache.as_deref_mut() else {
             return;
         };
+        let max_ok = self.shared.cache.enabled();
         if let Some(f) = c.fill.as_mut().filter(|f| f.after > 0) {
             f.after -= 1;
         } else if let Some(f) = c.fill.take() {

@@ -338,10 +338,7 @@ impl Session {
     /// proxy cannot read pins the client (or is refused, per `pool.session_state`).
     pub(super) fn analyze(&self, sql: &str) -> Analyzed {
         if self.unreadable(sql.as_bytes()) {
-            return Analyzed::Parsed(Arc::new(Analysis {
-                pin: Some(PinReason::EscapedStrings),
-                ..Default::default()
-            }));
+            return unread(PinReason::EscapedStrings);
         }
         self.shared.analyzer.analyze(sql)
     }
@@ -396,7 +393,7 @@ impl Session {
         let plan = self.cache.as_deref_mut().and_then(|c| c.query_plan.take());
         let (analysis, timed) = match read_cstr(&msg, &mut pos) {
             Some(sql) => self.look_at_query(sql, plan.as_deref()),
-            None if wire::terminated(&msg[5..]) => (not_utf8(), None),
+            None if wire::terminated(&msg[5..]) => (unread(PinReason::NotUtf8), None),
             // Malformed: the server says so.
             None => self.look_at_query("", plan.as_deref()),
         };
@@ -443,10 +440,10 @@ impl Session {
     }
 }
 
-/// What the proxy knows of a statement whose text is not UTF-8: nothing, so it pins.
-pub(super) fn not_utf8() -> Analyzed {
+/// What the proxy knows of a statement it cannot read (`why`): nothing, so it pins.
+pub(super) fn unread(why: PinReason) -> Analyzed {
     Analyzed::Parsed(Arc::new(Analysis {
-        pin: Some(PinReason::NotUtf8),
+        pin: Some(why),
         ..Default::default()
     }))
 }

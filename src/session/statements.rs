@@ -11,9 +11,9 @@
 //!   each `Bind`, so that settings are read back after it has run.
 
 use super::backend::{Expect, Kind};
-use super::frontend::forward;
+use super::frontend::{forward, unread};
 use super::Session;
-use crate::analysis::{Analyzed, SessionEffect};
+use crate::analysis::{Analyzed, PinReason, SessionEffect};
 use crate::config::PoolMode;
 use crate::error::{sqlstate, PgError};
 use crate::wire::{self, read_cstr};
@@ -119,7 +119,7 @@ impl Session {
                 if super::held::parse_parts(&msg).is_some() {
                     // Whole, but its name or text is not UTF-8: unreadable, so pinned (or
                     // refused). A pinned client's statements need no tracking.
-                    if let Err(refusal) = self.admit(&super::frontend::not_utf8()) {
+                    if let Err(refusal) = self.admit(&unread(PinReason::NotUtf8)) {
                         return self.refuse_extended(refusal);
                     }
                 }

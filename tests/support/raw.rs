@@ -62,6 +62,17 @@ impl RawConn {
             .0
     }
 
+    /// Log in as `trustuser` to database `app` with `client_encoding` LATIN1: text it sends with
+    /// bytes outside ASCII is not UTF-8.
+    pub async fn login_trust_latin1(port: u16) -> RawConn {
+        let params = [
+            ("user", "trustuser"),
+            ("database", "app"),
+            ("client_encoding", "LATIN1"),
+        ];
+        RawConn::login(port, &params).await.0
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         tokio::time::timeout(IO_TIMEOUT, self.stream.write_all(bytes))
             .await
