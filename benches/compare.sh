@@ -38,6 +38,14 @@
 #   HOT_WARMUP=4       then seconds of unrecorded hot-* per protocol mode
 #   KEEP_TMP=1         keep the temp dir (logs, and pgbench's per-transaction logs) after the run
 #   ONLY=a,b           run only these workloads (names as in the table: select-simple, tpcb...)
+#   BASELINE=REV       A/B mode: also build git revision REV (its own target dir, target/baseline)
+#                      and run it as *baseline* (settings of *pgcache*) and *baseline-cached*
+#                      (settings of *cached*), each right after its counterpart in every round; the
+#                      report adds the ratios between them, and its files are named
+#                      <date>-<host>-vs-<rev> (a change's cost or gain beside PgBouncer, in one run)
+#   ONLY_TARGETS=a,b   run only these targets (direct pgbouncer pgcache baseline cached
+#                      baseline-cached plain redis l2 limit); e.g. a quick A/B of the pass-through
+#                      path: BASELINE=HEAD~1 ONLY_TARGETS=pgbouncer,pgcache,baseline
 # Exit status: non-zero only when something is broken (a server does not start, pgbench fails against
 # PostgreSQL or pgcache, a proxy dies, an idle client fails, a proxy exceeds its pool) — never
 # because of a timing. PgBouncer failures are recorded, not fatal; before 1.21 it cannot run
@@ -89,7 +97,12 @@ if [ -n "${ONLY:-}" ]; then
     for w in "${WORKLOADS[@]}"; do [[ ",$ONLY," == *",${w%%|*},"* ]] && kept+=("$w"); done
     WORKLOADS=("${kept[@]}")
 fi
-TARGETS=(direct pgbouncer pgcache cached)
+TARGETS=(direct pgbouncer pgcache)
+# *baseline*: the cache-off settings run by another build (BASELINE=REV), next to pgcache.
+BASELINE="${BASELINE:-}"
+[ -n "$BASELINE" ] && TARGETS+=(baseline)
+TARGETS+=(cached)
+[ -n "$BASELINE" ] && TARGETS+=(baseline-cached)
 # *plain*: pgcache with query insight off, for the select workloads: what per-statement stats cost.
 # INSIGHT_OVERHEAD=1 adds it.
 [ "${INSIGHT_OVERHEAD:-0}" = 1 ] && TARGETS+=(plain)
@@ -101,6 +114,11 @@ REDIS_SERVER="${REDIS_SERVER:-$(command -v redis-server || echo /usr/bin/redis-s
 # *limit*: benches/canned.rs, a server that answers every statement with a canned row: the most
 # pgbench can drive here (hot-* workloads). MACHINE_LIMIT=0 leaves it out.
 [ "${MACHINE_LIMIT:-1}" = 1 ] && TARGETS+=(limit)
+if [ -n "${ONLY_TARGETS:-}" ]; then
+    kept=()
+    for t in "${TARGETS[@]}"; do [[ ",$ONLY_TARGETS," == *",$t,"* ]] && kept+=("$t"); done
+    TARGETS=("${kept[@]}")
+fi
 has_target() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -148,6 +166,7 @@ stop_pid() {
 stop_pgcache() {
     stop_pid "$PGCACHE_PID"; PGCACHE_PID=""; stop_pid "$CACHED_PID"; CACHED_PID=""
     stop_pid "${PLAIN_PID:-}"; PLAIN_PID=""
+    stop_pid "${BASELINE_PID:-}"; BASELINE_PID=""; stop_pid "${BCACHED_PID:-}"; BCACHED_PID=""
     stop_pid "${REDIS_T_PID:-}"; REDIS_T_PID=""; stop_pid "${L2_PID:-}"; L2_PID=""
     stop_pid "${CANNED_PID:-}"; CANNED_PID=""
 }
@@ -248,6 +267,21 @@ cargo build --release
 mkdir -p "$TMP/bin"
 cp "$ROOT/target/release/pgcache" "$TMP/bin/pgcache"
 PGCACHE_BIN="$TMP/bin/pgcache"
+BASELINE_BIN=""
+if has_target baseline || has_target baseline-cached; then
+    BASELINE_REV="$(git -C "$ROOT" rev-parse --short --verify "$BASELINE^{commit}" 2>/dev/null)" \
+        || die "BASELINE=$BASELINE is not a commit of this repository"
+    # The revision's tree, extracted with fresh file times (-m: an older revision's times would
+    # let cargo take the last build for up to date), built in a target dir of its own so that
+    # target/release stays this tree's; its dependencies stay built between runs.
+    base_dir="$ROOT/target/baseline"
+    rm -rf "$base_dir/src"; mkdir -p "$base_dir/src"
+    git -C "$ROOT" archive "$BASELINE_REV" | tar -x -m -C "$base_dir/src"
+    log "cargo build --release of the baseline $BASELINE_REV"
+    (cd "$base_dir/src" && CARGO_TARGET_DIR="$base_dir/target" cargo build --release --bin pgcache)
+    cp "$base_dir/target/release/pgcache" "$TMP/bin/pgcache-baseline"
+    BASELINE_BIN="$TMP/bin/pgcache-baseline"
+fi
 IDLE_BIN=""
 if [ "$IDLE_CLIENTS" -gt 0 ] || [ "$IDLE_CLIENTS_MAX" -gt 0 ]; then
     log "cargo bench --no-run --bench idle_clients"
@@ -304,137 +338,14 @@ case "$APP_SECRET" in SCRAM-SHA-256*) ;; *) die "app's password is not stored as
 # 3. The proxies. Each start_* sets its port and pid and checks it answers within 30 s.
 BOUNCER_VERSION="$("$PGBOUNCER" --version 2>/dev/null | head -n 1 | awk '{ print $2 }' || true)"
 [ -n "$BOUNCER_VERSION" ] || die "$PGBOUNCER --version does not answer"
+# shellcheck source=benches/targets.sh
+. "$ROOT/benches/targets.sh"
 
-# start_pgbouncer MAX_CLIENTS: PgBouncer in transaction mode, pool POOL_SIZE, SCRAM.
-start_pgbouncer() {
-    local max_clients=$1 dir="$TMP/pgbouncer.$RANDOM"
-    BOUNCER_PORT="$(free_port)"
-    mkdir -p "$dir"
-    # The SCRAM secret as stored in pg_authid (PgBouncer's recommended form: no PBKDF2 per login,
-    # server login by SCRAM pass-through). pgcache gets the same secret.
-    printf '"app" "%s"\n' "$APP_SECRET" >"$dir/userlist.txt"
-    cat >"$dir/pgbouncer.ini" <<EOF
-[databases]
-bench = host=127.0.0.1 port=$PG_PORT dbname=bench
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $BOUNCER_PORT
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = $dir/userlist.txt
-pool_mode = transaction
-default_pool_size = $POOL_SIZE
-max_db_connections = $POOL_SIZE
-max_client_conn = $max_clients
-logfile = $dir/pgbouncer.log
-pidfile = $dir/pgbouncer.pid
-log_connections = 0
-log_disconnections = 0
-EOF
-    chown -R postgres: "$dir" 2>/dev/null || true
-    BOUNCER_PIDFILE="$dir/pgbouncer.pid"
-    # runuser's PAM session resets the fd limit: raise it again inside.
-    as_pg sh -c 'ulimit -n "$(ulimit -Hn)"; exec "$0" -d -q "$1"' "$PGBOUNCER" "$dir/pgbouncer.ini" \
-        || { cat "$dir/pgbouncer.log" 2>/dev/null >&2 || true; die "PgBouncer did not start"; }
-    wait_until 30 "PgBouncer $BOUNCER_VERSION (127.0.0.1:$BOUNCER_PORT)" psql_app "$BOUNCER_PORT" \
-        || { show "$dir/pgbouncer.log"; die "PgBouncer does not answer on port $BOUNCER_PORT"; }
-    BOUNCER_PID="$(cat "$BOUNCER_PIDFILE")"
-}
-
-# start_pgcache MAX_CLIENTS [VARIANT]: pgcache in transaction mode, pool POOL_SIZE, SCRAM. Variants:
-# `cached`, the result cache on for the pgbench tables (CACHED_*); `redis`, the same plus the shared
-# tier (REDIS_T_*); `l2`, that with a one-entry L1 (L2_*); `plain`, query insight off (PLAIN_*).
-start_pgcache() {
-    local max_clients=$1 cached=${2:-} dir="$TMP/pgcache.$RANDOM" port metrics="" cache_toml=""
-    port="$(free_port)"
-    mkdir -p "$dir"
-    case $cached in
-        plain)
-            cache_toml="[insight]
-enabled = false"
-            ;;
-        cached | redis | l2)
-            metrics="$(free_port)"
-            local redis_toml=""
-            [ "$cached" = cached ] || redis_toml="[cache.redis]
-url = \"redis://127.0.0.1:$REDIS_PORT\"
-key_prefix = \"bench-$cached:\""
-            cache_toml="[metrics]
-listen = \"127.0.0.1:$metrics\"
-[cache]
-enabled = true
-default_ttl = \"1h\"
-max_entries = $([ "$cached" = l2 ] && echo 1 || echo 5000000)
-max_bytes = 4294967296
-$redis_toml
-[[cache.rules]]
-tables = [\"pgbench_*\"]"
-            ;;
-    esac
-    cat >"$dir/proxy.toml" <<EOF
-[proxy]
-listen = ["127.0.0.1:$port"]
-max_clients = $max_clients
-shutdown_timeout = "2s"
-[upstream]
-host = "127.0.0.1"
-port = $PG_PORT
-user = "app"
-password = "app"
-[pool]
-mode = "transaction"
-max_size = $POOL_SIZE
-[auth]
-method = "scram-sha-256"
-[users.app]
-password = "$APP_SECRET"
-method = "scram-sha-256"
-$cache_toml
-EOF
-    own_session "$PGCACHE_BIN" --config "$dir/proxy.toml" >"$dir/pgcache.log" 2>&1 &
-    if [ "$cached" = plain ]; then
-        PLAIN_PID=$!; PLAIN_PORT=$port
-    elif [ "$cached" = redis ]; then
-        REDIS_T_PID=$!; REDIS_T_PORT=$port; REDIS_T_METRICS=$metrics
-    elif [ "$cached" = l2 ]; then
-        L2_PID=$!; L2_PORT=$port; L2_METRICS=$metrics
-    elif [ -n "$cached" ]; then
-        CACHED_PID=$!; CACHED_PORT=$port; CACHED_LOG="$dir/pgcache.log"; CACHED_METRICS=$metrics
-    else
-        PGCACHE_PID=$!; PGCACHE_PORT=$port; PGCACHE_LOG="$dir/pgcache.log"
-    fi
-    wait_until 30 "pgcache ${cached:+(cache on) }(127.0.0.1:$port)" psql_app "$port" \
-        || { show "$dir/pgcache.log"; die "pgcache does not answer on port $port"; }
-}
-
-port_of() { case $1 in direct) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_PORT";; pgcache) echo "$PGCACHE_PORT";; cached) echo "$CACHED_PORT";; plain) echo "$PLAIN_PORT";; redis) echo "$REDIS_T_PORT";; l2) echo "$L2_PORT";; limit) echo "$CANNED_PORT";; esac; }
-pid_of() { case $1 in direct) echo "";; pgbouncer) echo "$BOUNCER_PID";; pgcache) echo "$PGCACHE_PID";; cached) echo "$CACHED_PID";; plain) echo "$PLAIN_PID";; redis) echo "$REDIS_T_PID";; l2) echo "$L2_PID";; limit) echo "";; esac; }
-# Cache-on targets (hit ratios are recorded for them).
-is_cache_target() { case $1 in cached | redis | l2) return 0;; *) return 1;; esac; }
-# plain, redis and l2 run the select workloads only; the hot set runs on direct, pgcache, cached and
-# limit (the machine's limit is measured there; PgBouncer would repeat its select-* figures).
-runs_on() {
-    case $1 in
-        plain | redis | l2) [[ "$2" == select-* ]] ;;
-        limit) [[ "$2" == hot-* ]] ;;
-        pgbouncer) [[ "$2" != hot-* ]] ;;
-        *) return 0 ;;
-    esac
-}
-
-# A cache-on instance's hit and miss counters, "hits misses", from its /metrics.
-cache_counters() {
-    local text port
-    case ${1:-cached} in redis) port=$REDIS_T_METRICS;; l2) port=$L2_METRICS;; *) port=$CACHED_METRICS;; esac
-    text="$(exec 3<>"/dev/tcp/127.0.0.1/$port" && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && cat <&3)" \
-        || { echo "NA NA"; return 0; }
-    awk '$1 == "pgcache_cache_hits_total" { h = $2 } $1 == "pgcache_cache_misses_total" { m = $2 }
-         END { print (h == "" ? "NA" : h), (m == "" ? "NA" : m) }' <<<"$text"
-}
-
-start_pgbouncer 1000
-start_pgcache 1000
-start_pgcache 1000 cached
+has_target pgbouncer && start_pgbouncer 1000
+has_target pgcache && start_pgcache 1000
+has_target baseline && start_pgcache 1000 baseline
+has_target cached && start_pgcache 1000 cached
+has_target baseline-cached && start_pgcache 1000 baseline-cached
 has_target plain && start_pgcache 1000 plain
 if has_target redis || has_target l2; then
     [ -x "$REDIS_SERVER" ] || die "redis-server not found ($REDIS_SERVER); apt-get install redis-server, or REDIS_TIER=0"
@@ -491,7 +402,7 @@ own_ticks() {
     {
         sed 's/.*) //' "/proc/$pm/stat" | awk '{ print $12 + $13 + $14 + $15 }'
         for p in "${kids[@]}" "$PGCACHE_PID" "${CACHED_PID:-}" "${PLAIN_PID:-}" "${REDIS_T_PID:-}" \
-            "${L2_PID:-}" "${REDIS_PID:-}" "${CANNED_PID:-}" "${BOUNCER_PID:-}"; do
+            "${BASELINE_PID:-}" "${BCACHED_PID:-}" "${L2_PID:-}" "${REDIS_PID:-}" "${CANNED_PID:-}" "${BOUNCER_PID:-}"; do
             # An unset pid must not make this /proc//stat, the machine's own counters.
             [ -n "$p" ] && [ -r "/proc/$p/stat" ] || continue
             sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }' || true
@@ -526,6 +437,8 @@ alive() {
     kill -0 "$2" 2>/dev/null && [ -r "/proc/$2/stat" ] && return 0
     [ "$1" = pgcache ] && show "$PGCACHE_LOG"
     [ "$1" = cached ] && show "$CACHED_LOG"
+    [ "$1" = baseline ] && show "$BASELINE_LOG"
+    [ "$1" = baseline-cached ] && show "$BCACHED_LOG"
     [ "$1" = pgbouncer ] && show "$(dirname "$BOUNCER_PIDFILE")/pgbouncer.log"
     die "$1 (pid $2) exited $3"
 }

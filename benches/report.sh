@@ -20,6 +20,8 @@ done
 HOST="$(hostname -s 2>/dev/null || hostname)"
 DATE="$(date +%Y-%m-%d)"
 SUFFIX=""; [ "$SMOKE" = 1 ] && SUFFIX="-smoke"
+# An A/B run is not the day's full run: its files are named after the baseline.
+[ -n "${BASELINE_REV:-}" ] && SUFFIX="$SUFFIX-vs-$BASELINE_REV"
 mkdir -p "$RESULTS_DIR"
 CSV="$RESULTS_DIR/$DATE-$HOST$SUFFIX.csv"
 MD="$RESULTS_DIR/$DATE-$HOST$SUFFIX.md"
@@ -84,6 +86,8 @@ awk -F'\t' -v OFS='\t' "$AWK_MEDIAN"'
 # field WORKLOAD TARGET COLUMN -> value from the summary
 field() { awk -F'\t' -v w="$1" -v t="$2" -v c="$3" '$1 == w && $2 == t { print $c }' "$SUMMARY"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "NA" || b == "NA" || a == "" || b == "" || b + 0 == 0) print "—"; else printf "%.2f", a / b }'; }
+# micros CPU-SECONDS-PER-10K-TX -> µs per transaction, or —
+micros() { awk -v c="$1" 'BEGIN { if (c == "NA" || c == "") print "—"; else printf "%.1f", c * 100 }'; }
 mib() { awk -v k="$1" 'BEGIN { if (k == "NA" || k == "") print "—"; else printf "%.1f", k / 1024 }'; }
 # hit_ratio WORKLOAD -> median over rounds of hits / (hits + misses) during the cache-on runs; a run
 # with fewer than 100 lookups (TPC-B: its SELECT follows an UPDATE in the same transaction, so only
@@ -108,6 +112,16 @@ autogroup_state() {
         0) echo "(off here)" ;;
         *) echo "(not in this kernel)" ;;
     esac
+}
+# target_names: what the targets other than direct, PgBouncer and pgcache are, for the header.
+target_names() {
+    local names=()
+    has_target cached && names+=("*cached*: pgcache with the cache on")
+    has_target plain && names+=("*plain*: pgcache with query insight off, select workloads only")
+    has_target baseline && names+=("*baseline*: pgcache's settings run by the build of $BASELINE_REV")
+    has_target baseline-cached && names+=("*baseline-cached*: cached's settings run by the build of $BASELINE_REV")
+    has_target limit && names+=("*limit*: the canned-row server, hot-set workloads only")
+    [ ${#names[@]} -eq 0 ] || printf ' (%s)' "$(IFS=';'; sed 's/;/; /g' <<<"${names[*]}")"
 }
 dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
 # versus WORKLOAD A B COLUMN -> target A's figure over target B's, or —: the ratio is taken per round
@@ -171,13 +185,13 @@ targets_section() {
     echo "# pgcache vs PgBouncer vs PostgreSQL direct — $DATE on $HOST$([ "$SMOKE" = 1 ] && echo ' (smoke run: timings meaningless)')"
     echo
     echo "- Machine: $(nproc) cores ($CPU_MODEL), $MEM_GIB GiB RAM, $(uname -sr)"
-    echo "- pgcache $GIT_REV (release build), PgBouncer $BOUNCER_VERSION, PostgreSQL $PG_VERSION"
+    echo "- pgcache $GIT_REV$([ -n "${BASELINE_REV:-}" ] && echo " against the baseline $BASELINE_REV") (release builds), PgBouncer $BOUNCER_VERSION, PostgreSQL $PG_VERSION"
     echo "- PostgreSQL: throwaway cluster, **fsync=off, synchronous_commit=off, full_page_writes=off**, shared_buffers=256MB, max_connections=300; pgbench scale $SCALE"
     echo "- Proxies: transaction pooling, $POOL_SIZE server connections each, SCRAM-SHA-256 for clients (both given the SCRAM secret from pg_authid) and to the server; all on 127.0.0.1 (pgbench, proxies and PostgreSQL share the cores; each server and proxy runs as a session of its own, and so, with the kernel's autogroup scheduling $(autogroup_state), in a scheduling group of its own, as PostgreSQL and PgBouncer put themselves)"
-    echo "- pgbench $THREADS threads, ${DURATION}s per run, $ROUNDS round(s) interleaved direct → PgBouncer → pgcache → pgcache with the cache on (*cached*)$([[ " ${TARGETS[*]} " == *" plain "* ]] && echo ' → pgcache with query insight off (*plain*, select workloads only)') per workload; ${WARMUP}s warm-up per target first; pgbench phase ${PGBENCH_SECS}s. 1-minute load average before the script started: $LOAD_START (other work on the machine; ideally ~0)"
+    echo "- pgbench $THREADS threads, ${DURATION}s per run, $ROUNDS round(s) interleaved $(sed 's/ / → /g' <<<"${TARGETS[*]}") per workload$(target_names); ${WARMUP}s warm-up per target first; pgbench phase ${PGBENCH_SECS}s. 1-minute load average before the script started: $LOAD_START (other work on the machine; ideally ~0)"
     echo "- TPS: median over rounds of pgbench's \`tps\` (with \`-C\`: including reconnection times). Latency: every transaction logged (\`pgbench -l\`); mean and p99 (nearest rank) per run, median over rounds. pgbench logs a transaction's latency without connection set-up; for \`-C\` its mean connection time is the *connect ms* column."
     echo "- Other CPU: CPU time used during a run by anything but pgbench, PostgreSQL and the proxies (from /proc/stat, plus hypervisor steal), as % of the machine; max over rounds. Within ±5% is accounting noise; more means other work disturbed the run."
-    echo "- *cached*: a second pgcache, same settings plus \`[cache] enabled\` with one rule for \`pgbench_*\` (TTL 1 h: only the proxy writes these tables; room for every key); warmed with ${CACHE_WARMUP}s of \`-S\` and ${HOT_WARMUP}s of the hot set per protocol mode before the rounds. Hit ratio: hits / (hits + misses) over the run, from its \`/metrics\`, median over rounds. \`pgbench -S\` (*select-\**) draws from $((SCALE * 100000)) accounts, so there the ratio says how much of that key space the cache holds; *hot-\** sends the same statement with the account drawn from 1..$HOT_KEYS, a working set the warm cache holds (what a cache is for). PgBouncer does not run *hot-\** (its figures would repeat *select-\**)."
+    has_target cached && echo "- *cached*: a second pgcache, same settings plus \`[cache] enabled\` with one rule for \`pgbench_*\` (TTL 1 h: only the proxy writes these tables; room for every key); warmed with ${CACHE_WARMUP}s of \`-S\` and ${HOT_WARMUP}s of the hot set per protocol mode before the rounds. Hit ratio: hits / (hits + misses) over the run, from its \`/metrics\`, median over rounds. \`pgbench -S\` (*select-\**) draws from $((SCALE * 100000)) accounts, so there the ratio says how much of that key space the cache holds; *hot-\** sends the same statement with the account drawn from 1..$HOT_KEYS, a working set the warm cache holds (what a cache is for). PgBouncer does not run *hot-\** (its figures would repeat *select-\**)."
     echo "- Proxy CPU: utime+stime of the proxy process (/proc/<pid>/stat) over the run, per 10k transactions, median over rounds. Peak RSS: VmHWM, reset before each run (clear_refs), max over rounds."
     echo "- Slowest tx: the slowest transaction pgbench logged, max over rounds (a round with an outlier shows here, not in the median p99). Wake-ups per tx: voluntary context switches of the proxy's threads (each one blocked and was woken again) per transaction, median over rounds; a run where this is several times the usual is one where the proxy's threads slept and woke for nearly every event (\`benches/README.md\`, *Profiling*)."
     echo
@@ -205,6 +219,24 @@ targets_section() {
         IFS='|' read -r name _ _ <<<"$w"
         echo "| $name | $(versus "$name" pgcache pgbouncer 5) | $(versus "$name" pgcache pgbouncer 7) | $(versus "$name" pgcache pgbouncer 8) | $(versus "$name" pgcache direct 5) | $(versus "$name" pgcache direct 7) |"
     done
+    if [ -n "${BASELINE_REV:-}" ]; then
+        echo
+        echo "## Against the baseline"
+        echo
+        echo "The build of $BASELINE_REV with the settings of *pgcache* (*baseline*, cache off) and of *cached* (*baseline-cached*), each run right after its counterpart in every round: what the change from $BASELINE_REV to $GIT_REV costs or gains. Ratios per round, median over rounds (a TPS ratio above 1, and p99 and CPU ratios below 1, favour $GIT_REV); CPU per transaction in µs (proxy utime+stime / transactions, median over rounds)."
+        echo
+        echo "| workload | cache | TPS new/baseline | p99 new/baseline | CPU per tx new/baseline | CPU µs/tx new | CPU µs/tx baseline | CPU µs/tx PgBouncer |"
+        echo "|---|---|---:|---:|---:|---:|---:|---:|"
+        ab_pairs=("off pgcache baseline" "on cached baseline-cached")
+        for w in "${WORKLOADS[@]}"; do
+            IFS='|' read -r name _ _ <<<"$w"
+            for pair in "${ab_pairs[@]}"; do
+                read -r cache new old <<<"$pair"
+                has_target "$new" && has_target "$old" && runs_on "$old" "$name" || continue
+                echo "| $name | $cache | $(versus "$name" "$new" "$old" 5) | $(versus "$name" "$new" "$old" 7) | $(versus "$name" "$new" "$old" 8) | $(micros "$(field "$name" "$new" 8)") | $(micros "$(field "$name" "$old" 8)") | $( [ "$cache" = off ] && micros "$(field "$name" pgbouncer 8)" || echo —) |"
+            done
+        done
+    fi
     if [ -s "$HITS" ]; then
         echo
         echo "## Cache on"
