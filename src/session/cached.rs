@@ -358,8 +358,8 @@ impl Session {
             e.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             METRICS.cache_hits.inc();
             // In order behind whatever the server still owes.
-            self.queue.push_back(Expect::Synthetic(bytes));
-            self.queue.push_back(Expect::SyntheticReady);
+            self.expect(Expect::Synthetic(bytes));
+            self.expect(Expect::SyntheticReady);
             self.emit_synthetic();
             self.tx.last_activity = tokio::time::Instant::from_std(now);
             crate::admin::registry::PoolStats::add(&self.stats.queries, 1);

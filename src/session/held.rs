@@ -7,7 +7,7 @@
 use super::{End, Session};
 use crate::cache::sql::is_time_word;
 use crate::cache::Plan;
-use crate::wire::read_cstr;
+use crate::wire::{find_nul, read_cstr};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 
@@ -102,7 +102,7 @@ fn read_bind(msg: &[u8]) -> Option<BindParts<'_>> {
 fn bind_rest(msg: &[u8]) -> Option<&[u8]> {
     let mut body = msg.get(5..)?;
     for _ in 0..2 {
-        body = &body[memchr::memchr(0, body)? + 1..];
+        body = &body[find_nul(body)? + 1..];
     }
     Some(body)
 }
@@ -110,9 +110,9 @@ fn bind_rest(msg: &[u8]) -> Option<&[u8]> {
 /// Name, query text and parameter types of a `Parse` message, as bytes (not checked as UTF-8).
 pub(super) fn parse_parts(msg: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
     let body = msg.get(5..)?;
-    let name_end = memchr::memchr(0, body)?;
+    let name_end = find_nul(body)?;
     let rest = &body[name_end + 1..];
-    let sql_end = memchr::memchr(0, rest)?;
+    let sql_end = find_nul(rest)?;
     Some((&body[..name_end], &rest[..sql_end], &rest[sql_end + 1..]))
 }
 
@@ -228,7 +228,9 @@ impl Session {
         // With a held Parse, the Bind must run that statement (the key is made of its text),
         // planned when the Parse was held.
         if let Some(held) = self.cache.as_deref().and_then(|c| c.held.first()) {
-            return parse_parts(held).is_some_and(|(name, ..)| name == b.statement.as_bytes());
+            // (Its name only: the text is read once the batch is whole.)
+            let name = held.get(5..).and_then(|b| Some(&b[..find_nul(b)?]));
+            return name == Some(b.statement.as_bytes());
         }
         let Some(parse) = self.statement_parse(b.statement) else {
             return false;

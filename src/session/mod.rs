@@ -419,6 +419,16 @@ impl Session {
         }
     }
 
+    /// A reply (or the proxy's own answer) now owed to the client, in order. Without a server
+    /// connection (a cache hit) the queue has no room yet: it takes a spare's.
+    #[inline]
+    pub(super) fn expect(&mut self, e: Expect) {
+        if self.queue.capacity() == 0 {
+            self.queue = spare::queue();
+        }
+        self.queue.push_back(e);
+    }
+
     /// `conn` now serves this client.
     fn attached(&mut self, conn: ServerGuard) {
         let info = &self.ticket.info;

@@ -100,7 +100,7 @@ impl Session {
         let mut probe = BytesMut::new();
         abort_probe(&mut probe);
         self.send(probe);
-        self.queue.push_back(Expect::replacing(Kind::Bind, refusal));
+        self.expect(Expect::replacing(Kind::Bind, refusal));
         self.tx.batch_open = true;
     }
 
@@ -149,7 +149,7 @@ impl Session {
             a.unnamed_valid = true;
             forward(msg, &mut a.to_server);
         }
-        self.queue.push_back(Expect::reply(Kind::Parse {
+        self.expect(Expect::reply(Kind::Parse {
             server_name: None,
             client_name: None,
         }));
@@ -219,6 +219,7 @@ impl Session {
         if let Some((evicted, ())) = a.conn.prepared.push(p.server_name.clone(), ()) {
             if evicted != p.server_name {
                 wire::frame(b'C', &[b"S", evicted.as_bytes(), b"\0"], &mut a.to_server);
+                // (Attached: the queue has room.)
                 self.queue.push_back(Expect::swallowed(Kind::Close));
             }
         }
@@ -227,7 +228,7 @@ impl Session {
             server_name: Some(p.server_name.clone()),
             client_name: client_name.clone(),
         };
-        self.queue.push_back(match client_name {
+        self.expect(match client_name {
             Some(_) => Expect::reply(kind),
             None => Expect::swallowed(kind),
         });
@@ -243,7 +244,7 @@ impl Session {
         if let Some(parse) = &self.unnamed {
             a.to_server.extend_from_slice(parse);
             a.unnamed_valid = true;
-            self.queue.push_back(Expect::swallowed(Kind::Parse {
+            self.expect(Expect::swallowed(Kind::Parse {
                 server_name: None,
                 client_name: None,
             }));
