@@ -209,6 +209,7 @@ pub fn find_nul(s: &[u8]) -> Option<usize> {
 }
 
 /// Read a NUL-terminated string from `body` at `*pos`.
+#[inline]
 pub fn read_cstr<'a>(body: &'a [u8], pos: &mut usize) -> Option<&'a str> {
     let rest = body.get(*pos..)?;
     let end = find_nul(rest)?;

@@ -199,7 +199,7 @@ impl Session {
                 let mut pos = 5;
                 let timed = read_cstr(&msg, &mut pos).and_then(|p| self.insight_execute(p));
                 self.send(msg);
-                self.expect(Expect::timed(Kind::Execute, timed));
+                self.queue.push_back(Expect::timed(Kind::Execute, timed));
                 self.tx.batch_open = true;
             }
             b'S' if self.tx.copy_in => self.send(msg), // ignored by the server in copy mode
@@ -212,7 +212,7 @@ impl Session {
                 if self.tx.copy_in {
                     self.tx.copy_in = false;
                 } else {
-                    self.expect(Expect::CopyEnd);
+                    self.queue.push_back(Expect::CopyEnd);
                 }
                 self.send(msg);
             }
@@ -306,7 +306,7 @@ impl Session {
 
     pub(super) fn push(&mut self, msg: BytesMut, kind: Kind) {
         self.send(msg);
-        self.expect(Expect::reply(kind));
+        self.queue.push_back(Expect::reply(kind));
     }
 
     /// `push` for a message the proxy rewrote: framed straight into what goes to the server.
@@ -318,7 +318,7 @@ impl Session {
             a.to_server.reserve(len + self.c_in.len().min(8192));
             wire::frame(tag, parts, &mut a.to_server);
         }
-        self.expect(Expect::reply(kind));
+        self.queue.push_back(Expect::reply(kind));
     }
 
     /// A value of `standard_conforming_strings` seen for this client (startup, the server's
@@ -421,7 +421,7 @@ impl Session {
         match self.admit(&analysis) {
             Ok(()) => {
                 self.send(msg);
-                self.expect(Expect::timed(Kind::Query, timed));
+                self.queue.push_back(Expect::timed(Kind::Query, timed));
             }
             Err(refusal) => {
                 // `SELECT 1/0` fails on the server (aborting a transaction block, as a refused
@@ -433,7 +433,7 @@ impl Session {
                 if let Expect::Reply { timed: t, .. } = &mut expect {
                     *t = timed;
                 }
-                self.expect(expect);
+                self.queue.push_back(expect);
             }
         }
         self.statement_sent();

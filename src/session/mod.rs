@@ -419,14 +419,22 @@ impl Session {
         }
     }
 
-    /// A reply (or the proxy's own answer) now owed to the client, in order. Without a server
-    /// connection (a cache hit) the queue has no room yet: it takes a spare's.
-    #[inline]
+    /// The proxy's own answer, owed to the client in order, where there may be no server
+    /// connection (a cache hit): then the queue has no room yet, and it takes a spare's rather
+    /// than a new one per hit. (With a server attached the queue has room: `attached`.)
+    #[inline(always)]
     pub(super) fn expect(&mut self, e: Expect) {
         if self.queue.capacity() == 0 {
-            self.queue = spare::queue();
+            self.queue_from_spares();
         }
         self.queue.push_back(e);
+    }
+
+    // Out of line: with a server attached (nearly every push) the queue has room already.
+    #[cold]
+    #[inline(never)]
+    fn queue_from_spares(&mut self) {
+        self.queue = spare::queue();
     }
 
     /// `conn` now serves this client.

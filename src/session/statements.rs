@@ -100,7 +100,7 @@ impl Session {
         let mut probe = BytesMut::new();
         abort_probe(&mut probe);
         self.send(probe);
-        self.expect(Expect::replacing(Kind::Bind, refusal));
+        self.queue.push_back(Expect::replacing(Kind::Bind, refusal));
         self.tx.batch_open = true;
     }
 
@@ -149,7 +149,7 @@ impl Session {
             a.unnamed_valid = true;
             forward(msg, &mut a.to_server);
         }
-        self.expect(Expect::reply(Kind::Parse {
+        self.queue.push_back(Expect::reply(Kind::Parse {
             server_name: None,
             client_name: None,
         }));
@@ -228,7 +228,7 @@ impl Session {
             server_name: Some(p.server_name.clone()),
             client_name: client_name.clone(),
         };
-        self.expect(match client_name {
+        self.queue.push_back(match client_name {
             Some(_) => Expect::reply(kind),
             None => Expect::swallowed(kind),
         });
@@ -244,7 +244,7 @@ impl Session {
         if let Some(parse) = &self.unnamed {
             a.to_server.extend_from_slice(parse);
             a.unnamed_valid = true;
-            self.expect(Expect::swallowed(Kind::Parse {
+            self.queue.push_back(Expect::swallowed(Kind::Parse {
                 server_name: None,
                 client_name: None,
             }));
