@@ -9,8 +9,13 @@
 //! every ready event of a turn before it waits again, as PgBouncer's event loop does — to tell
 //! what the runtime's way of waiting costs from what an event loop of any kind costs.
 //!
-//! Usage: `relay --port PORT --upstream HOST:PORT [--threads N | --loop]`; runs until killed.
-//! `--threads` sets the tokio worker threads (default: one per core, as pgcache).
+//! `--per-core N` relays with tokio but no work-stealing scheduler: N threads, each with a
+//! current-thread runtime and a listener of its own on the same port (`SO_REUSEPORT`: the kernel
+//! spreads the clients), each client's server connection made and driven on its thread — what a
+//! runtime per core would cost, against the multi-thread runtime pgcache uses.
+//!
+//! Usage: `relay --port PORT --upstream HOST:PORT [--threads N | --per-core N | --loop]`; runs
+//! until killed. `--threads` sets the tokio worker threads (default: one per core, as pgcache).
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -25,7 +30,9 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: relay --port PORT --upstream HOST:PORT [--threads N | --loop]");
+    eprintln!(
+        "usage: relay --port PORT --upstream HOST:PORT [--threads N | --per-core N | --loop]"
+    );
     std::process::exit(2)
 }
 
@@ -37,6 +44,12 @@ fn main() -> std::io::Result<()> {
     let upstream = arg(&args, "--upstream").unwrap_or_else(|| usage());
     if args.iter().any(|a| a == "--loop") {
         return event_loop(port, &upstream);
+    }
+    if let Some(n) = arg(&args, "--per-core") {
+        match n.parse::<usize>() {
+            Ok(n) if n > 0 => return per_core(n, port, &upstream),
+            _ => usage(),
+        }
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(t) = arg(&args, "--threads") {
@@ -57,6 +70,41 @@ fn main() -> std::io::Result<()> {
             });
         }
     })
+}
+
+/// `--per-core`: `n` threads, each a current-thread runtime accepting on its own listener.
+fn per_core(n: usize, port: u16, upstream: &str) -> std::io::Result<()> {
+    let threads: Vec<_> = (0..n)
+        .map(|_| {
+            let upstream = upstream.to_string();
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let socket = tokio::net::TcpSocket::new_v4()?;
+                    socket.set_reuseport(true)?;
+                    socket.set_reuseaddr(true)?;
+                    socket.bind(([127, 0, 0, 1], port).into())?;
+                    let listener = socket.listen(1024)?;
+                    loop {
+                        let (client, _) = listener.accept().await?;
+                        let upstream = upstream.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = relay(client, &upstream).await {
+                                eprintln!("relay: {e}");
+                            }
+                        });
+                    }
+                })
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join()
+            .map_err(|_| std::io::Error::other("relay thread panicked"))??;
+    }
+    Ok(())
 }
 
 async fn relay(mut client: TcpStream, upstream: &str) -> std::io::Result<()> {
