@@ -20,7 +20,9 @@ done
 HOST="$(hostname -s 2>/dev/null || hostname)"
 DATE="$(date +%Y-%m-%d)"
 SUFFIX=""; [ "$SMOKE" = 1 ] && SUFFIX="-smoke"
-# An A/B run is not the day's full run: its files are named after the baseline.
+# Neither a run of some workloads or targets nor an A/B run is the day's full run: their files
+# are named so as not to replace it.
+[ -n "${ONLY:-}${ONLY_TARGETS:-}" ] && SUFFIX="$SUFFIX-partial"
 [ -n "${BASELINE_REV:-}" ] && SUFFIX="$SUFFIX-vs-$BASELINE_REV"
 mkdir -p "$RESULTS_DIR"
 CSV="$RESULTS_DIR/$DATE-$HOST$SUFFIX.csv"
@@ -182,7 +184,7 @@ targets_section() {
 }
 
 {
-    echo "# pgcache vs PgBouncer vs PostgreSQL direct — $DATE on $HOST$([ "$SMOKE" = 1 ] && echo ' (smoke run: timings meaningless)')"
+    echo "# pgcache vs PgBouncer vs PostgreSQL direct — $DATE on $HOST$([ "$SMOKE" = 1 ] && echo ' (smoke run: timings meaningless)')$([ -n "${ONLY:-}${ONLY_TARGETS:-}" ] && echo " (${ONLY:+workloads ${ONLY//,/, }}${ONLY:+${ONLY_TARGETS:+; }}${ONLY_TARGETS:+targets ${ONLY_TARGETS//,/, }})")"
     echo
     echo "- Machine: $(nproc) cores ($CPU_MODEL), $MEM_GIB GiB RAM, $(uname -sr)"
     echo "- pgcache $GIT_REV$([ -n "${BASELINE_REV:-}" ] && echo " against the baseline $BASELINE_REV") (release builds), PgBouncer $BOUNCER_VERSION, PostgreSQL $PG_VERSION"
