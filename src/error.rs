@@ -17,6 +17,7 @@ pub mod sqlstate {
     pub const INVALID_AUTHORIZATION: &str = "28000";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
+    pub const CHARACTER_NOT_IN_REPERTOIRE: &str = "22021";
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
     pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
     pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";

@@ -4,6 +4,7 @@
 mod support;
 
 use std::time::Duration;
+use support::raw::{field, message, tags, RawConn};
 use support::{free_port, pg, proxy_config, Proxy};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
@@ -216,4 +217,28 @@ async fn shutdown_command_drains_and_stops_the_proxy() {
         .wait_exit(Duration::from_secs(15))
         .expect("proxy exits after SHUTDOWN");
     assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_command_that_is_not_utf8_is_refused_not_run_as_nothing() {
+    let proxy = Proxy::start(&proxy_config(pg(), free_port(), ""));
+    let (mut conn, _) = RawConn::login(
+        proxy.port(),
+        &[("user", "pgcache"), ("database", "pgcache")],
+    )
+    .await;
+    // `SHOW POOLS` with a LATIN1 'é' in it: it was read as an empty command (no error).
+    conn.send(&message(b'Q', b"SHOW POOLS \xe9\0")).await;
+    let msgs = conn.until_ready().await;
+    assert_eq!(tags(&msgs), "EZ");
+    assert_eq!(field(&msgs[0].1, b'C').as_deref(), Some("22021"));
+    // The console goes on.
+    let msgs = conn.simple("SHOW HELP").await;
+    assert!(tags(&msgs).contains('D'), "{}", tags(&msgs));
+    // A query string with no end breaks the protocol: a FATAL, and the connection closes.
+    conn.send(&message(b'Q', b"SHOW HELP")).await;
+    let msgs = conn.until_closed().await;
+    assert_eq!(tags(&msgs), "E");
+    assert_eq!(field(&msgs[0].1, b'C').as_deref(), Some("08P01"));
+    assert_eq!(field(&msgs[0].1, b'S').as_deref(), Some("FATAL"));
 }

@@ -134,7 +134,26 @@ pub async fn serve(shared: Arc<Shared>, mut stream: Stream, mut buf: BytesMut) {
         match tag {
             b'Q' => {
                 let mut pos = 0;
-                let sql = wire::read_cstr(&body, &mut pos).unwrap_or_default();
+                let Some(sql) = wire::read_cstr(&body, &mut pos) else {
+                    if !wire::terminated(&body) {
+                        // As PostgreSQL: a string that does not end breaks the protocol.
+                        let e = PgError::fatal(
+                            sqlstate::PROTOCOL_VIOLATION,
+                            "invalid string in message",
+                        );
+                        e.encode(&mut out);
+                        let _ = stream.write_all(&out).await;
+                        return;
+                    }
+                    // Read as nothing, it would run as an empty command.
+                    PgError::error(
+                        sqlstate::CHARACTER_NOT_IN_REPERTOIRE,
+                        "the admin console reads commands as UTF-8: this one is not",
+                    )
+                    .encode(&mut out);
+                    wire::ready_for_query(b'I', &mut out);
+                    continue;
+                };
                 let stop = run(&shared, sql, &mut out).await;
                 wire::ready_for_query(b'I', &mut out);
                 if stop {
