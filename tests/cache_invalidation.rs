@@ -5,7 +5,7 @@
 mod support;
 
 use support::cache::*;
-use support::connect;
+use support::{connect, pg};
 
 #[tokio::test]
 async fn cascades_and_triggers_invalidate_their_targets() {
@@ -328,5 +328,45 @@ async fn a_write_whose_text_is_not_utf8_still_invalidates() {
         let reply = w.until_ready().await;
         assert_eq!(raw::tags(&reply), "12CZ", "{mode}: named update ran");
         assert_eq!(value(&c, &q).await, "named", "{mode}: not served stale");
+    }
+}
+
+/// A database whose encoding is not UTF-8, with a table whose name is not ASCII: the proxy reads
+/// the catalog in UTF-8 (it used to read it in the database's encoding, so `café` was not found,
+/// a write to it bumped only itself, and the table its cascade empties stayed cached).
+#[tokio::test]
+async fn a_cascade_from_a_table_named_outside_ascii_in_a_latin1_database() {
+    for mode in MODES {
+        let db = format!("latin1_{mode}");
+        pg().psql(
+            "postgres",
+            &format!(
+                "drop database if exists {db}; create database {db} owner app template template0 \
+                 encoding 'LATIN1' lc_collate 'C' lc_ctype 'C'"
+            ),
+        );
+        // As app, over TCP, in UTF-8 (psql's encoding would follow the test's locale).
+        let setup = connect(&pg().url("app", "app", &db)).await;
+        setup
+            .batch_execute(
+                "create table \"café\" (id int primary key);
+                 create table kids (id int, parent int references \"café\" on delete cascade);
+                 insert into \"café\" values (1); insert into kids values (1, 1);",
+            )
+            .await
+            .unwrap();
+        let proxy = cache_proxy(mode, "");
+        let c = connect(&proxy.url("app", "app", &db)).await;
+        let q = "select count(*) from kids";
+        assert_eq!(value(&c, q).await, "1");
+        assert_eq!(value(&c, q).await, "1", "{mode}: cached");
+        c.batch_execute("delete from \"café\" where id = 1")
+            .await
+            .unwrap();
+        assert_eq!(
+            value(&c, q).await,
+            "0",
+            "{mode}: the cascade's table is not served stale"
+        );
     }
 }

@@ -211,6 +211,7 @@ impl Pools {
             database: c.upstream_database(&key.database).to_string(),
             password,
             replication: false,
+            utf8: false,
         }
     }
 
@@ -261,13 +262,16 @@ impl Pools {
     /// A connection outside every pool, logged in as `key`'s pool would be: the proxy's own reads
     /// (the catalog) never take a connection a client is waiting for. Close it with `terminate`.
     pub async fn connect_unpooled(&self, key: &PoolKey) -> Result<ServerConn, UpstreamError> {
-        ServerConn::connect(&self.target, &self.login_for(key)).await
+        let mut login = self.login_for(key);
+        login.utf8 = true;
+        ServerConn::connect(&self.target, &login).await
     }
 
     /// A logical replication connection logged in as `key`'s pool would be (the change stream).
     pub async fn connect_replication(&self, key: &PoolKey) -> Result<ServerConn, UpstreamError> {
         let mut login = self.login_for(key);
         login.replication = true;
+        login.utf8 = true;
         ServerConn::connect(&self.target, &login).await
     }
 

@@ -48,6 +48,11 @@ pub struct Login {
     pub password: Option<String>,
     /// A logical replication connection (`replication=database`): the change stream.
     pub replication: bool,
+    /// The proxy's own connection (catalog, change stream, `EXPLAIN`): `client_encoding=UTF8`
+    /// at startup, so that names arrive in UTF-8 whatever the database's encoding (by default
+    /// a connection's client encoding is the database's, and a LATIN1 database's `café` would
+    /// not match the `café` a UTF-8 client writes).
+    pub utf8: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -219,6 +224,9 @@ impl ServerConn {
         ];
         if login.replication {
             params.push(("replication", "database"));
+        }
+        if login.utf8 {
+            params.push(("client_encoding", "UTF8"));
         }
         frontend::startup_message(params.iter().copied(), &mut out)?;
         self.send(&out).await?;
