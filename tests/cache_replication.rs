@@ -230,3 +230,63 @@ fn check_explains_what_the_upstream_lacks() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// In a LATIN1 database, the stream's relation names arrive in UTF-8 (the proxy asks for
+/// `client_encoding=UTF8`), so a write behind the proxy's back to a table named outside ASCII
+/// invalidates the reads of that table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_names_tables_outside_ascii_in_a_latin1_database() {
+    let db = "latin1_stream";
+    pg().psql(
+        "postgres",
+        &format!(
+            "drop database if exists {db}; create database {db} owner app template template0 \
+             encoding 'LATIN1' lc_collate 'C' lc_ctype 'C'"
+        ),
+    );
+    let owner = connect(&pg().url("app", "app", db)).await;
+    owner
+        .batch_execute(
+            "create table \"café\" (id int primary key); insert into \"café\" values (1)",
+        )
+        .await
+        .unwrap();
+    prepare_upstream(pg(), "pgc_test_pub");
+    pg().psql(db, "create publication pgc_latin1_pub for all tables");
+    let slot = format!("pgc_latin1_{}", std::process::id());
+    let stream = stream_toml(&slot, "pgc_latin1_pub")
+        .replace("database = \"app\"", &format!("database = \"{db}\""));
+    let proxy = cache_proxy(
+        "transaction",
+        &format!("[cache]\ndefault_ttl = \"1h\"\n{stream}"),
+    );
+    let addr = proxy_metrics(&proxy);
+    wait_stream_up(&addr).await;
+    let c = connect(&proxy.url("app", "app", db)).await;
+    let read = "select count(*) from \"café\"";
+    assert_eq!(value(&c, read).await, "1");
+    assert_eq!(value(&c, read).await, "1");
+    // Cached (the catalog knows the table by its UTF-8 name).
+    assert!(metric(&addr, "pgcache_cache_hits_total").await >= 1.0);
+    // Behind the proxy's back.
+    owner
+        .batch_execute("insert into \"café\" values (2)")
+        .await
+        .unwrap();
+    until(&c, read, "2").await;
+    drop(proxy);
+    let drop_it = format!(
+        "select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = '{slot}' and not active"
+    );
+    for _ in 0..100 {
+        pg().psql(db, &drop_it);
+        let left = pg().psql(
+            db,
+            &format!("select count(*) from pg_replication_slots where slot_name = '{slot}'"),
+        );
+        if left.trim() == "0" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
