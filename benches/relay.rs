@@ -59,17 +59,21 @@ fn main() -> std::io::Result<()> {
         };
     }
     builder.enable_all().build()?.block_on(async move {
-        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
-        loop {
-            let (client, _) = listener.accept().await?;
-            let upstream = upstream.clone();
-            tokio::spawn(async move {
-                if let Err(e) = relay(client, &upstream).await {
-                    eprintln!("relay: {e}");
-                }
-            });
-        }
+        serve(TcpListener::bind(("127.0.0.1", port)).await?, upstream).await
     })
+}
+
+/// Accept clients on `listener` and relay each on a task of its own, until accepting fails.
+async fn serve(listener: TcpListener, upstream: String) -> std::io::Result<()> {
+    loop {
+        let (client, _) = listener.accept().await?;
+        let upstream = upstream.clone();
+        tokio::spawn(async move {
+            if let Err(e) = relay(client, &upstream).await {
+                eprintln!("relay: {e}");
+            }
+        });
+    }
 }
 
 /// `--per-core`: `n` threads, each a current-thread runtime accepting on its own listener.
@@ -86,16 +90,7 @@ fn per_core(n: usize, port: u16, upstream: &str) -> std::io::Result<()> {
                     socket.set_reuseport(true)?;
                     socket.set_reuseaddr(true)?;
                     socket.bind(([127, 0, 0, 1], port).into())?;
-                    let listener = socket.listen(1024)?;
-                    loop {
-                        let (client, _) = listener.accept().await?;
-                        let upstream = upstream.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = relay(client, &upstream).await {
-                                eprintln!("relay: {e}");
-                            }
-                        });
-                    }
+                    serve(socket.listen(1024)?, upstream).await
                 })
             })
         })
