@@ -218,9 +218,24 @@ pub fn read_cstr<'a>(body: &'a [u8], pos: &mut usize) -> Option<&'a str> {
     Some(s)
 }
 
-/// True when `body` holds a NUL: a C string in it ends (whatever its encoding).
-pub fn terminated(body: &[u8]) -> bool {
-    find_nul(body).is_some()
+/// Why a C string in a message could not be read as text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreadable {
+    /// No NUL ends it: the message is malformed.
+    Unterminated,
+    /// Whole, but not UTF-8.
+    NotUtf8,
+}
+
+/// Read a NUL-terminated UTF-8 string from `body` at `*pos`, telling a string that does not
+/// end from one that is not UTF-8. `*pos` moves past a whole string, text or not, so the next
+/// field can be read.
+#[inline]
+pub fn read_text<'a>(body: &'a [u8], pos: &mut usize) -> Result<&'a str, Unreadable> {
+    let rest = body.get(*pos..).ok_or(Unreadable::Unterminated)?;
+    let end = find_nul(rest).ok_or(Unreadable::Unterminated)?;
+    *pos += end + 1;
+    std::str::from_utf8(&rest[..end]).map_err(|_| Unreadable::NotUtf8)
 }
 
 /// Name and value of a `ParameterStatus` body.
@@ -342,6 +357,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn tells_a_string_without_an_end_from_one_that_is_not_text() {
+        // A name in LATIN1 (not UTF-8), then a text, then a string with no end.
+        let body = b"caf\xe9\0select 1\0tail";
+        let mut pos = 0;
+        assert_eq!(read_text(body, &mut pos), Err(Unreadable::NotUtf8));
+        assert_eq!(pos, 5, "past the whole string");
+        assert_eq!(read_text(body, &mut pos), Ok("select 1"));
+        assert_eq!(read_text(body, &mut pos), Err(Unreadable::Unterminated));
+        assert_eq!(pos, 14, "not moved");
+        let mut past = body.len() + 1;
+        assert_eq!(read_text(body, &mut past), Err(Unreadable::Unterminated));
     }
 
     #[test]

@@ -44,6 +44,52 @@ async fn malformed_length_gets_fatal_08p01_and_only_that_client_closes() {
     assert_proxy_healthy(&mut proxy);
 }
 
+/// A string with no end inside a well-framed message: the proxy cannot read it, so it passes it on,
+/// and the server's answer (as PostgreSQL answers it directly: `ERROR 08P01`, the session goes
+/// on) reaches the client; the session, its server connection and the other clients go on.
+#[tokio::test]
+async fn a_string_with_no_end_gets_the_servers_08p01() {
+    let mut proxy = Proxy::start(&proxy_config(pg(), free_port(), ""));
+    let url = proxy.url("app", "app", "app");
+    let bystander = connect(&url).await;
+    bystander.batch_execute("begin; select 1").await.unwrap();
+
+    let parse_text = [&b"\0select 1"[..], &[0, 0]].concat(); // the text has no end...
+    let parse_name = b"s1".to_vec(); // ...nor, here, the name
+    for (tag, body) in [
+        (b'Q', b"select 1".to_vec()),
+        (b'P', parse_text),
+        (b'P', parse_name),
+    ] {
+        let mut bytes = raw::message(tag, &body);
+        if tag == b'P' {
+            bytes.extend(raw::sync());
+        }
+        let mut replies = Vec::new();
+        for port in [pg().port, proxy.port()] {
+            let mut conn = RawConn::login_trust(port).await;
+            conn.send(&bytes).await;
+            replies.push(conn.until_ready().await);
+            // The session goes on.
+            assert_eq!(raw::tags(&conn.simple("select 1").await), "TDCZ");
+        }
+        let (direct, proxied) = (&replies[0], &replies[1]);
+        assert_eq!(raw::tags(direct), "EZ", "PostgreSQL's answer");
+        assert_eq!(raw::field(&direct[0].1, b'C').as_deref(), Some("08P01"));
+        assert_eq!(proxied, direct, "the server's answer, unchanged");
+    }
+
+    let n: i64 = bystander
+        .query_one("select 2::int8", &[])
+        .await
+        .expect("bystander still works")
+        .get(0);
+    assert_eq!(n, 2);
+    bystander.batch_execute("commit").await.unwrap();
+    works(&url).await;
+    assert_proxy_healthy(&mut proxy);
+}
+
 #[tokio::test]
 async fn malformed_message_pipelined_with_startup_gets_fatal_08p01() {
     let mut proxy = Proxy::start(&proxy_config(pg(), free_port(), ""));

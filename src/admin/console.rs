@@ -134,25 +134,25 @@ pub async fn serve(shared: Arc<Shared>, mut stream: Stream, mut buf: BytesMut) {
         match tag {
             b'Q' => {
                 let mut pos = 0;
-                let Some(sql) = wire::read_cstr(&body, &mut pos) else {
-                    if !wire::terminated(&body) {
-                        // As PostgreSQL: a string that does not end breaks the protocol.
-                        let e = PgError::fatal(
-                            sqlstate::PROTOCOL_VIOLATION,
-                            "invalid string in message",
-                        );
-                        e.encode(&mut out);
-                        let _ = stream.write_all(&out).await;
-                        return;
+                let sql = match wire::read_text(&body, &mut pos) {
+                    Ok(sql) => sql,
+                    Err(why) => {
+                        // A string with no end: refused as PostgreSQL refuses it (an error,
+                        // the session goes on). One that is not UTF-8 would be read as nothing
+                        // and run as an empty command.
+                        let (code, text) = match why {
+                            wire::Unreadable::Unterminated => {
+                                (sqlstate::PROTOCOL_VIOLATION, "invalid string in message")
+                            }
+                            wire::Unreadable::NotUtf8 => (
+                                sqlstate::CHARACTER_NOT_IN_REPERTOIRE,
+                                "the admin console reads commands as UTF-8: this one is not",
+                            ),
+                        };
+                        PgError::error(code, text).encode(&mut out);
+                        wire::ready_for_query(b'I', &mut out);
+                        continue;
                     }
-                    // Read as nothing, it would run as an empty command.
-                    PgError::error(
-                        sqlstate::CHARACTER_NOT_IN_REPERTOIRE,
-                        "the admin console reads commands as UTF-8: this one is not",
-                    )
-                    .encode(&mut out);
-                    wire::ready_for_query(b'I', &mut out);
-                    continue;
                 };
                 let stop = run(&shared, sql, &mut out).await;
                 wire::ready_for_query(b'I', &mut out);

@@ -17,7 +17,7 @@ use crate::admin::registry::PoolStats;
 use crate::analysis::{Analysis, Analyzed, PinReason, SessionEffect};
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::error::{sqlstate, PgError, Severity};
-use crate::wire::{self, read_cstr};
+use crate::wire::{self, read_cstr, Unreadable};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 
@@ -391,11 +391,11 @@ impl Session {
         PoolStats::add(&self.stats.queries, 1);
         let mut pos = 5;
         let plan = self.cache.as_deref_mut().and_then(|c| c.query_plan.take());
-        let (analysis, timed) = match read_cstr(&msg, &mut pos) {
-            Some(sql) => self.look_at_query(sql, plan.as_deref()),
-            None if wire::terminated(&msg[5..]) => (unread(PinReason::NotUtf8), None),
+        let (analysis, timed) = match wire::read_text(&msg, &mut pos) {
+            Ok(sql) => self.look_at_query(sql, plan.as_deref()),
+            Err(Unreadable::NotUtf8) => (unread(PinReason::NotUtf8), None),
             // Malformed: the server says so.
-            None => self.look_at_query("", plan.as_deref()),
+            Err(Unreadable::Unterminated) => self.look_at_query("", plan.as_deref()),
         };
         // `DEALLOCATE name` of one of the client's protocol-level statements: the server knows it
         // under another name (and other clients may use it), so the proxy answers, as for `Close`.

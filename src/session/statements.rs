@@ -16,7 +16,7 @@ use super::Session;
 use crate::analysis::{Analyzed, PinReason, SessionEffect};
 use crate::config::PoolMode;
 use crate::error::{sqlstate, PgError};
-use crate::wire::{self, read_cstr};
+use crate::wire::{self, read_cstr, Unreadable};
 use bytes::{Bytes, BytesMut};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -114,9 +114,10 @@ impl Session {
         if !repeat {
             let body = &msg[5..];
             let mut pos = 0;
-            let (Some(name), Some(query)) = (read_cstr(body, &mut pos), read_cstr(body, &mut pos))
-            else {
-                if super::held::parse_parts(&msg).is_some() {
+            let name = wire::read_text(body, &mut pos);
+            let query = wire::read_text(body, &mut pos);
+            let (Ok(name), Ok(query)) = (name, query) else {
+                if name != Err(Unreadable::Unterminated) && query != Err(Unreadable::Unterminated) {
                     // Whole, but its name or text is not UTF-8: unreadable, so pinned (or
                     // refused). A pinned client's statements need no tracking.
                     if let Err(refusal) = self.admit(&unread(PinReason::NotUtf8)) {
