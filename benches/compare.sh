@@ -12,8 +12,9 @@
 #   4. runs the same pgbench workloads against each target, interleaved A B C D over ROUNDS rounds
 #      so that machine drift shows: select-only (-S) with -M simple/extended/prepared at 32 clients,
 #      the same statement over a hot set of HOT_KEYS accounts (hot-*: direct, pgcache, cached and
-#      the machine's limit), TPC-B-like (default script) at 16 clients, and a connection storm
-#      (-C -S) at 16 clients;
+#      the machine's limit), a wide read (WIDE_ROWS rows per statement, extended protocol, 16
+#      clients: what forwarding and storing many rows costs), TPC-B-like (default script) at 16
+#      clients, and a connection storm (-C -S) at 16 clients;
 #   5. measures idle client connections (benches/idle_clients.rs) through fresh instances of each
 #      proxy: RSS per client and the server connection count;
 #   6. per run records TPS, mean/p99/slowest latency, proxy CPU, peak RSS and wake-ups, and the CPU
@@ -29,6 +30,8 @@
 #   IDLE_CLIENTS=5000  idle clients per proxy (0 = skip)  IDLE_CLIENTS_MAX=0  a second, larger
 #                      idle run per proxy if the fd limit allows (e.g. 10000; 0 = skip)
 #   HOT_KEYS=10000     accounts the hot-* workloads draw from (the -S statement, same text)
+#   WIDE_ROWS=500      rows per statement of the wide-* workload (about 60 KB of rows)
+#   WIDE_KEYS=1000     first accounts the wide-* workload draws from (a warm cache holds them all)
 #   SMOKE=1            CI smoke: DURATION=2 ROUNDS=1 IDLE_CLIENTS=200 IDLE_CLIENTS_MAX=0, short warm-up
 #   PG_BIN             PostgreSQL bin dir (default: newest /usr/lib/postgresql/*/bin)
 #   PGBOUNCER          pgbouncer binary (default: /usr/sbin/pgbouncer or on PATH)
@@ -73,6 +76,8 @@ WARMUP="${WARMUP:-3}"
 CACHE_WARMUP="${CACHE_WARMUP:-10}"
 HOT_WARMUP="${HOT_WARMUP:-4}"
 HOT_KEYS="${HOT_KEYS:-10000}"
+WIDE_ROWS="${WIDE_ROWS:-500}"
+WIDE_KEYS="${WIDE_KEYS:-1000}"
 THREADS=2
 RESULTS_DIR="${RESULTS_DIR:-$ROOT/benches/results}"
 PG_BIN="${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}"
@@ -80,7 +85,8 @@ PGBOUNCER="${PGBOUNCER:-$(command -v pgbouncer || echo /usr/sbin/pgbouncer)}"
 
 # Workloads: name | clients | pgbench arguments. Same list, same order, for every target (runs_on
 # says which run where). @HOT@ is the hot-set script: pgbench's -S statement, aid drawn from
-# 1..HOT_KEYS, so a warm cache holds every key.
+# 1..HOT_KEYS, so a warm cache holds every key. @WIDE@ reads WIDE_ROWS whole accounts rows from
+# one drawn from 1..WIDE_KEYS.
 WORKLOADS=(
     "select-simple|32|-S -M simple"
     "select-extended|32|-S -M extended"
@@ -88,6 +94,7 @@ WORKLOADS=(
     "hot-simple|32|-f @HOT@ -M simple"
     "hot-extended|32|-f @HOT@ -M extended"
     "hot-prepared|32|-f @HOT@ -M prepared"
+    "wide-extended|16|-f @WIDE@ -M extended"
     "tpcb|16|-M simple"
     "connect-storm|16|-C -S -M simple"
 )
@@ -151,6 +158,9 @@ chmod 755 "$TMP"
 PG_DATA="$TMP/pg/data"
 HOT_SQL="$TMP/hot.sql"
 printf '\\set aid random(1, %s)\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n' "$HOT_KEYS" >"$HOT_SQL"
+WIDE_SQL="$TMP/wide.sql"
+printf '\\set aid random(1, %s)\nSELECT * FROM pgbench_accounts WHERE aid BETWEEN :aid AND :aid + %s;\n' \
+    "$WIDE_KEYS" "$((WIDE_ROWS - 1))" >"$WIDE_SQL"
 PGCACHE_PID=""
 CACHED_PID=""
 BOUNCER_PIDFILE=""
@@ -446,6 +456,7 @@ alive() {
 # run_pgbench ROUND WORKLOAD TARGET CLIENTS ARGS
 run_pgbench() {
     local round=$1 name=$2 target=$3 clients=$4 args=${5//@HOT@/$HOT_SQL}
+    args=${args//@WIDE@/$WIDE_SQL}
     local port pid dir out rc=0 cpu0=0 cpu1=0 sl0=0 sl1=0 rss="" tps tx conn stats note="" status=ok
     port="$(port_of "$target")"; pid="$(pid_of "$target")"
     dir="$TMP/run/$round-$name-$target"; mkdir -p "$dir"; out="$dir/pgbench.out"
@@ -528,7 +539,7 @@ done
 
 # The cache-on instance starts warm: every -S mode has its own keys (simple and extended batches
 # differ), so each runs for CACHE_WARMUP seconds first, then the hot set for HOT_WARMUP.
-log "cache warm-up: ${CACHE_WARMUP}s of -S, then ${HOT_WARMUP}s of the hot set, per protocol mode through each cache-on pgcache (not recorded)"
+log "cache warm-up: ${CACHE_WARMUP}s of -S, then ${HOT_WARMUP}s of the hot set, per protocol mode, then ${HOT_WARMUP}s of the wide read through each cache-on pgcache (not recorded)"
 for target in "${TARGETS[@]}"; do
     is_cache_target "$target" || continue
     for mode in simple extended prepared; do
@@ -537,6 +548,7 @@ for target in "${TARGETS[@]}"; do
     for mode in simple extended prepared; do
         warm "hot-set-warm-up-$mode" "$target" "$HOT_WARMUP" -f "$HOT_SQL" -M "$mode"
     done
+    warm wide-warm-up "$target" "$HOT_WARMUP" -f "$WIDE_SQL" -M extended
     log "$target after warm-up (hits misses): $(cache_counters "$target")"
 done
 
