@@ -105,13 +105,13 @@ struct Entry {
     known: Mutex<HashSet<String>>,
     /// The `ParameterStatus` set a login with these startup settings got (transaction mode answers
     /// later logins from it without borrowing a connection).
-    login_params: Mutex<HashMap<Arc<SettingMap>, Params>>,
+    login_params: Mutex<HashMap<Arc<SettingMap>, Arc<Params>>>,
     /// Startup settings as the pool's clients share them: most send the same ones.
     startups: Mutex<HashSet<Arc<SettingMap>>>,
 }
 
 /// `ParameterStatus` names and values.
-type Params = BTreeMap<String, String>;
+pub type Params = BTreeMap<String, String>;
 
 /// Bound on `Entry::login_params` and `Entry::startups`; past it they start over.
 const MAX_LOGIN_VARIANTS: usize = 64;
@@ -392,12 +392,7 @@ impl Pools {
     }
 
     /// Remember what a login with `settings` was told.
-    pub fn note_login_params(
-        &self,
-        key: &PoolKey,
-        settings: Arc<SettingMap>,
-        params: BTreeMap<String, String>,
-    ) {
+    pub fn note_login_params(&self, key: &PoolKey, settings: Arc<SettingMap>, params: Arc<Params>) {
         let entry = self.entry(key);
         let mut map = entry.login_params.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_LOGIN_VARIANTS {
@@ -407,11 +402,7 @@ impl Pools {
     }
 
     /// What an earlier login with the same startup settings was told, if any.
-    pub fn login_params(
-        &self,
-        key: &PoolKey,
-        settings: &SettingMap,
-    ) -> Option<BTreeMap<String, String>> {
+    pub fn login_params(&self, key: &PoolKey, settings: &SettingMap) -> Option<Arc<Params>> {
         let entry = self.entry(key);
         let map = entry.login_params.lock().unwrap_or_else(|p| p.into_inner());
         map.get(settings).cloned()

@@ -236,7 +236,7 @@ impl Session {
         if s.mode == PoolMode::Transaction {
             s.shared
                 .pools
-                .note_login_params(s.pool.key(), startup, params);
+                .note_login_params(s.pool.key(), startup, Arc::new(params));
             s.release().await;
         }
         Some(s)
