@@ -126,12 +126,13 @@ target_names() {
     [ ${#names[@]} -eq 0 ] || printf ' (%s)' "$(IFS=';'; sed 's/;/; /g' <<<"${names[*]}")"
 }
 dash() { [ "$1" = NA ] || [ -z "$1" ] && echo "—" || echo "$1"; }
-# versus WORKLOAD A B COLUMN -> target A's figure over target B's, or —: the ratio is taken per round
-# (A and B ran back to back in it) and the median over the rounds where both ran is printed, which
-# follows the machine's drift better than a ratio of medians taken from different rounds. COLUMN
+# versus WORKLOAD A B COLUMN [range] -> target A's figure over target B's, or —: the ratio is taken
+# per round (A and B ran back to back in it) and the median over the rounds where both ran is
+# printed, which follows the machine's drift better than a ratio of medians taken from different
+# rounds; with `range`, the lowest and highest of the rounds' ratios instead ("lo–hi"). COLUMN
 # names the figure as in the summary: 5 TPS, 6 mean latency, 7 p99, 8 CPU per transaction.
 versus() {
-    awk -F'\t' -v w="$1" -v a="$2" -v b="$3" -v c="$4" "$AWK_MEDIAN"'
+    awk -F'\t' -v w="$1" -v a="$2" -v b="$3" -v c="$4" -v range="${5:-}" "$AWK_MEDIAN"'
         function fig() {
             if (c == 5) return $5
             if (c == 6) return $7
@@ -144,7 +145,9 @@ versus() {
             for (r in rounds)
                 if (((a, r) in got) && ((b, r) in got) && got[b, r] + 0 != 0) q[++n] = got[a, r] / got[b, r]
             if (n == 0) { print "—"; exit }
-            printf "%.2f", median_of(q, n)
+            m = median_of(q, n)
+            if (range == "") printf "%.2f", m
+            else printf "%.2f–%.2f", q[1], q[n]
         }' "$RUNS"
 }
 # verdict VALUE OP LIMIT: "met"/"**missed**" (OP is >= or <=), "—" without a value
@@ -156,8 +159,13 @@ verdict() {
 }
 idle_per_client() { awk -F'\t' -v t="$1" -v n="$IDLE_CLIENTS" '$1 == t && $2 == n' "$IDLE" | grep -o 'per_client_bytes=[0-9]*' | cut -d= -f2 || true; }
 
-# target_row WHAT WORKLOAD FIGURE GOAL OP LIMIT: one row, its verdict from FIGURE OP LIMIT
-target_row() { echo "| $1 | $2 | $3 | $4 | $(verdict "$3" "$5" "$6") |"; }
+# target_row WHAT WORKLOAD FIGURE GOAL OP LIMIT [RANGE]: one row, its verdict from FIGURE OP
+# LIMIT; RANGE, the rounds' lowest and highest figure, says how firm the verdict is.
+target_row() { echo "| $1 | $2 | $3 | ${7:-—} | $4 | $(verdict "$3" "$5" "$6") |"; }
+# target_versus WHAT WORKLOAD A B COLUMN GOAL OP LIMIT: target_row for A's figure over B's.
+target_versus() {
+    target_row "$1" "$2" "$(versus "$2" "$3" "$4" "$5")" "$6" "$7" "$8" "$(versus "$2" "$3" "$4" "$5" range)"
+}
 
 # The issue-8 targets, each with this run's figure (ratios as in the tables above).
 targets_section() {
@@ -165,18 +173,20 @@ targets_section() {
     echo
     echo "## Targets"
     echo
-    echo "| target | workload | figure | goal | verdict |"
-    echo "|---|---|---:|---:|---|"
+    echo "The figure is the median over rounds of the per-round ratio; *rounds* gives the lowest and highest of those ratios: a verdict whose range straddles the goal could go either way in another run."
+    echo
+    echo "| target | workload | figure | rounds | goal | verdict |"
+    echo "|---|---|---:|---:|---:|---|"
     for m in simple extended prepared; do
-        target_row "pass-through TPS pgcache/PgBouncer" "select-$m" "$(versus "select-$m" pgcache pgbouncer 5)" "≥ 1" '>=' 1
-        target_row "pass-through p99 pgcache/PgBouncer" "select-$m" "$(versus "select-$m" pgcache pgbouncer 7)" "≤ 1" '<=' 1
-        target_row "pass-through CPU per tx pgcache/PgBouncer" "select-$m" "$(versus "select-$m" pgcache pgbouncer 8)" "≤ 1" '<=' 1
+        target_versus "pass-through TPS pgcache/PgBouncer" "select-$m" pgcache pgbouncer 5 "≥ 1" '>=' 1
+        target_versus "pass-through p99 pgcache/PgBouncer" "select-$m" pgcache pgbouncer 7 "≤ 1" '<=' 1
+        target_versus "pass-through CPU per tx pgcache/PgBouncer" "select-$m" pgcache pgbouncer 8 "≤ 1" '<=' 1
     done
     for m in simple extended prepared; do
-        target_row "cache warm TPS cached/machine limit" "hot-$m" "$(versus "hot-$m" cached limit 5)" "≥ 0.8" '>=' 0.8
-        target_row "cache warm p99 cached/direct" "hot-$m" "$(versus "hot-$m" cached direct 7)" "< 0.5" '<=' 0.4999
+        target_versus "cache warm TPS cached/machine limit" "hot-$m" cached limit 5 "≥ 0.8" '>=' 0.8
+        target_versus "cache warm p99 cached/direct" "hot-$m" cached direct 7 "< 0.5" '<=' 0.4999
     done
-    target_row "TPC-B-like TPS cache on/cache off" tpcb "$(versus tpcb cached pgcache 5)" "≥ 0.95" '>=' 0.95
+    target_versus "TPC-B-like TPS cache on/cache off" tpcb cached pgcache 5 "≥ 0.95" '>=' 0.95
     if [ -s "$IDLE" ]; then
         target_row "RSS per idle client pgcache/PgBouncer" "$IDLE_CLIENTS idle clients" \
             "$(ratio "$(idle_per_client pgcache)" "$(idle_per_client pgbouncer)")" "≤ 2" '<=' 2
