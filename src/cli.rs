@@ -202,7 +202,8 @@ async fn run(config: Config, source: Source) -> anyhow::Result<()> {
     tokio::spawn(cache::stream::run(shared.clone()));
     tokio::spawn(cache::tier::follow(shared.clone()));
     tokio::spawn(session::park::run(shared.clone()));
-    tracing::info!(upstream = %shared.pools.target().addr(), "pgcache started");
+    let threads = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(upstream = %shared.pools.target().addr(), threads, "pgcache started");
     let serving = tokio::spawn(listener::serve(shared.clone(), listeners));
 
     signals.wait_for_stop(&shared).await;
