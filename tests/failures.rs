@@ -12,12 +12,31 @@ use support::{connect, free_port, pg, proxy_config, Proxy};
 // ---------------------------------------------------------------------------------------------
 // Malformed input
 
+/// A client in the middle of a transaction while another client misbehaves.
+async fn bystander_in_transaction(url: &str) -> tokio_postgres::Client {
+    let bystander = connect(url).await;
+    bystander.batch_execute("begin; select 1").await.unwrap();
+    bystander
+}
+
+/// The bystander's transaction goes on and commits, new clients work, the proxy is up.
+async fn bystander_unharmed(bystander: &tokio_postgres::Client, url: &str, proxy: &mut Proxy) {
+    let n: i64 = bystander
+        .query_one("select 2::int8", &[])
+        .await
+        .expect("bystander still works")
+        .get(0);
+    assert_eq!(n, 2);
+    bystander.batch_execute("commit").await.unwrap();
+    works(url).await;
+    assert_proxy_healthy(proxy);
+}
+
 #[tokio::test]
 async fn malformed_length_gets_fatal_08p01_and_only_that_client_closes() {
     let mut proxy = Proxy::start(&proxy_config(pg(), free_port(), ""));
     let url = proxy.url("app", "app", "app");
-    let bystander = connect(&url).await;
-    bystander.batch_execute("begin; select 1").await.unwrap();
+    let bystander = bystander_in_transaction(&url).await;
 
     for bad in [
         vec![b'Q', 0, 0, 0, 2],             // length below its own size
@@ -32,16 +51,7 @@ async fn malformed_length_gets_fatal_08p01_and_only_that_client_closes() {
         assert_eq!(field(&f, b'C'), Some("08P01"), "{f:?}");
     }
 
-    // The other client, mid-transaction, is untouched; new clients work.
-    let n: i64 = bystander
-        .query_one("select 2::int8", &[])
-        .await
-        .expect("bystander still works")
-        .get(0);
-    assert_eq!(n, 2);
-    bystander.batch_execute("commit").await.unwrap();
-    works(&url).await;
-    assert_proxy_healthy(&mut proxy);
+    bystander_unharmed(&bystander, &url, &mut proxy).await;
 }
 
 /// A string with no end inside a well-framed message: the proxy cannot read it, so it passes it on,
@@ -51,8 +61,7 @@ async fn malformed_length_gets_fatal_08p01_and_only_that_client_closes() {
 async fn a_string_with_no_end_gets_the_servers_08p01() {
     let mut proxy = Proxy::start(&proxy_config(pg(), free_port(), ""));
     let url = proxy.url("app", "app", "app");
-    let bystander = connect(&url).await;
-    bystander.batch_execute("begin; select 1").await.unwrap();
+    let bystander = bystander_in_transaction(&url).await;
 
     let parse_text = [&b"\0select 1"[..], &[0, 0]].concat(); // the text has no end...
     let parse_name = b"s1".to_vec(); // ...nor, here, the name
@@ -79,15 +88,7 @@ async fn a_string_with_no_end_gets_the_servers_08p01() {
         assert_eq!(proxied, direct, "the server's answer, unchanged");
     }
 
-    let n: i64 = bystander
-        .query_one("select 2::int8", &[])
-        .await
-        .expect("bystander still works")
-        .get(0);
-    assert_eq!(n, 2);
-    bystander.batch_execute("commit").await.unwrap();
-    works(&url).await;
-    assert_proxy_healthy(&mut proxy);
+    bystander_unharmed(&bystander, &url, &mut proxy).await;
 }
 
 #[tokio::test]

@@ -87,6 +87,8 @@ fn parse_options(options: &str) -> Result<Vec<(String, String)>, PgError> {
 /// pgwire's messages every `ParameterStatus` cost two `String` copies, a fifth of what a
 /// connection storm's login costs the proxy in instructions.
 pub fn reply(params: &BTreeMap<String, String>, key: ClientKey, out: &mut BytesMut) {
+    // One allocation for all of it: AuthenticationOk 9 bytes, each ParameterStatus 7 plus its
+    // name and value, BackendKeyData 13, ReadyForQuery 6.
     let room: usize = params.iter().map(|(k, v)| 7 + k.len() + v.len()).sum();
     out.reserve(9 + room + 13 + 6);
     // AuthenticationOk.
