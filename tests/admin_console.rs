@@ -145,7 +145,8 @@ async fn sighup_reloads_and_reports_what_needs_a_restart() {
         &format!("127.0.0.1:{}", proxy.port()),
         &format!("127.0.0.1:{}", free_port()),
     );
-    std::fs::write(&path, moved.replace("max_size = 20", "max_size = 6")).unwrap();
+    let moved = moved.replace("max_size = 20", "max_size = 6");
+    std::fs::write(&path, format!("{moved}\n[cache.redis]\ntimeout = \"1s\"\n")).unwrap();
     proxy.signal("HUP");
     let a = admin(&proxy).await;
     let mut size = String::new();
@@ -166,6 +167,13 @@ async fn sighup_reloads_and_reports_what_needs_a_restart() {
         proxy
             .log()
             .contains("proxy.listen changed; it takes effect after a restart"),
+        "{}",
+        proxy.log()
+    );
+    assert!(
+        proxy
+            .log()
+            .contains("[cache.redis] changed; it takes effect after a restart"),
         "{}",
         proxy.log()
     );

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use support::cache::{app_url, cache_proxy, proxy_metrics, table, value};
 use support::connect;
 use support::http::http_get;
-use support::redis::{RedisCluster, RedisServer};
+use support::redis::{RedisCluster, RedisServer, SlowPath};
 
 fn redis_toml(redis: &RedisServer, consistency: &str, prefix: &str) -> String {
     let ca = redis
@@ -35,7 +35,7 @@ fn cluster_toml(cluster: &RedisCluster, prefix: &str) -> String {
 /// Two proxies over one Redis in front of a fresh table holding the row (1, 0), a client of
 /// each, and their metrics addresses.
 struct Pair {
-    _a: support::Proxy,
+    a: support::Proxy,
     _b: support::Proxy,
     ma: String,
     mb: String,
@@ -47,16 +47,21 @@ struct Pair {
 }
 
 async fn pair(table_name: &str, extra: &str) -> Pair {
+    pair_of(table_name, extra, extra).await
+}
+
+/// `pair`, with A and B configured apart.
+async fn pair_of(table_name: &str, extra_a: &str, extra_b: &str) -> Pair {
     let t = table(table_name, "id int primary key, v int");
     support::cache::direct(&format!("insert into {t} values (1, 0)"));
-    let a = cache_proxy("transaction", extra);
-    let b = cache_proxy("transaction", extra);
+    let a = cache_proxy("transaction", extra_a);
+    let b = cache_proxy("transaction", extra_b);
     let (ma, mb) = (proxy_metrics(&a), proxy_metrics(&b));
     let ca = connect(&app_url(&a)).await;
     let cb = connect(&app_url(&b)).await;
     let read = format!("select v from {t} where id = 1");
     Pair {
-        _a: a,
+        a,
         _b: b,
         ma,
         mb,
@@ -157,6 +162,83 @@ async fn strict_mode_never_serves_a_peer_proxys_write_stale() {
         "B served its second reads from the cache: {hits}"
     );
     eprintln!("strict: 100 writes through A, 200 reads through B, 0 stale, {hits} hits on B");
+}
+
+/// Strict `[cache.redis]` at `url` with a 100-ms call timeout and `keys` besides.
+fn strict_at(url: &str, prefix: &str, keys: &str) -> String {
+    format!(
+        "[cache]\ndefault_ttl = \"1h\"\n[cache.redis]\nurl = \"{url}\"\nconsistency = \"strict\"\n\
+         key_prefix = \"{prefix}\"\ntimeout = \"100ms\"\n{keys}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bump_slower_than_a_lookup_still_comes_before_the_writers_answer() {
+    // A reaches Redis through a path that holds its requests back for 400 ms: longer than a
+    // call's timeout, shorter than a bump's. B reaches Redis directly.
+    let redis = RedisServer::start();
+    let path = SlowPath::start(redis.port).await;
+    let p = pair_of(
+        "slow_bump_items",
+        &strict_at(&path.url(), "slowbump:", ""),
+        &strict_at(&redis.url(), "slowbump:", ""),
+    )
+    .await;
+    p.redis_up().await;
+    p.shared_through_redis().await;
+    path.set_delay(Duration::from_millis(400));
+    for i in 1..=5 {
+        assert_eq!(p.read_b().await, (i - 1).to_string());
+        p.write(i).await;
+        assert_eq!(p.read_b().await, i.to_string(), "B read write {i} stale");
+    }
+    let gave_up = metric(&p.ma, "pgcache_redis_fallbacks_total{reason=\"error\"}").await;
+    assert_eq!(gave_up, 0.0, "A gave up on a bump");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bump_given_up_on_reaches_the_other_proxies_once_redis_answers() {
+    // A's requests to Redis are held back 1.5 s; it gives up on a bump after 200 ms and leaves
+    // Redis alone after one failure. Its write to `u` times out (the circuit opens), so its
+    // write to the table B has cached is not even tried: only the missed-bump retry can tell
+    // Redis (the bump subscription stays up throughout).
+    let redis = RedisServer::start();
+    let path = SlowPath::start(redis.port).await;
+    let keys = "bump_timeout = \"200ms\"\nfailures_to_open = 1\n";
+    let p = pair_of(
+        "missed_bump_items",
+        &strict_at(&path.url(), "missed:", keys),
+        &strict_at(&redis.url(), "missed:", keys),
+    )
+    .await;
+    let u = table("missed_bump_other", "id int");
+    p.redis_up().await;
+    p.shared_through_redis().await;
+    assert_eq!(p.read_b().await, "0");
+    path.set_delay(Duration::from_millis(1500));
+    p.ca.simple_query(&format!("insert into {u} values (1)"))
+        .await
+        .expect("write u through A");
+    p.write(1).await;
+    path.set_delay(Duration::ZERO);
+    let started = Instant::now();
+    while p.read_b().await != "1" {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "B still serves the write A could not tell Redis of"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        p.a.log()
+            .contains("bumped the database's epoch for the writes it missed"),
+        "{}",
+        p.a.log()
+    );
+    eprintln!(
+        "missed bump: B fresh {:?} after A's path was fast again",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,6 +35,7 @@ pub fn reload(shared: &Shared) -> Result<Vec<String>, ConfigError> {
         new.proxy.max_clients != old.proxy.max_clients,
     );
     keep("cache.enabled", new.cache.enabled != old.cache.enabled);
+    keep("[cache.redis]", new.cache.redis != old.cache.redis);
     keep(
         "pool.max_prepared_statements",
         new.pool.max_prepared_statements != old.pool.max_prepared_statements,
@@ -48,6 +49,7 @@ pub fn reload(shared: &Shared) -> Result<Vec<String>, ConfigError> {
     new.upstream.tls = old.upstream.tls.clone();
     new.pool.max_prepared_statements = old.pool.max_prepared_statements;
     new.cache.enabled = old.cache.enabled;
+    new.cache.redis = old.cache.redis.clone();
     shared.tls.store(acceptor.map(Arc::new));
     apply(shared, Arc::new(new));
     for n in &notes {

@@ -1,7 +1,7 @@
 //! The shared tier (`[cache.redis]`): relation versions kept in Redis (`INCR`), every bump
 //! broadcast on a channel that every proxy applies to its own view, results shared as a second
-//! tier behind the in-process LRU, and the circuit breaker that keeps a dead or slow Redis away
-//! from clients.
+//! tier behind the in-process LRU, the circuit breaker that keeps a dead or slow Redis away
+//! from clients, and the retry that tells Redis of the bumps it missed as soon as it answers.
 //!
 //! Keys (under `key_prefix`, a database's keys hash-tagged with it so one pipeline reaches them
 //! on a Redis Cluster): `{<db>}:v:<relation>` versions, `{<db>}:e` the database's epoch,
@@ -44,6 +44,8 @@ pub struct Tier {
     /// Databases with bumps Redis never heard of: their epoch is bumped in Redis first thing
     /// once it answers again, so no proxy keeps serving what they invalidated.
     dirty: Mutex<std::collections::BTreeSet<String>>,
+    /// Signalled when a bump could not be told (`retry_missed` waits on it).
+    missed: tokio::sync::Notify,
     /// Identifies this proxy's own broadcasts.
     pub instance: u64,
 }
@@ -81,6 +83,7 @@ impl Tier {
             }),
             up: AtomicBool::new(false),
             dirty: Mutex::new(Default::default()),
+            missed: tokio::sync::Notify::new(),
             instance: rand::random(),
         }))
     }
@@ -153,7 +156,18 @@ impl Tier {
             METRICS.redis_fallbacks.with_label_values(&["open"]).inc();
             return None;
         }
-        let result = tokio::time::timeout(self.config.timeout, async {
+        self.call(what, pipe, self.config.timeout).await
+    }
+
+    /// Run `pipe` within `limit`, whether or not the circuit is open; its outcome counts for
+    /// the breaker.
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        what: &'static str,
+        pipe: redis::Pipeline,
+        limit: Duration,
+    ) -> Option<T> {
+        let result = tokio::time::timeout(limit, async {
             let mut guard = self.conn.lock().await;
             if guard.is_none() {
                 *guard = Some(match &self.cluster {
@@ -228,9 +242,29 @@ impl Tier {
         }
     }
 
-    /// Bump `rels` (or the whole database with `all`) in Redis and broadcast it. False when
-    /// Redis could not be told.
+    /// Bump `rels` (or the whole database with `all`) in Redis and broadcast it, waiting up to
+    /// `bump_timeout` (a write's acknowledgement waits for this: a lookup that is late only
+    /// falls back to PostgreSQL, a bump given up on lets the other proxies serve what it
+    /// invalidated). Not tried while the circuit is open. False when Redis could not be told:
+    /// the database is then bumped whole in the background as soon as Redis answers.
     pub async fn bump(&self, db: &str, rels: &[Arc<str>], all: bool) -> bool {
+        let admitted = self.admit();
+        if !admitted {
+            METRICS.redis_fallbacks.with_label_values(&["open"]).inc();
+        }
+        let told = admitted && self.tell(db, rels, all).await;
+        if !told {
+            self.dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(db.to_string());
+            self.missed.notify_one();
+        }
+        told
+    }
+
+    async fn tell(&self, db: &str, rels: &[Arc<str>], all: bool) -> bool {
+        let limit = self.config.bump_timeout.max(self.config.timeout);
         let mut pipe = redis::pipe();
         if all {
             pipe.incr(self.key(db, &["e"]), 1).ignore();
@@ -248,27 +282,20 @@ impl Tier {
             msg.push_str(r);
         }
         // On a cluster the channel hashes to a slot of its own: a second call.
-        let told = if self.cluster.is_some() {
-            self.query::<()>("bump", pipe).await.is_some() && {
+        if self.cluster.is_some() {
+            self.call::<()>("bump", pipe, limit).await.is_some() && {
                 let mut publish = redis::pipe();
                 publish.publish(self.channel(), msg).ignore();
-                self.query::<()>("publish", publish).await.is_some()
+                self.call::<()>("publish", publish, limit).await.is_some()
             }
         } else {
             pipe.publish(self.channel(), msg).ignore();
-            self.query::<()>("bump", pipe).await.is_some()
-        };
-        if !told {
-            self.dirty
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(db.to_string());
+            self.call::<()>("bump", pipe, limit).await.is_some()
         }
-        told
     }
 
-    /// Redis answers again: bump the epoch of every database whose bumps it missed. Until
-    /// that worked, false.
+    /// Bump the epoch of every database whose bumps Redis missed. Tried whether or not the
+    /// circuit is open (nobody waits for it). Until that worked, false.
     pub async fn flush_dirty(&self) -> bool {
         let dbs: Vec<String> = self
             .dirty
@@ -278,17 +305,34 @@ impl Tier {
             .cloned()
             .collect();
         for db in dbs {
-            // Through `bump`: a failure marks it dirty again.
             self.dirty
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&db);
-            if !self.bump(&db, &[], true).await {
+            if !self.tell(&db, &[], true).await {
+                self.dirty
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(db);
                 return false;
             }
-            tracing::info!(database = %db, "redis back: bumped the database's epoch for the writes it missed");
+            tracing::info!(database = %db, "redis: bumped the database's epoch for the writes it missed");
         }
         true
+    }
+
+    /// Tell Redis of missed bumps as soon as it answers, without waiting for the bump
+    /// subscription to be lost and made again (a slow Redis, or this proxy too busy to hear it
+    /// in time, leaves the subscription up).
+    pub async fn retry_missed(self: Arc<Self>) {
+        loop {
+            self.missed.notified().await;
+            let mut pause = Duration::from_millis(100);
+            while !self.flush_dirty().await {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(self.config.max_backoff.max(Duration::from_secs(1)));
+            }
+        }
     }
 
     /// Close the circuit: Redis answered on another connection.
@@ -414,6 +458,7 @@ pub async fn follow(shared: Arc<crate::listener::Shared>) {
     let Some(tier) = shared.cache.tier.clone() else {
         return;
     };
+    tokio::spawn(tier.clone().retry_missed());
     let mut backoff = Duration::from_millis(250);
     let mut first = true;
     let mut node = 0;

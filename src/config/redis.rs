@@ -30,6 +30,11 @@ pub struct RedisConfig {
     /// Longest wait for one Redis call; a slower call counts as a failure.
     #[serde(with = "super::duration")]
     pub timeout: Duration,
+    /// Longest wait for a write's bump (never less than `timeout`): the writer's
+    /// acknowledgement waits for it, and a bump given up on leaves the other proxies a window
+    /// in which they may serve what it invalidated.
+    #[serde(with = "super::duration")]
+    pub bump_timeout: Duration,
     /// After this many failures in a row Redis is left alone (the circuit opens) for a backoff
     /// that doubles from 1s up to `max_backoff`.
     pub failures_to_open: u32,
@@ -46,6 +51,7 @@ impl Default for RedisConfig {
             key_prefix: "pgcache:".into(),
             consistency: Consistency::Eventual,
             timeout: Duration::from_millis(100),
+            bump_timeout: Duration::from_secs(1),
             failures_to_open: 3,
             max_backoff: Duration::from_secs(30),
         }
@@ -96,6 +102,9 @@ pub(super) fn validate(c: &super::Config, bad: &mut impl FnMut(&str, String)) {
     }
     if r.timeout.is_zero() {
         bad("cache.redis.timeout", "must be more than 0".into());
+    }
+    if r.bump_timeout.is_zero() {
+        bad("cache.redis.bump_timeout", "must be more than 0".into());
     }
     if r.failures_to_open == 0 {
         bad("cache.redis.failures_to_open", "must be at least 1".into());

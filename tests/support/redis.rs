@@ -1,6 +1,8 @@
 //! A real redis-server on a free loopback port, no persistence; killed when dropped. `kill` and
 //! `start` again on the same port simulate an outage. `start_tls` serves TLS only (with the test
 //! CA); `RedisCluster` is three masters made into a cluster with `redis-cli --cluster create`.
+//! `SlowPath` is a TCP path to one whose requests can be held back (a congested link, or a
+//! client too busy to send in time).
 
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
@@ -201,5 +203,70 @@ impl RedisCluster {
 
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(|n| n.url()).collect()
+    }
+}
+
+/// A TCP path to a Redis whose client-to-server direction can be slowed at will: every chunk
+/// a client sends is forwarded, in order, `delay` after it was read (replies pass at once).
+pub struct SlowPath {
+    pub port: u16,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SlowPath {
+    /// Listen on a free loopback port (in the calling runtime) and relay to `upstream`.
+    pub async fn start(upstream: u16) -> SlowPath {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("path listens");
+        let port = listener.local_addr().expect("path address").port();
+        let delay_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let delay = delay_ms.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                tokio::spawn(
+                    async move { tokio::io::copy(&mut from_server, &mut to_client).await },
+                );
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let delay = delay.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                        let due = tokio::time::Instant::now()
+                            + Duration::from_millis(delay.load(Ordering::Relaxed));
+                        if tx.send((due, buf[..n].to_vec())).is_err() {
+                            break;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    while let Some((due, chunk)) = rx.recv().await {
+                        tokio::time::sleep_until(due).await;
+                        if to_server.write_all(&chunk).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        SlowPath { port, delay_ms }
+    }
+
+    /// Hold back what clients send from now on by `d`.
+    pub fn set_delay(&self, d: Duration) {
+        self.delay_ms
+            .store(d.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
     }
 }
