@@ -76,6 +76,12 @@ if [ "$#" -eq 0 ]; then
     PGCACHE_TEST_WITH_CACHE=1 cargo test --test protocol --test transparency \
         --test transaction_pooling --test pooling --test cancel --test drivers --test failures \
         --test shutdown --test parking
+    # The suites where threads matter again with every proxy on one thread
+    # (proxy.worker_threads = 1, tokio's current-thread runtime).
+    log "PGCACHE_PROXY_WORKER_THREADS=1 cargo test (protocol, pooling, cancel, Redis suites)"
+    PGCACHE_PROXY_WORKER_THREADS=1 cargo test --test protocol --test transaction_pooling \
+        --test cancel --test failures --test shutdown --test tls --test cache_redis \
+        --test cache_consistency
     # The benchmark harness, a few seconds per target, so that it never rots (timings are not
     # checked; only that every target answers). BENCH_SMOKE=0 skips it.
     if [ "${BENCH_SMOKE:-1}" != 0 ]; then

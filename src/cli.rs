@@ -127,10 +127,7 @@ pub fn main() -> ExitCode {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(config.proxy.worker_threads).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
@@ -312,6 +309,20 @@ impl Signals {
                     }
                 }
             }
+        }
+    }
+}
+
+/// `proxy.worker_threads`: 1 is tokio's current-thread runtime (every task on the main
+/// thread), anything else a work-stealing runtime with that many workers (0: one per core).
+fn runtime(threads: usize) -> tokio::runtime::Builder {
+    match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
         }
     }
 }

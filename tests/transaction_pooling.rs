@@ -452,10 +452,25 @@ async fn client_killed_mid_transaction_leaves_a_clean_connection() {
 
 #[test]
 fn pgbench_prepared_with_many_clients_over_a_small_pool() {
+    pgbench_every_mode("tp_bench", "max_size = 5\n");
+}
+
+#[test]
+fn one_worker_thread_serves_pgbench_in_every_mode() {
+    let proxy = pgbench_every_mode(
+        "tp_bench_one",
+        "max_size = 5\n[proxy]\nworker_threads = 1\n",
+    );
+    assert!(proxy.log().contains("threads=1"), "{}", proxy.log());
+}
+
+/// pgbench `-S` in every `-M` mode with 50 clients, then TPC-B-like with 20, over `pool` in
+/// database `db`; all must succeed.
+fn pgbench_every_mode(db: &str, pool: &str) -> Proxy {
     let pg = pg();
-    pg.psql("postgres", "create database tp_bench owner app");
-    let proxy = tx_proxy("max_size = 5\n");
-    let url = proxy.url("app", "app", "tp_bench");
+    pg.psql("postgres", &format!("create database {db} owner app"));
+    let proxy = tx_proxy(pool);
+    let url = proxy.url("app", "app", db);
     let run = |args: &[&str]| support::pgbench(&url, args);
     run(&["-i", "-s", "1", "-q"]);
     for mode in ["prepared", "extended", "simple"] {
@@ -467,6 +482,7 @@ fn pgbench_prepared_with_many_clients_over_a_small_pool() {
     }
     let text = run(&["-M", "prepared", "-c", "20", "-j", "2", "-t", "20"]);
     assert!(text.contains("number of failed transactions: 0"), "{text}");
+    proxy
 }
 
 #[tokio::test]

@@ -31,6 +31,10 @@ pub fn reload(shared: &Shared) -> Result<Vec<String>, ConfigError> {
             || new.upstream.tls != old.upstream.tls,
     );
     keep(
+        "proxy.worker_threads",
+        new.proxy.worker_threads != old.proxy.worker_threads,
+    );
+    keep(
         "proxy.max_clients",
         new.proxy.max_clients != old.proxy.max_clients,
     );
@@ -43,6 +47,7 @@ pub fn reload(shared: &Shared) -> Result<Vec<String>, ConfigError> {
     // What is not live stays as it is in force, so SHOW CONFIG tells the truth.
     new.proxy.listen = old.proxy.listen.clone();
     new.proxy.max_clients = old.proxy.max_clients;
+    new.proxy.worker_threads = old.proxy.worker_threads;
     new.metrics.listen = old.metrics.listen.clone();
     new.upstream.host = old.upstream.host.clone();
     new.upstream.port = old.upstream.port;

@@ -66,6 +66,9 @@ pub struct ProxyConfig {
     /// On SIGTERM/SIGINT, how long sessions may run before they are closed.
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
+    /// Threads serving clients: 0 = one per core; 1 = all on one thread (no hand-offs between
+    /// threads: the least CPU per transaction, on one core).
+    pub worker_threads: usize,
 }
 
 impl Default for ProxyConfig {
@@ -76,6 +79,7 @@ impl Default for ProxyConfig {
             max_message_bytes: 0x3fff_ffff,
             client_login_timeout: Duration::from_secs(15),
             shutdown_timeout: Duration::from_secs(30),
+            worker_threads: 0,
         }
     }
 }
