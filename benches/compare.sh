@@ -27,6 +27,7 @@
 # Settings (environment):
 #   DURATION=5         seconds per pgbench run            ROUNDS=2        interleaved rounds
 #   POOL_SIZE=20       server connections per proxy       SCALE=10        pgbench scale factor
+#   WORKER_THREADS=0   pgcache's proxy.worker_threads (0: one per core, the default; 1: one thread)
 #   IDLE_CLIENTS=5000  idle clients per proxy (0 = skip)  IDLE_CLIENTS_MAX=0  a second, larger
 #                      idle run per proxy if the fd limit allows (e.g. 10000; 0 = skip)
 #   HOT_KEYS=10000     accounts the hot-* workloads draw from (the -S statement, same text)
@@ -69,6 +70,7 @@ fi
 DURATION="${DURATION:-5}"
 ROUNDS="${ROUNDS:-2}"
 POOL_SIZE="${POOL_SIZE:-20}"
+WORKER_THREADS="${WORKER_THREADS:-0}"
 SCALE="${SCALE:-10}"
 IDLE_CLIENTS="${IDLE_CLIENTS:-5000}"
 IDLE_CLIENTS_MAX="${IDLE_CLIENTS_MAX:-0}"

@@ -193,13 +193,19 @@ targets_section() {
     fi
 }
 
+# Worker threads of pgcache's runtime, as its startup log names them.
+pgcache_threads() {
+    local log="${PGCACHE_LOG:-${CACHED_LOG:-}}"
+    { [ -n "$log" ] && grep -ho 'threads=[0-9]*' "$log" 2>/dev/null | head -n 1 | cut -d= -f2; } || echo "?"
+}
+
 {
     echo "# pgcache vs PgBouncer vs PostgreSQL direct — $DATE on $HOST$([ "$SMOKE" = 1 ] && echo ' (smoke run: timings meaningless)')$([ -n "${ONLY:-}${ONLY_TARGETS:-}" ] && echo " (${ONLY:+workloads ${ONLY//,/, }}${ONLY:+${ONLY_TARGETS:+; }}${ONLY_TARGETS:+targets ${ONLY_TARGETS//,/, }})")"
     echo
     echo "- Machine: $(nproc) cores ($CPU_MODEL), $MEM_GIB GiB RAM, $(uname -sr)"
     echo "- pgcache $GIT_REV$([ -n "${BASELINE_REV:-}" ] && echo " against the baseline $BASELINE_REV") (release builds), PgBouncer $BOUNCER_VERSION, PostgreSQL $PG_VERSION"
     echo "- PostgreSQL: throwaway cluster, **fsync=off, synchronous_commit=off, full_page_writes=off**, shared_buffers=256MB, max_connections=300; pgbench scale $SCALE"
-    echo "- Proxies: transaction pooling, $POOL_SIZE server connections each, SCRAM-SHA-256 for clients (both given the SCRAM secret from pg_authid) and to the server; all on 127.0.0.1 (pgbench, proxies and PostgreSQL share the cores; each server and proxy runs as a session of its own, and so, with the kernel's autogroup scheduling $(autogroup_state), in a scheduling group of its own, as PostgreSQL and PgBouncer put themselves)"
+    echo "- Proxies: transaction pooling, $POOL_SIZE server connections each, SCRAM-SHA-256 for clients (both given the SCRAM secret from pg_authid) and to the server; all on 127.0.0.1 (pgbench, proxies and PostgreSQL share the cores; each server and proxy runs as a session of its own, and so, with the kernel's autogroup scheduling $(autogroup_state), in a scheduling group of its own, as PostgreSQL and PgBouncer put themselves); pgcache's runtime: $(pgcache_threads) worker thread(s) (\`proxy.worker_threads\`, from its startup log)"
     echo "- pgbench $THREADS threads, ${DURATION}s per run, $ROUNDS round(s) interleaved $(sed 's/ / → /g' <<<"${TARGETS[*]}") per workload$(target_names); ${WARMUP}s warm-up per target first; pgbench phase ${PGBENCH_SECS}s. 1-minute load average before the script started: $LOAD_START (other work on the machine; ideally ~0)"
     echo "- TPS: median over rounds of pgbench's \`tps\` (with \`-C\`: including reconnection times). Latency: every transaction logged (\`pgbench -l\`); mean and p99 (nearest rank) per run, median over rounds. pgbench logs a transaction's latency without connection set-up; for \`-C\` its mean connection time is the *connect ms* column."
     echo "- Other CPU: CPU time used during a run by anything but pgbench, PostgreSQL and the proxies (from /proc/stat, plus hypervisor steal), as % of the machine; max over rounds. Within ±5% is accounting noise; more means other work disturbed the run."

@@ -82,6 +82,7 @@ tables = [\"pgbench_*\"]"
 listen = ["127.0.0.1:$port"]
 max_clients = $max_clients
 shutdown_timeout = "2s"
+$([ "$WORKER_THREADS" = 0 ] || echo "worker_threads = $WORKER_THREADS")
 [upstream]
 host = "127.0.0.1"
 port = $PG_PORT
