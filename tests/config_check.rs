@@ -108,6 +108,7 @@ fn every_semantic_problem_is_reported_with_key_and_line() {
     let config = "\
 [proxy]
 listen = [\"0.0.0.0:6432\"]
+worker_threads = 5000
 
 [pool]
 max_size = 0
@@ -115,12 +116,27 @@ min_idle = 4
 
 [auth]
 method = \"trust\"
+
+[cache]
+enabled = true
+[cache.redis]
+url = \"redis://127.0.0.1:6379\"
+timeout = \"0\"
+bump_timeout = \"0\"
+failures_to_open = 0
 ";
     let text = assert_invalid(&run_check(config));
-    assert!(text.contains("line 5: pool.max_size"), "{text}");
-    assert!(text.contains("line 6: pool.min_idle"), "{text}");
-    assert!(text.contains("line 9: auth.method"), "{text}");
+    assert!(text.contains("line 3: proxy.worker_threads"), "{text}");
+    assert!(text.contains("line 6: pool.max_size"), "{text}");
+    assert!(text.contains("line 7: pool.min_idle"), "{text}");
+    assert!(text.contains("line 10: auth.method"), "{text}");
     assert!(text.contains("loopback"), "{text}");
+    assert!(text.contains("line 16: cache.redis.timeout"), "{text}");
+    assert!(text.contains("line 17: cache.redis.bump_timeout"), "{text}");
+    assert!(
+        text.contains("line 18: cache.redis.failures_to_open"),
+        "{text}"
+    );
 }
 
 #[test]

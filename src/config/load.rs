@@ -124,6 +124,12 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     if c.proxy.max_clients == 0 {
         bad("proxy.max_clients", "must be at least 1".into());
     }
+    if c.proxy.worker_threads > 1024 {
+        bad(
+            "proxy.worker_threads",
+            "must be at most 1024 (0: one per core)".into(),
+        );
+    }
     if c.upstream.host.is_empty() {
         bad("upstream.host", "must not be empty".into());
     }
