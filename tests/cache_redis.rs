@@ -175,12 +175,13 @@ fn strict_at(url: &str, prefix: &str, keys: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bump_slower_than_a_lookup_still_comes_before_the_writers_answer() {
     // A reaches Redis through a path that holds its requests back for 400 ms: longer than a
-    // call's timeout, shorter than a bump's. B reaches Redis directly.
+    // call's timeout, shorter than a bump's (5 s here, so a loaded machine cannot make it
+    // miss). B reaches Redis directly.
     let redis = RedisServer::start();
     let path = SlowPath::start(redis.port).await;
     let p = pair_of(
         "slow_bump_items",
-        &strict_at(&path.url(), "slowbump:", ""),
+        &strict_at(&path.url(), "slowbump:", "bump_timeout = \"5s\"\n"),
         &strict_at(&redis.url(), "slowbump:", ""),
     )
     .await;
