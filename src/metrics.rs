@@ -93,6 +93,8 @@ pub struct Metrics {
     pub redis_fallbacks: IntCounterVec,
     /// From a peer's bump being sent to it being applied here.
     pub redis_propagation: Histogram,
+    /// Bumps Redis did not take before their writer was answered (retried in the background).
+    pub redis_bumps_missed: IntCounter,
     /// Results answered from / not found in the shared tier.
     pub cache_l2_hits: IntCounter,
     pub cache_l2_misses: IntCounter,
@@ -244,6 +246,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &r,
             "pgcache_redis_propagation_seconds",
             "From a peer proxy sending a bump to it being applied here",
+        ),
+        redis_bumps_missed: counter(
+            &r,
+            "pgcache_redis_bumps_missed_total",
+            "Bumps Redis did not take in time (bump_timeout, or circuit open): until the retry lands, other proxies may serve what they invalidated",
         ),
         cache_l2_hits: counter(
             &r,

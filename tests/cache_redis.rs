@@ -195,6 +195,7 @@ async fn a_bump_slower_than_a_lookup_still_comes_before_the_writers_answer() {
     }
     let gave_up = metric(&p.ma, "pgcache_redis_fallbacks_total{reason=\"error\"}").await;
     assert_eq!(gave_up, 0.0, "A gave up on a bump");
+    assert_eq!(metric(&p.ma, "pgcache_redis_bumps_missed_total").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,6 +231,11 @@ async fn a_bump_given_up_on_reaches_the_other_proxies_once_redis_answers() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let missed = metric(&p.ma, "pgcache_redis_bumps_missed_total").await;
+    assert_eq!(
+        missed, 2.0,
+        "the write to u timed out, the next was not tried"
+    );
     assert!(
         p.a.log()
             .contains("bumped the database's epoch for the writes it missed"),

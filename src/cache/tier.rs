@@ -254,6 +254,7 @@ impl Tier {
         }
         let told = admitted && self.tell(db, rels, all).await;
         if !told {
+            METRICS.redis_bumps_missed.inc();
             self.dirty
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
