@@ -109,7 +109,9 @@ impl Session {
         rels.sort();
         rels.dedup();
         if !t.bump(&db.name, &rels, all).await {
-            tracing::debug!("redis: a write could not be broadcast; other proxies see it at TTL or through their change stream");
+            tracing::debug!(
+                "redis: a write's bump did not reach it in time; retried in the background"
+            );
         }
     }
 
