@@ -48,7 +48,7 @@
 #                      report adds the ratios between them, and its files are named
 #                      <date>-<host>-vs-<rev> (a change's cost or gain beside PgBouncer, in one run)
 #   ONLY_TARGETS=a,b   run only these targets (direct pgbouncer pgcache baseline cached
-#                      baseline-cached plain redis l2 limit); e.g. a quick A/B of the pass-through
+#                      baseline-cached plain onethread redis l2 limit); e.g. a quick A/B of the pass-through
 #                      path: BASELINE=HEAD~1 ONLY_TARGETS=pgbouncer,pgcache,baseline
 # Exit status: non-zero only when something is broken (a server does not start, pgbench fails against
 # PostgreSQL or pgcache, a proxy dies, an idle client fails, a proxy exceeds its pool) — never
@@ -115,6 +115,9 @@ TARGETS+=(cached)
 # *plain*: pgcache with query insight off, for the select workloads: what per-statement stats cost.
 # INSIGHT_OVERHEAD=1 adds it.
 [ "${INSIGHT_OVERHEAD:-0}" = 1 ] && TARGETS+=(plain)
+# *onethread*: pgcache's settings with proxy.worker_threads = 1 (tokio's current-thread runtime),
+# the workloads PgBouncer runs. ONE_THREAD=1 adds it.
+[ "${ONE_THREAD:-0}" = 1 ] && TARGETS+=(onethread)
 # *redis*: the cache-on pgcache plus the shared tier ([cache.redis], a local redis-server);
 # *l2*: the same with an L1 of one entry, so its hits come from Redis. Select workloads only.
 # REDIS_TIER=1 adds them.
@@ -177,7 +180,7 @@ stop_pid() {
 }
 stop_pgcache() {
     stop_pid "$PGCACHE_PID"; PGCACHE_PID=""; stop_pid "$CACHED_PID"; CACHED_PID=""
-    stop_pid "${PLAIN_PID:-}"; PLAIN_PID=""
+    stop_pid "${PLAIN_PID:-}"; PLAIN_PID=""; stop_pid "${ONETHREAD_PID:-}"; ONETHREAD_PID=""
     stop_pid "${BASELINE_PID:-}"; BASELINE_PID=""; stop_pid "${BCACHED_PID:-}"; BCACHED_PID=""
     stop_pid "${REDIS_T_PID:-}"; REDIS_T_PID=""; stop_pid "${L2_PID:-}"; L2_PID=""
     stop_pid "${CANNED_PID:-}"; CANNED_PID=""
@@ -359,6 +362,7 @@ has_target baseline && start_pgcache 1000 baseline
 has_target cached && start_pgcache 1000 cached
 has_target baseline-cached && start_pgcache 1000 baseline-cached
 has_target plain && start_pgcache 1000 plain
+has_target onethread && start_pgcache 1000 onethread
 if has_target redis || has_target l2; then
     [ -x "$REDIS_SERVER" ] || die "redis-server not found ($REDIS_SERVER); apt-get install redis-server, or REDIS_TIER=0"
     REDIS_PORT="$(free_port)"
@@ -413,8 +417,8 @@ own_ticks() {
     mapfile -t kids < <(pgrep -P "$pm" || true)
     {
         sed 's/.*) //' "/proc/$pm/stat" | awk '{ print $12 + $13 + $14 + $15 }'
-        for p in "${kids[@]}" "$PGCACHE_PID" "${CACHED_PID:-}" "${PLAIN_PID:-}" "${REDIS_T_PID:-}" \
-            "${BASELINE_PID:-}" "${BCACHED_PID:-}" "${L2_PID:-}" "${REDIS_PID:-}" "${CANNED_PID:-}" "${BOUNCER_PID:-}"; do
+        for p in "${kids[@]}" "$PGCACHE_PID" "${CACHED_PID:-}" "${PLAIN_PID:-}" "${ONETHREAD_PID:-}" \
+            "${REDIS_T_PID:-}" "${BASELINE_PID:-}" "${BCACHED_PID:-}" "${L2_PID:-}" "${REDIS_PID:-}" "${CANNED_PID:-}" "${BOUNCER_PID:-}"; do
             # An unset pid must not make this /proc//stat, the machine's own counters.
             [ -n "$p" ] && [ -r "/proc/$p/stat" ] || continue
             sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }' || true

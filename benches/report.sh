@@ -120,6 +120,7 @@ target_names() {
     local names=()
     has_target cached && names+=("*cached*: pgcache with the cache on")
     has_target plain && names+=("*plain*: pgcache with query insight off, select workloads only")
+    has_target onethread && names+=("*onethread*: pgcache's settings with \`proxy.worker_threads = 1\`, PgBouncer's workloads")
     has_target baseline && names+=("*baseline*: pgcache's settings run by the build of $BASELINE_REV")
     has_target baseline-cached && names+=("*baseline-cached*: cached's settings run by the build of $BASELINE_REV")
     has_target limit && names+=("*limit*: the canned-row server, hot-set workloads only")
@@ -281,6 +282,20 @@ pgcache_threads() {
             echo "| $name | $(versus "$name" pgcache plain 5) | $(versus "$name" pgcache plain 7) | $(versus "$name" pgcache plain 8) |"
         done
     fi
+    if has_target onethread; then
+        echo
+        echo "## One thread"
+        echo
+        echo "*onethread*: a third pgcache with pgcache's settings and \`proxy.worker_threads = 1\` (tokio's current-thread runtime: every task on one thread), in the same rounds."
+        echo
+        echo "| workload | TPS onethread/PgBouncer | p99 onethread/PgBouncer | CPU per tx onethread/PgBouncer | TPS onethread/pgcache | p99 onethread/pgcache | CPU per tx onethread/pgcache |"
+        echo "|---|---:|---:|---:|---:|---:|---:|"
+        for w in "${WORKLOADS[@]}"; do
+            IFS='|' read -r name _ _ <<<"$w"
+            runs_on onethread "$name" || continue
+            echo "| $name | $(versus "$name" onethread pgbouncer 5) | $(versus "$name" onethread pgbouncer 7) | $(versus "$name" onethread pgbouncer 8) | $(versus "$name" onethread pgcache 5) | $(versus "$name" onethread pgcache 7) | $(versus "$name" onethread pgcache 8) |"
+        done
+    fi
     if has_target limit; then
         echo
         echo "## Machine limit"
@@ -360,7 +375,7 @@ awk -F'\t' -v title="pgcache vs PgBouncer vs PostgreSQL direct — $DATE, $HOST$
     }
     END {
         colour["direct"] = "#4c78a8"; colour["pgbouncer"] = "#9d755d"; colour["pgcache"] = "#f58518"
-        colour["cached"] = "#54a24b"; colour["plain"] = "#bab0ac"; colour["redis"] = "#b279a2"
+        colour["cached"] = "#54a24b"; colour["plain"] = "#bab0ac"; colour["onethread"] = "#eeca3b"; colour["redis"] = "#b279a2"
         colour["l2"] = "#ff9da6"; colour["limit"] = "#e45756"
         y = 40; body = ""
         for (i = 1; i <= nw; i++) {

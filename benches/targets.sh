@@ -46,10 +46,10 @@ EOF
 # `cached`, the result cache on for the pgbench tables (CACHED_*); `redis`, the same plus the shared
 # tier (REDIS_T_*); `l2`, that with a one-entry L1 (L2_*); `plain`, query insight off (PLAIN_*);
 # `baseline` and `baseline-cached`, the settings of pgcache and of `cached` run by the build of
-# BASELINE (BASELINE_*, BCACHED_*).
+# BASELINE (BASELINE_*, BCACHED_*); `onethread`, pgcache's settings on one thread (ONETHREAD_*).
 start_pgcache() {
     local max_clients=$1 cached=${2:-} dir="$TMP/pgcache.$RANDOM" port metrics="" cache_toml=""
-    local bin="$PGCACHE_BIN"
+    local bin="$PGCACHE_BIN" threads="$WORKER_THREADS"
     port="$(free_port)"
     mkdir -p "$dir"
     case $cached in
@@ -58,6 +58,7 @@ start_pgcache() {
 enabled = false"
             ;;
         baseline) bin="$BASELINE_BIN" ;;
+        onethread) threads=1 ;;
         cached | baseline-cached | redis | l2)
             [ "$cached" = baseline-cached ] && bin="$BASELINE_BIN"
             metrics="$(free_port)"
@@ -82,7 +83,7 @@ tables = [\"pgbench_*\"]"
 listen = ["127.0.0.1:$port"]
 max_clients = $max_clients
 shutdown_timeout = "2s"
-$([ "$WORKER_THREADS" = 0 ] || echo "worker_threads = $WORKER_THREADS")
+$([ "$threads" = 0 ] || echo "worker_threads = $threads")
 [upstream]
 host = "127.0.0.1"
 port = $PG_PORT
@@ -101,6 +102,8 @@ EOF
     own_session "$bin" --config "$dir/proxy.toml" >"$dir/pgcache.log" 2>&1 &
     if [ "$cached" = plain ]; then
         PLAIN_PID=$!; PLAIN_PORT=$port
+    elif [ "$cached" = onethread ]; then
+        ONETHREAD_PID=$!; ONETHREAD_PORT=$port
     elif [ "$cached" = baseline ]; then
         BASELINE_PID=$!; BASELINE_PORT=$port; BASELINE_LOG="$dir/pgcache.log"
     elif [ "$cached" = baseline-cached ]; then
@@ -118,8 +121,8 @@ EOF
         || { show "$dir/pgcache.log"; die "pgcache does not answer on port $port"; }
 }
 
-port_of() { case $1 in direct) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_PORT";; pgcache) echo "$PGCACHE_PORT";; cached) echo "$CACHED_PORT";; plain) echo "$PLAIN_PORT";; baseline) echo "$BASELINE_PORT";; baseline-cached) echo "$BCACHED_PORT";; redis) echo "$REDIS_T_PORT";; l2) echo "$L2_PORT";; limit) echo "$CANNED_PORT";; esac; }
-pid_of() { case $1 in direct) echo "";; pgbouncer) echo "$BOUNCER_PID";; pgcache) echo "$PGCACHE_PID";; cached) echo "$CACHED_PID";; plain) echo "$PLAIN_PID";; baseline) echo "$BASELINE_PID";; baseline-cached) echo "$BCACHED_PID";; redis) echo "$REDIS_T_PID";; l2) echo "$L2_PID";; limit) echo "";; esac; }
+port_of() { case $1 in direct) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_PORT";; pgcache) echo "$PGCACHE_PORT";; cached) echo "$CACHED_PORT";; plain) echo "$PLAIN_PORT";; onethread) echo "$ONETHREAD_PORT";; baseline) echo "$BASELINE_PORT";; baseline-cached) echo "$BCACHED_PORT";; redis) echo "$REDIS_T_PORT";; l2) echo "$L2_PORT";; limit) echo "$CANNED_PORT";; esac; }
+pid_of() { case $1 in direct) echo "";; pgbouncer) echo "$BOUNCER_PID";; pgcache) echo "$PGCACHE_PID";; cached) echo "$CACHED_PID";; plain) echo "$PLAIN_PID";; onethread) echo "$ONETHREAD_PID";; baseline) echo "$BASELINE_PID";; baseline-cached) echo "$BCACHED_PID";; redis) echo "$REDIS_T_PID";; l2) echo "$L2_PID";; limit) echo "";; esac; }
 # Cache-on targets (hit ratios are recorded for them).
 is_cache_target() { case $1 in cached | baseline-cached | redis | l2) return 0;; *) return 1;; esac; }
 # plain, redis and l2 run the select workloads only; the hot set runs on direct, pgcache, cached and
@@ -128,7 +131,7 @@ runs_on() {
     case $1 in
         plain | redis | l2) [[ "$2" == select-* ]] ;;
         limit) [[ "$2" == hot-* ]] ;;
-        pgbouncer) [[ "$2" != hot-* ]] ;;
+        pgbouncer | onethread) [[ "$2" != hot-* ]] ;;
         *) return 0 ;;
     esac
 }
