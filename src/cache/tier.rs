@@ -152,8 +152,7 @@ impl Tier {
         what: &'static str,
         pipe: redis::Pipeline,
     ) -> Option<T> {
-        if !self.admit() {
-            METRICS.redis_fallbacks.with_label_values(&["open"]).inc();
+        if !self.admitted() {
             return None;
         }
         self.call(what, pipe, self.config.timeout).await
@@ -204,6 +203,28 @@ impl Tier {
         b.open_until.is_none_or(|t| Instant::now() >= t)
     }
 
+    /// `admit`, counting a call the open circuit skips.
+    fn admitted(&self) -> bool {
+        let admitted = self.admit();
+        if !admitted {
+            METRICS.redis_fallbacks.with_label_values(&["open"]).inc();
+        }
+        admitted
+    }
+
+    /// The backoff after `d`: doubled, up to `max_backoff` (never under a second).
+    fn next_backoff(&self, d: Duration) -> Duration {
+        (d * 2).min(self.config.max_backoff.max(Duration::from_secs(1)))
+    }
+
+    /// A database whose bumps Redis has not heard of (see `dirty`).
+    fn mark_dirty(&self, db: &str) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(db.to_string());
+    }
+
     fn succeeded(&self) {
         let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
         b.failures = 0;
@@ -220,7 +241,7 @@ impl Tier {
         b.failures += 1;
         if b.failures >= self.config.failures_to_open {
             b.open_until = Some(Instant::now() + b.backoff);
-            b.backoff = (b.backoff * 2).min(self.config.max_backoff.max(Duration::from_secs(1)));
+            b.backoff = self.next_backoff(b.backoff);
             drop(b);
             self.set_up(false, &format!("{what}: {error}"));
         }
@@ -248,17 +269,10 @@ impl Tier {
     /// invalidated). Not tried while the circuit is open. False when Redis could not be told:
     /// the database is then bumped whole in the background as soon as Redis answers.
     pub async fn bump(&self, db: &str, rels: &[Arc<str>], all: bool) -> bool {
-        let admitted = self.admit();
-        if !admitted {
-            METRICS.redis_fallbacks.with_label_values(&["open"]).inc();
-        }
-        let told = admitted && self.tell(db, rels, all).await;
+        let told = self.admitted() && self.tell(db, rels, all).await;
         if !told {
             METRICS.redis_bumps_missed.inc();
-            self.dirty
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(db.to_string());
+            self.mark_dirty(db);
             self.missed.notify_one();
         }
         told
@@ -311,10 +325,7 @@ impl Tier {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&db);
             if !self.tell(&db, &[], true).await {
-                self.dirty
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(db);
+                self.mark_dirty(&db);
                 return false;
             }
             tracing::info!(database = %db, "redis: bumped the database's epoch for the writes it missed");
@@ -331,7 +342,7 @@ impl Tier {
             let mut pause = Duration::from_millis(100);
             while !self.flush_dirty().await {
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(self.config.max_backoff.max(Duration::from_secs(1)));
+                pause = self.next_backoff(pause);
             }
         }
     }
@@ -503,7 +514,7 @@ pub async fn follow(shared: Arc<crate::listener::Shared>) {
             return;
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(tier.config.max_backoff.max(Duration::from_secs(1)));
+        backoff = tier.next_backoff(backoff);
     }
 }
 
