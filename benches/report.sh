@@ -163,6 +163,22 @@ idle_per_client() { awk -F'\t' -v t="$1" -v n="$IDLE_CLIENTS" '$1 == t && $2 == 
 # target_row WHAT WORKLOAD FIGURE GOAL OP LIMIT [RANGE]: one row, its verdict from FIGURE OP
 # LIMIT; RANGE, the rounds' lowest and highest figure, says how firm the verdict is.
 target_row() { echo "| $1 | $2 | $3 | ${7:-—} | $4 | $(verdict "$3" "$5" "$6") |"; }
+# versus_rows TARGET A:B:COLUMN...: a table row per workload TARGET runs, one `versus` cell per
+# A:B:COLUMN.
+versus_rows() {
+    local target=$1 name row a b col spec w
+    shift
+    for w in "${WORKLOADS[@]}"; do
+        IFS='|' read -r name _ _ <<<"$w"
+        runs_on "$target" "$name" || continue
+        row="| $name |"
+        for spec in "$@"; do
+            IFS=: read -r a b col <<<"$spec"
+            row+=" $(versus "$name" "$a" "$b" "$col") |"
+        done
+        echo "$row"
+    done
+}
 # target_versus WHAT WORKLOAD A B COLUMN GOAL OP LIMIT: target_row for A's figure over B's.
 target_versus() {
     target_row "$1" "$2" "$(versus "$2" "$3" "$4" "$5")" "$6" "$7" "$8" "$(versus "$2" "$3" "$4" "$5" range)"
@@ -276,11 +292,7 @@ pgcache_threads() {
         echo
         echo "| workload | TPS pgcache/plain | p99 pgcache/plain | CPU per tx pgcache/plain |"
         echo "|---|---:|---:|---:|"
-        for w in "${WORKLOADS[@]}"; do
-            IFS='|' read -r name _ _ <<<"$w"
-            runs_on plain "$name" || continue
-            echo "| $name | $(versus "$name" pgcache plain 5) | $(versus "$name" pgcache plain 7) | $(versus "$name" pgcache plain 8) |"
-        done
+        versus_rows plain pgcache:plain:5 pgcache:plain:7 pgcache:plain:8
     fi
     if has_target onethread; then
         echo
@@ -290,11 +302,8 @@ pgcache_threads() {
         echo
         echo "| workload | TPS onethread/PgBouncer | p99 onethread/PgBouncer | CPU per tx onethread/PgBouncer | TPS onethread/pgcache | p99 onethread/pgcache | CPU per tx onethread/pgcache |"
         echo "|---|---:|---:|---:|---:|---:|---:|"
-        for w in "${WORKLOADS[@]}"; do
-            IFS='|' read -r name _ _ <<<"$w"
-            runs_on onethread "$name" || continue
-            echo "| $name | $(versus "$name" onethread pgbouncer 5) | $(versus "$name" onethread pgbouncer 7) | $(versus "$name" onethread pgbouncer 8) | $(versus "$name" onethread pgcache 5) | $(versus "$name" onethread pgcache 7) | $(versus "$name" onethread pgcache 8) |"
-        done
+        versus_rows onethread onethread:pgbouncer:5 onethread:pgbouncer:7 onethread:pgbouncer:8 \
+            onethread:pgcache:5 onethread:pgcache:7 onethread:pgcache:8
     fi
     if has_target limit; then
         echo
