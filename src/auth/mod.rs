@@ -3,6 +3,7 @@
 //! the upstream connection (`pool::upstream`).
 
 mod scram;
+pub mod scram_client;
 
 pub use scram::{ScramError, ScramSecret, ScramServer};
 

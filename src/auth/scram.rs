@@ -36,6 +36,12 @@ pub enum ScramError {
     BindingMismatch,
     #[error("wrong password")]
     WrongPassword,
+    /// Client side: the server ended the exchange with an error (`e=`).
+    #[error("the server refused: {0}")]
+    ServerRefused(String),
+    /// Client side: the server's signature is wrong (it does not know the password).
+    #[error("the server's signature does not match")]
+    ServerSignature,
 }
 
 fn key32(b64: &str) -> Result<[u8; 32], ScramError> {
@@ -108,7 +114,7 @@ pub struct ScramServer<'a> {
     nonce: String,
 }
 
-fn attr(msg: &str, name: char) -> Option<&str> {
+pub(super) fn attr(msg: &str, name: char) -> Option<&str> {
     msg.split(',')
         .find_map(|p| p.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
 }
@@ -230,7 +236,7 @@ impl<'a> ScramServer<'a> {
     }
 }
 
-fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
+pub(super) fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
     let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
     m.update(data);
     m.finalize().into_bytes().into()

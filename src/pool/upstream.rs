@@ -3,6 +3,7 @@
 //! (health check, reset, applying a client's startup parameters).
 
 use crate::admin::registry::ServerTicket;
+use crate::auth::scram_client::{Binding, ScramClient};
 use crate::config::{ChannelBinding, UpstreamTlsMode};
 use crate::error::{sqlstate, PgError, Severity};
 use crate::metrics::METRICS;
@@ -10,7 +11,6 @@ use crate::stream::Stream;
 use crate::wire;
 use bytes::{Bytes, BytesMut};
 use lru::LruCache;
-use postgres_protocol::authentication::sasl::{ChannelBinding as Binding, ScramSha256};
 use postgres_protocol::message::frontend;
 use rustls::pki_types::ServerName;
 use std::collections::BTreeMap;
@@ -230,7 +230,7 @@ impl ServerConn {
         }
         frontend::startup_message(params.iter().copied(), &mut out)?;
         self.send(&out).await?;
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<ScramClient> = None;
         // `channel_binding = "require"`: the login must be a bound SCRAM exchange, as libpq's.
         let require = binding == ChannelBinding::Require;
         // A bound exchange started; and the server's SCRAM signature checked (a server that
@@ -317,7 +317,7 @@ impl ServerConn {
                             let (mechanism, binding) = match end_point {
                                 Some(e) if offers(b"SCRAM-SHA-256-PLUS") => {
                                     bound = true;
-                                    ("SCRAM-SHA-256-PLUS", Binding::tls_server_end_point(e))
+                                    ("SCRAM-SHA-256-PLUS", Binding::EndPoint(e))
                                 }
                                 _ if require => {
                                     return Err(unbound(
@@ -331,10 +331,10 @@ impl ServerConn {
                                     ))
                                 }
                                 // We could bind; the server did not offer to.
-                                Some(_) => ("SCRAM-SHA-256", Binding::unrequested()),
-                                None => ("SCRAM-SHA-256", Binding::unsupported()),
+                                Some(_) => ("SCRAM-SHA-256", Binding::Unrequested),
+                                None => ("SCRAM-SHA-256", Binding::Unsupported),
                             };
-                            let s = ScramSha256::new(password()?.as_bytes(), binding);
+                            let s = ScramClient::new(password()?, binding);
                             frontend::sasl_initial_response(mechanism, s.message(), &mut out)?;
                             scram = Some(s);
                         }
