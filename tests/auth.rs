@@ -298,3 +298,47 @@ async fn plain_tcp_offers_no_channel_binding_and_refuses_plus() {
     let fields = support::raw::fields(&body);
     assert!(fields.contains(&(b'C', "08P01".to_string())), "{fields:?}");
 }
+
+/// The users whose upstream logins use each way the test cluster has (`pg_hba`): a cleartext
+/// password, md5, nothing (`trust`). Clients log in to the proxy with SCRAM and these passwords.
+const OTHER_WAYS: &str = "\
+[users.pwuser]\npassword = \"pwpass\"\nmethod = \"scram-sha-256\"\n\
+[users.md5user]\npassword = \"md5pass\"\nmethod = \"scram-sha-256\"\n\
+[users.trustuser]\npassword = \"trusted\"\nmethod = \"scram-sha-256\"\n";
+
+/// `upstream.require_auth`: a server that asks the proxy to log in another way than the list
+/// allows (a cleartext password, md5, or nothing at all) is refused before the proxy answers,
+/// and the client hears `08006` saying which way; listed ways log in as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_require_auth_refuses_the_ways_it_does_not_list() {
+    let strict = start(&format!(
+        "[upstream]\nrequire_auth = [\"scram-sha-256\"]\n{OTHER_WAYS}"
+    ));
+    assert_eq!(current_user(&strict.url("app", "app", "app")).await, "app");
+    for (user, password, way) in [
+        ("pwuser", "pwpass", "password"),
+        ("md5user", "md5pass", "md5"),
+        ("trustuser", "trusted", "none"),
+    ] {
+        let e = connect_err(&strict.url(user, password, "app")).await;
+        assert_eq!(sqlstate(&e), "08006", "{user}: {e:?}");
+        let message = e.as_db_error().map(|d| d.message().to_string());
+        let message = message.unwrap_or_default();
+        assert!(
+            message.contains(&format!("asks for {way} authentication"))
+                && message.contains("upstream.require_auth"),
+            "{user}: {message}"
+        );
+    }
+    let open = start(&format!(
+        "[upstream]\nrequire_auth = [\"scram-sha-256\", \"md5\", \"password\", \"none\"]\n\
+         {OTHER_WAYS}"
+    ));
+    for (user, password) in [
+        ("pwuser", "pwpass"),
+        ("md5user", "md5pass"),
+        ("trustuser", "trusted"),
+    ] {
+        assert_eq!(current_user(&open.url(user, password, "app")).await, user);
+    }
+}

@@ -165,6 +165,21 @@ max_size = 0
     );
 }
 
+/// `upstream.require_auth`: an empty list (the proxy could never log in) and a method that
+/// does not exist are named with their line.
+#[test]
+fn upstream_require_auth_is_checked() {
+    let text = assert_invalid(&run_check("[upstream]\nport = 5432\nrequire_auth = []\n"));
+    assert!(text.contains("line 3: upstream.require_auth"), "{text}");
+    let text = assert_invalid(&run_check(
+        "[upstream]\nrequire_auth = [\"scram-sha-256\", \"kerberos\"]\n",
+    ));
+    assert!(
+        text.contains("line 2") && text.contains("kerberos"),
+        "{text}"
+    );
+}
+
 #[test]
 fn trust_on_non_loopback_listen_is_refused() {
     let text = assert_invalid(&run_check(

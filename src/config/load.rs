@@ -151,6 +151,12 @@ pub fn validate(c: &Config) -> Vec<Problem> {
                 .into(),
         );
     }
+    if c.upstream.require_auth.as_ref().is_some_and(Vec::is_empty) {
+        bad(
+            "upstream.require_auth",
+            "lists no method: the proxy could not log in at all (leave it out to allow any)".into(),
+        );
+    }
     if c.pool.max_size == 0 {
         bad("pool.max_size", "must be at least 1".into());
     }

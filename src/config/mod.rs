@@ -106,6 +106,33 @@ pub struct UpstreamConfig {
     pub retry_backoff_max: Duration,
     /// TLS towards the upstream.
     pub tls: UpstreamTlsConfig,
+    /// The ways the server may ask the proxy to log in (as libpq's `require_auth`); `None`:
+    /// any it asks for.
+    pub require_auth: Option<Vec<UpstreamAuth>>,
+}
+
+/// An authentication method a server can ask for.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamAuth {
+    /// Cleartext password.
+    Password,
+    Md5,
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    /// Nothing asked: the server lets the proxy in without a password (`trust`).
+    None,
+}
+
+impl std::fmt::Display for UpstreamAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UpstreamAuth::Password => "password",
+            UpstreamAuth::Md5 => "md5",
+            UpstreamAuth::ScramSha256 => "scram-sha-256",
+            UpstreamAuth::None => "none",
+        })
+    }
 }
 
 impl Default for UpstreamConfig {
@@ -120,6 +147,7 @@ impl Default for UpstreamConfig {
             retry_backoff: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(2),
             tls: UpstreamTlsConfig::default(),
+            require_auth: None,
         }
     }
 }

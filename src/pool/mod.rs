@@ -212,6 +212,7 @@ impl Pools {
             password,
             replication: false,
             utf8: false,
+            require_auth: c.upstream.require_auth.clone(),
         }
     }
 

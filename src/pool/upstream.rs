@@ -4,7 +4,7 @@
 
 use crate::admin::registry::ServerTicket;
 use crate::auth::scram_client::{Binding, ScramClient};
-use crate::config::{ChannelBinding, UpstreamTlsMode};
+use crate::config::{ChannelBinding, UpstreamAuth, UpstreamTlsMode};
 use crate::error::{sqlstate, PgError, Severity};
 use crate::metrics::METRICS;
 use crate::stream::Stream;
@@ -53,6 +53,8 @@ pub struct Login {
     /// a connection's client encoding is the database's, and a LATIN1 database's `café` would
     /// not match the `café` a UTF-8 client writes).
     pub utf8: bool,
+    /// `upstream.require_auth`: the ways the server may ask for (`None`: any).
+    pub require_auth: Option<Vec<UpstreamAuth>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -237,6 +239,21 @@ impl ServerConn {
         // says Ok before proving it knows the password is not one to trust).
         let mut bound = false;
         let mut verified = false;
+        // `upstream.require_auth`: a server asking for another way (a downgrade to a cleartext
+        // password, say) is refused before the proxy answers it.
+        let allowed = |asked: UpstreamAuth| match &login.require_auth {
+            Some(list) if !list.contains(&asked) => Err(protocol(format!(
+                "the server asks for {asked} authentication, which upstream.require_auth ({}) \
+                 does not allow",
+                list.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+            _ => Ok(()),
+        };
+        // Whether the server asked for a password at all (not: `none`).
+        let mut asked = false;
         let unbound = |how: &str| {
             protocol(format!(
                 "upstream.tls.channel_binding = \"require\", but the server {how}"
@@ -287,12 +304,23 @@ impl ServerConn {
                         Some(0) if require && !bound => {
                             return Err(unbound("let the proxy in without channel binding"))
                         }
-                        Some(0) => continue,
+                        Some(0) => {
+                            if !asked {
+                                allowed(UpstreamAuth::None)?;
+                            }
+                            continue;
+                        }
                         Some(3 | 5) if require => {
                             return Err(unbound("asks for a password without SCRAM"))
                         }
-                        Some(3) => frontend::password_message(password()?.as_bytes(), &mut out)?,
+                        Some(3) => {
+                            allowed(UpstreamAuth::Password)?;
+                            asked = true;
+                            frontend::password_message(password()?.as_bytes(), &mut out)?
+                        }
                         Some(5) => {
+                            allowed(UpstreamAuth::Md5)?;
+                            asked = true;
                             let salt: [u8; 4] = data
                                 .get(..4)
                                 .and_then(|s| s.try_into().ok())
@@ -305,6 +333,8 @@ impl ServerConn {
                             frontend::password_message(hash.as_bytes(), &mut out)?;
                         }
                         Some(10) => {
+                            allowed(UpstreamAuth::ScramSha256)?;
+                            asked = true;
                             // Over TLS, bound to the server's certificate where the server
                             // offers it (as libpq's default `channel_binding=prefer`): a man in
                             // the middle with another certificate fails the exchange even when
