@@ -178,6 +178,15 @@ fn upstream_require_auth_is_checked() {
         text.contains("line 2") && text.contains("kerberos"),
         "{text}"
     );
+    // Channel binding required, SCRAM not allowed: no login could ever succeed.
+    let text = assert_invalid(&run_check(
+        "[upstream]\nrequire_auth = [\"md5\"]\n[upstream.tls]\nmode = \"require\"\n\
+         channel_binding = \"require\"\n",
+    ));
+    assert!(
+        text.contains("line 2: upstream.require_auth") && text.contains("scram-sha-256"),
+        "{text}"
+    );
 }
 
 #[test]

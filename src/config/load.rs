@@ -2,7 +2,7 @@
 //! Every problem names its key and, when the key is in the file, its line, so `pgcache check`
 //! can print them all at once.
 
-use super::{AuthMethod, ChannelBinding, ClientTlsMode, Config, UpstreamTlsMode};
+use super::{AuthMethod, ChannelBinding, ClientTlsMode, Config, UpstreamAuth, UpstreamTlsMode};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -151,11 +151,23 @@ pub fn validate(c: &Config) -> Vec<Problem> {
                 .into(),
         );
     }
-    if c.upstream.require_auth.as_ref().is_some_and(Vec::is_empty) {
-        bad(
+    match &c.upstream.require_auth {
+        Some(list) if list.is_empty() => bad(
             "upstream.require_auth",
             "lists no method: the proxy could not log in at all (leave it out to allow any)".into(),
-        );
+        ),
+        Some(list)
+            if c.upstream.tls.channel_binding == ChannelBinding::Require
+                && !list.contains(&UpstreamAuth::ScramSha256) =>
+        {
+            bad(
+                "upstream.require_auth",
+                "upstream.tls.channel_binding = \"require\" logs in only with SCRAM: list \
+                 scram-sha-256 too"
+                    .into(),
+            )
+        }
+        _ => {}
     }
     if c.pool.max_size == 0 {
         bad("pool.max_size", "must be at least 1".into());
