@@ -217,23 +217,29 @@ impl<'a> ScramServer<'a> {
             self.client_first_bare, self.server_first, without_proof
         );
         let client_signature = hmac(&self.secret.stored_key, auth_message.as_bytes());
-        let client_key: Vec<u8> = proof
-            .iter()
-            .zip(client_signature.iter())
-            .map(|(a, b)| a ^ b)
-            .collect();
-        let stored: [u8; 32] = Sha256::digest(&client_key).into();
-        // Constant-time comparison: fold every byte difference before deciding.
-        let diff = stored
-            .iter()
-            .zip(self.secret.stored_key.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if diff != 0 {
+        let client_key = xor(&proof, &client_signature);
+        let stored: [u8; 32] = Sha256::digest(client_key).into();
+        if !same_bytes(&stored, &self.secret.stored_key) {
             return Err(ScramError::WrongPassword);
         }
         let server_signature = hmac(&self.secret.server_key, auth_message.as_bytes());
         Ok(format!("v={}", B64.encode(server_signature)))
     }
+}
+
+/// `a` (32 bytes, as the caller checked) XOR `b`: a proof from a key and a signature, or back.
+pub(super) fn xor(a: &[u8], b: &[u8; 32]) -> [u8; 32] {
+    let mut out = *b;
+    for (o, x) in out.iter_mut().zip(a) {
+        *o ^= x;
+    }
+    out
+}
+
+/// Whether `a` and `b` are equal, in a time that depends on their length only: a timing
+/// difference would tell an attacker how much of a key or signature matched.
+pub(super) fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 pub(super) fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {

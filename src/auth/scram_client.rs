@@ -5,7 +5,7 @@
 //! its password, so a pool opening 20 server connections pays it once, not 20 times — on one
 //! worker thread (`proxy.worker_threads = 1`) every client waited for that sum.
 
-use super::scram::{attr, hmac, ScramError};
+use super::scram::{attr, hmac, same_bytes, xor, ScramError};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use rand::RngCore;
@@ -124,13 +124,7 @@ impl ScramClient {
         }
         let without_proof = format!("c={},r={combined}", B64.encode(cbind));
         let auth_message = format!("{},{server_first},{without_proof}", self.first_bare);
-        let mut proof = client_key;
-        for (p, s) in proof
-            .iter_mut()
-            .zip(hmac(&stored_key, auth_message.as_bytes()))
-        {
-            *p ^= s;
-        }
+        let proof = xor(&client_key, &hmac(&stored_key, auth_message.as_bytes()));
         self.message = format!("{without_proof},p={}", B64.encode(proof));
         self.state = State::Final {
             server_key: hmac(&salted, b"Server Key"),
@@ -158,13 +152,7 @@ impl ScramClient {
             .ok_or(ScramError::BadMessage(
                 "missing or malformed server signature",
             ))?;
-        let expected = hmac(&server_key, auth_message.as_bytes());
-        // Constant time: a timing difference would tell an attacker how much of it matched.
-        let diff = verifier
-            .iter()
-            .zip(expected)
-            .fold(u8::from(verifier.len() != 32), |d, (a, b)| d | (a ^ b));
-        if diff != 0 {
+        if !same_bytes(&verifier, &hmac(&server_key, auth_message.as_bytes())) {
             return Err(ScramError::ServerSignature);
         }
         Ok(())
