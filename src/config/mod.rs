@@ -124,14 +124,15 @@ pub enum UpstreamAuth {
     None,
 }
 
-impl std::fmt::Display for UpstreamAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl UpstreamAuth {
+    /// The name used in `proxy.toml`.
+    pub fn name(self) -> &'static str {
+        match self {
             UpstreamAuth::Password => "password",
             UpstreamAuth::Md5 => "md5",
             UpstreamAuth::ScramSha256 => "scram-sha-256",
             UpstreamAuth::None => "none",
-        })
+        }
     }
 }
 

@@ -243,12 +243,10 @@ impl ServerConn {
         // password, say) is refused before the proxy answers it.
         let allowed = |asked: UpstreamAuth| match &login.require_auth {
             Some(list) if !list.contains(&asked) => Err(protocol(format!(
-                "the server asks for {asked} authentication, which upstream.require_auth ({}) \
+                "the server asks for {} authentication, which upstream.require_auth ({}) \
                  does not allow",
-                list.iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                asked.name(),
+                list.iter().map(|a| a.name()).collect::<Vec<_>>().join(", ")
             ))),
             _ => Ok(()),
         };
